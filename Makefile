@@ -1,0 +1,19 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up .venv, then convert + ZeRO-3 fine-tune (2 CPU ranks) + export + eval a tiny Llama
+#   make test   set up .venv, then run the whole test suite (incl. the slow DeepSpeed and Slurm tests)
+VENV ?= .venv
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast
+setup: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml scripts/install.sh
+	bash scripts/install.sh $(VENV)
+
+demo: setup
+	$(VENV)/bin/emoe-llm demo
+
+test: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)

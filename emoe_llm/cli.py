@@ -1,0 +1,55 @@
+"""``emoe-llm``: one entry point, one module per subcommand.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; modules are
+imported only when their subcommand runs, so ``emoe-llm --help`` is instant and needs neither torch nor deepspeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "convert": ("emoe_llm.convert.cli_convert", "convert a dense HF safetensors checkpoint to EMoE, shard by shard"),
+    "verify": ("emoe_llm.convert.cli_verify", "check a converted checkpoint against its source"),
+    "train": ("emoe_llm.train.launch", "fine-tune (dense or EMoE) with DeepSpeed ZeRO-3 (wraps the deepspeed launcher)"),
+    "eval": ("emoe_llm.eval.cli", "evaluate an HF checkpoint (MMLU 5-shot from local CSVs, held-out loss)"),
+    "demo": ("emoe_llm.demo", "the whole pipeline on a tiny embedded Llama on CPU: convert, ZeRO-3 train, export, eval"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="emoe-llm",
+        description="Emergent Mixture-of-Experts for dense Llama-family LLMs: convert, fine-tune with DeepSpeed "
+        "ZeRO-3, evaluate.",
+    )
+    parser.add_argument("--version", action="version", version=f"emoe-llm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] not in SUBCOMMANDS:
+        args = parser.parse_args(argv)  # prints help / version / the unknown-command error
+        if args.command is None:
+            parser.print_help()
+        return 0 if not argv or argv[0] in ("-h", "--help", "--version") else 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    sub_parser = argparse.ArgumentParser(prog=f"emoe-llm {name}", description=SUBCOMMANDS[name][1])
+    module.add_arguments(sub_parser)
+    args = sub_parser.parse_args(rest) if not getattr(module, "PASSTHROUGH", False) else rest
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""EMoE settings: what a converted checkpoint is (the ``emoe`` block of config.json) and their validation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# Decoders whose MLP is the Llama SwiGLU shape (gate_proj/up_proj/down_proj, act_fn).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class EMoESettings:
+    """The ``emoe`` block written into config.json.
+
+    n_experts: N, experts per EMoE layer (d_ff / N neurons each).
+    top_k: k, experts kept per token (k == N is exactly the dense model).
+    layers: decoder layers that run as EMoE at train time (0-indexed).
+    permuted_layers: layers whose neurons were clustered and permuted (a superset of ``layers``); any of them can
+        be switched to EMoE later without re-clustering.
+    seed / method: how the clusters were made ("kmeans" = balanced k-means on gate_proj keys, "random" = the
+        paper's random-split ablation).
+    clustering: per-layer stats, {"28": {"inertia": ..., "iterations": ..., "seconds": ...}}.
+    """
+
+    n_experts: int
+    top_k: int
+    layers: list[int]
+    permuted_layers: list[int] = field(default_factory=list)
+    seed: int = 0
+    method: str = "kmeans"
+    clustering: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        self.layers = sorted(int(i) for i in self.layers)
+        self.permuted_layers = sorted(int(i) for i in (self.permuted_layers or self.layers))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EMoESettings":
+        if not isinstance(d, dict):
+            raise ValueError(f"the 'emoe' block of config.json must be an object, got {type(d).__name__}")
+        missing = [k for k in ("n_experts", "top_k", "layers") if k not in d]
+        if missing:
+            raise ValueError(f"the 'emoe' block of config.json is missing {', '.join(missing)}")
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+def parse_layer_spec(spec: str | list[int] | tuple[int, ...] | None, n_layers: int) -> list[int]:
+    """Turn a user's layer choice into a sorted list of layer indices.
+
+    Accepted forms:
+      - a list/tuple of ints, or "28,30" (explicit; negative indices count from the end, "-2,-4");
+      - "all" (every layer);
+      - "START:EVERY", the paper's split_start_layer/split_every_layer: "28:2" -> 28, 30 on a 32-layer model.
+    """
+    if spec is None or spec == "":
+        raise ValueError("no EMoE layers given: pass a list like '28,30', 'START:EVERY' like '28:2', or 'all'")
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text == "all":
+            return list(range(n_layers))
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) != 2:
+                raise ValueError(f"layer spec '{spec}': expected START:EVERY, e.g. '28:2'")
+            try:
+                start, every = int(parts[0]), int(parts[1])
+            except ValueError:
+                raise ValueError(f"layer spec '{spec}': START and EVERY must be integers") from None
+            if every < 1:
+                raise ValueError(f"layer spec '{spec}': EVERY must be >= 1")
+            if not 0 <= start < n_layers:
+                raise ValueError(f"layer spec '{spec}': start layer {start} is out of range for {n_layers} layers")
+            return list(range(start, n_layers, every))
+        try:
+            items = [int(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"layer spec '{spec}': expected comma-separated integers, 'START:EVERY' or 'all'") from None
+    else:
+        items = [int(t) for t in spec]
+    out = []
+    for i in items:
+        j = i + n_layers if i < 0 else i
+        if not 0 <= j < n_layers:
+            raise ValueError(f"EMoE layer {i} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+        out.append(j)
+    if not out:
+        raise ValueError(f"layer spec '{spec}' selects no layers")
+    if len(set(out)) != len(out):
+        raise ValueError(f"layer spec '{spec}' repeats a layer")
+    return sorted(out)
+
+
+def validate_settings(
+    *, n_experts: int, top_k: int, layers: list[int], d_ff: int, n_layers: int, model_type: str | None
+) -> None:
+    """Raise ValueError naming the first bad setting (architecture, N, k, layers)."""
+    if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model_type '{model_type}' is not supported: EMoE needs a Llama-style SwiGLU MLP "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    if not isinstance(n_experts, int) or n_experts < 1:
+        raise ValueError(f"n_experts must be a positive integer, got {n_experts!r}")
+    if d_ff % n_experts:
+        divisors = [n for n in (8, 16, 32, 64, 128, 256, 512) if d_ff % n == 0]
+        raise ValueError(
+            f"n_experts={n_experts} does not divide intermediate_size={d_ff}; experts must be equal-sized "
+            f"(divisors that work: {divisors or 'none of the usual powers of two'})"
+        )
+    if not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
+        raise ValueError(f"top_k={top_k!r} must satisfy 1 <= top_k <= n_experts={n_experts}")
+    if not layers:
+        raise ValueError("no EMoE layers selected")
+    for i in layers:
+        if not 0 <= i < n_layers:
+            raise ValueError(f"EMoE layer {i} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")

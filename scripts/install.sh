@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create/refresh the project virtualenv: torch first (CPU wheel by default), then the package with its
+# dev extras, then DeepSpeed with --no-build-isolation (it must build against the torch already installed).
+#   TORCH_SPEC   default "torch==2.13.0" (the CPU wheel); on a GPU box e.g. "torch==2.13.0 --index-url <cuda index>"
+#   EXTRAS       default "dev"; add "gpu" for flash-attn + bitsandbytes on CUDA machines
+set -euo pipefail
+VENV=${1:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+EXTRAS=${EXTRAS:-dev}
+cd "$(dirname "$0")/.."
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+"$PY" -m pip install -q --upgrade pip
+# shellcheck disable=SC2086  # TORCH_SPEC may carry extra pip flags on purpose
+"$PY" -m pip install -q $TORCH_SPEC
+"$PY" -m pip install -q -e ".[$EXTRAS]"
+"$PY" -m pip install -q --no-build-isolation "deepspeed>=0.16"
+"$PY" -c "import torch, transformers, deepspeed; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"
+touch "$VENV/.installed"
