@@ -1,0 +1,70 @@
+"""Tiny Llama models built in code: the embedded default for the demo, tests and CPU benchmarks (no model hub)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+# The shipped data (tokenizers, instruction sets, MMLU) lives beside the package in the repo.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO_ROOT / "data"
+
+
+def tiny_llama_config(*, vocab_size: int = 2048, **overrides):
+    """A 4-layer Llama small enough to train on 2 CPU cores in seconds; d_ff = 256 splits into 8/16/32 experts."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def save_tiny_checkpoint(
+    path: str | os.PathLike,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    max_shard_size: str | int | None = None,
+    dtype: torch.dtype = torch.float32,
+    **config_overrides,
+) -> Path:
+    """Write a randomly initialised tiny Llama as a real HF safetensors checkpoint (optionally sharded).
+
+    With ``tokenizer_dir`` the tokenizer files are copied in and vocab/bos/eos ids follow the tokenizer.
+    """
+    from transformers import LlamaForCausalLM
+
+    path = Path(path)
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        config_overrides.setdefault("vocab_size", len(tok))
+        if tok.bos_token_id is not None:
+            config_overrides.setdefault("bos_token_id", tok.bos_token_id)
+        if tok.eos_token_id is not None:
+            config_overrides.setdefault("eos_token_id", tok.eos_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**config_overrides)).to(dtype)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(path, **kwargs)
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file() and not f.name.endswith((".md", ".txt")):
+                shutil.copy2(f, path / f.name)
+    return path
