@@ -100,4 +100,7 @@ class EMoEMLP(nn.Module):
 
     def dense_mlp(self) -> nn.Module:
         """The original dense module (sharing these parameters), e.g. to undo EMoE for dense inference."""
+        # Re-attach the current submodules: peft may have swapped them (LoRA) after this wrapper was made.
+        for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
+            setattr(self._dense, name, getattr(self, name))
         return self._dense
