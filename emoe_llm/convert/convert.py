@@ -1,0 +1,306 @@
+"""Streaming dense -> EMoE conversion of an HF safetensors checkpoint; never holds the model.
+
+    summary = convert_checkpoint("Llama-2-7b-hf", "Llama-2-7b-emoe", n_experts=64, top_k=16, layers="28,30")
+
+Two passes over SRC:
+  1. cluster: for each layer to permute, read only its gate_proj weight, run ``emoe.cluster_labels`` (same seed and
+     same input dtype as ``apply_emoe`` on the loaded model, so the result is identical) and keep the labels (d_ff
+     int64) on disk in the workspace;
+  2. write: one output shard per input shard, same names; every tensor is streamed through in 64 MB chunks (cast if
+     ``dtype`` asks), except the neuron-indexed MLP tensors of permuted layers, which are read one at a time,
+     permuted with ``index_select`` and written from memory.
+Peak memory is therefore about one layer's clustering working set, whatever the model size. Everything goes into
+``.<DST>.emoe-partial`` beside DST and is renamed onto DST at the very end; finished layers and shards are recorded
+there so ``resume=True`` continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .. import emoe
+from .errors import ConversionError
+from .names import NEURON_AXIS, check_mlp_layout, mlp_tensor_names
+from .safetensors_io import DTYPE_CODES, OutputEntry, ShardWriter
+from .source import SAFE_INDEX, SAFE_SINGLE, SourceCheckpoint, open_source
+from .workspace import Workspace
+
+OUTPUT_DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SUMMARY_FILE = "emoe_conversion.json"
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    n_experts: int,
+    top_k: int,
+    layers,
+    all_layers: bool = False,
+    seed: int = 0,
+    method: str = "kmeans",
+    n_init: int = 3,
+    max_iter: int = 30,
+    device: str = "cpu",
+    dtype: str = "keep",
+    overwrite: bool = False,
+    resume: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    on_step: Callable[[str, dict], None] | None = None,
+) -> dict:
+    """Convert the dense checkpoint SRC into the EMoE checkpoint DST (see module docstring).
+
+    Args:
+        layers: EMoE layers ("28,30", "28:2", "all" or a list); they go into config.json's ``emoe.layers``.
+        all_layers: cluster and permute every layer (``emoe.permuted_layers`` = all), so the EMoE layer set can be
+            changed later without re-converting; ``layers`` stays the EMoE set.
+        device: where to cluster ("cpu", "cuda", "cuda:1"); weights are streamed on CPU either way.
+        dtype: "keep" the stored dtypes, or cast floating tensors to "bf16" / "fp16" / "fp32" (clustering always
+            runs in fp32 on the stored values).
+        overwrite: replace a non-empty DST (only once the new one is complete).
+        resume: continue the partial conversion an interrupted run left beside DST.
+        allow_pickle: accept ``pytorch_model*.bin`` (loaded with ``torch.load(weights_only=True)``).
+        on_step: called as ``on_step("layer"|"shard", info)`` after each layer/shard is safely recorded.
+
+    Returns:
+        The summary dict, also written to ``DST/emoe_conversion.json``.
+
+    Raises:
+        ConversionError: bad input or options; DST is left untouched and no partial output remains.
+    """
+    start = time.perf_counter()
+    log = _logger(progress)
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    _check_paths(src, dst, overwrite=overwrite)
+    if dtype not in OUTPUT_DTYPES:
+        raise ConversionError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got '{dtype}'")
+    if method not in ("kmeans", "random"):
+        raise ConversionError(f"method must be 'kmeans' or 'random', got '{method}'")
+    _check_device(device)
+    source = open_source(src, allow_pickle=allow_pickle)
+    settings = _plan(source, n_experts=n_experts, top_k=top_k, layers=layers, all_layers=all_layers, seed=seed,
+                     method=method)
+    out_dtype = OUTPUT_DTYPES[dtype]
+    key = {
+        "src": str(src), "src_files": source.files_signature(), "n_experts": n_experts, "seed": seed,
+        "method": method, "n_init": n_init, "max_iter": max_iter, "permuted_layers": settings.permuted_layers,
+        "dtype": dtype, "device": str(device),
+    }
+    ws = Workspace.open(dst, key, resume=resume, log=log)
+    counters = {"bytes_read": 0}
+    try:
+        _cluster_layers(source, ws, settings, n_init=n_init, max_iter=max_iter, device=device, progress=progress,
+                        counters=counters, on_step=on_step)
+        settings.clustering = {k: ws.layers[k] for k in sorted(ws.layers, key=int)}
+        out_bytes = _write_shards(source, ws, settings, out_dtype, progress=progress, counters=counters,
+                                  on_step=on_step)
+        _write_metadata_files(source, ws, settings, out_dtype, out_bytes)
+        summary = _summary(source, dst, settings, dtype, counters, out_bytes, start)
+        (ws.path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        ws.finalize(dst, overwrite=overwrite)
+    except ConversionError:
+        ws.discard()  # bad input found mid-way: nothing here is worth resuming
+        raise
+    except BaseException:
+        log(f"conversion stopped; finished work is kept in {ws.path}; rerun with --resume to continue")
+        raise
+    return summary
+
+
+# --- checks and plan ------------------------------------------------------------------------------------------------
+
+def _check_paths(src: Path, dst: Path, *, overwrite: bool) -> None:
+    if src == dst or src in dst.parents or dst in src.parents:
+        raise ConversionError(f"DST {dst} must not be SRC {src}, inside it, or contain it")
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"DST {dst} exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise ConversionError(f"DST {dst} is not empty; pass --overwrite to replace it (after the new one is done)")
+    if not dst.parent.is_dir():
+        raise ConversionError(f"the parent directory of DST ({dst.parent}) does not exist")
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConversionError(f"invalid device '{device}': {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConversionError(f"device '{device}' requested but CUDA is not available; use --device cpu")
+
+
+def _plan(source: SourceCheckpoint, *, n_experts, top_k, layers, all_layers, seed, method) -> emoe.EMoESettings:
+    config = source.config
+    if config.get("emoe"):
+        raise ConversionError(f"{source.root / 'config.json'} already has an 'emoe' block: SRC is already converted")
+    n_layers = config["num_hidden_layers"]
+    try:
+        layer_list = emoe.parse_layer_spec(layers, n_layers)
+        permuted = list(range(n_layers)) if all_layers else list(layer_list)
+        emoe.validate_settings(n_experts=n_experts, top_k=top_k, layers=layer_list, d_ff=config["intermediate_size"],
+                               n_layers=n_layers, model_type=config.get("model_type"))
+    except ValueError as e:
+        raise ConversionError(f"{source.root}: {e}") from None
+    check_mlp_layout(source, permuted)
+    return emoe.EMoESettings(n_experts=n_experts, top_k=top_k, layers=layer_list, permuted_layers=permuted, seed=seed,
+                             method=method)
+
+
+# --- pass 1: clustering ---------------------------------------------------------------------------------------------
+
+def _cluster_layers(source, ws: Workspace, settings, *, n_init, max_iter, device, progress, counters, on_step):
+    todo = [i for i in settings.permuted_layers if not ws.has_layer(i)]
+    bar = _bar(progress, total=len(settings.permuted_layers), initial=len(settings.permuted_layers) - len(todo),
+               desc="clustering", unit="layer")
+    for layer in todo:
+        gate_name = mlp_tensor_names(layer, source)["gate"]
+        gate = source.read(gate_name)  # stored dtype, as apply_emoe sees it after from_pretrained(dtype="auto")
+        counters["bytes_read"] += gate.numel() * gate.element_size()
+        labels, stats = emoe.cluster_labels(gate, settings.n_experts, seed=settings.seed, method=settings.method,
+                                            n_init=n_init, max_iter=max_iter, device=device)
+        del gate
+        ws.save_layer(layer, labels, stats)
+        bar.update(1)
+        bar.set_postfix_str(f"layer {layer} inertia {stats.get('inertia', '-')}")
+        if on_step is not None:
+            on_step("layer", {"layer": layer, **stats})
+    bar.close()
+
+
+# --- pass 2: shards -------------------------------------------------------------------------------------------------
+
+def output_shard_name(shard: str) -> str:
+    """Output file for an input weight file: safetensors names are kept; pickle ones become safetensors."""
+    if shard.endswith(".safetensors"):
+        return shard
+    stem = shard[: -len(".bin")] if shard.endswith(".bin") else shard
+    return stem.replace("pytorch_model", "model", 1) + ".safetensors"
+
+
+def _out_dtype_code(meta, out_dtype: torch.dtype | None) -> str:
+    return DTYPE_CODES[out_dtype] if out_dtype is not None and meta.is_floating else meta.dtype
+
+
+def _write_shards(source, ws: Workspace, settings, out_dtype, *, progress, counters, on_step) -> dict[str, int]:
+    """Write every output shard not already in the workspace; returns {shard: data bytes}."""
+    permuted = {}  # tensor name -> (layer, role)
+    for layer in settings.permuted_layers:
+        for role, name in mlp_tensor_names(layer, source).items():
+            permuted[name] = (layer, role)
+    total = sum(m.nbytes for m in source.tensors.values())
+    bar = _bar(progress, total=total, desc="writing", unit="B", unit_scale=True, unit_divisor=1024)
+    data_bytes = {}
+    for shard in source.shards:
+        names = source.names_in(shard)
+        out_name = output_shard_name(shard)
+        entries = [OutputEntry(n, _out_dtype_code(source.tensors[n], out_dtype), source.tensors[n].shape) for n in names]
+        data_bytes[out_name] = sum(e.nbytes for e in entries)
+        shard_in_bytes = sum(source.tensors[n].nbytes for n in names)
+        if out_name in ws.shards:
+            bar.update(shard_in_bytes)
+            continue
+        bar.set_postfix_str(out_name)
+        labels_cache: dict[int, torch.Tensor] = {}
+        with ShardWriter(ws.tmp_shard_path(out_name), entries) as writer:
+            for name in writer.order:
+                meta = source.tensors[name]
+                if name in permuted:
+                    layer, role = permuted[name]
+                    if layer not in labels_cache:
+                        labels_cache[layer] = emoe.expert_permutation(ws.load_labels(layer), settings.n_experts)
+                    tensor = source.read(name).index_select(NEURON_AXIS[role], labels_cache[layer])
+                    writer.write_tensor(name, tensor if out_dtype is None or not meta.is_floating
+                                        else tensor.to(out_dtype))
+                    del tensor
+                else:
+                    writer.write_chunks(name, source.iter_bytes(name, out_dtype if meta.is_floating else None))
+                counters["bytes_read"] += meta.nbytes
+                bar.update(meta.nbytes)
+        size = ws.commit_shard(out_name)
+        if on_step is not None:
+            on_step("shard", {"shard": out_name, "bytes": size})
+    bar.close()
+    return data_bytes
+
+
+# --- config, index, other files, summary ----------------------------------------------------------------------------
+
+def _write_metadata_files(source, ws: Workspace, settings, out_dtype, data_bytes: dict[str, int]) -> None:
+    config = dict(source.config)
+    config["emoe"] = settings.to_dict()
+    if out_dtype is not None:
+        name = str(out_dtype).removeprefix("torch.")
+        for key in ("dtype", "torch_dtype"):
+            if key in config or key == "dtype":
+                config[key] = name
+    (ws.path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    shards = [output_shard_name(s) for s in source.shards]
+    if len(shards) > 1 or shards[0] != SAFE_SINGLE:
+        metadata = {**source.index_metadata, "total_size": sum(data_bytes.values())}
+        weight_map = {n: output_shard_name(m.shard) for n, m in sorted(source.tensors.items())}
+        (ws.path / SAFE_INDEX).write_text(json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2) + "\n")
+    for name in source.other_files():
+        shutil.copy2(source.root / name, ws.path / name)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _summary(source, dst: Path, settings, dtype: str, counters, data_bytes, start) -> dict:
+    return {
+        "src": str(source.root),
+        "dst": str(dst),
+        "source_format": source.format,
+        "dtype": dtype,
+        "emoe": settings.to_dict(),
+        "seconds": round(time.perf_counter() - start, 3),
+        "bytes_read": counters["bytes_read"],
+        "bytes_written": sum(data_bytes.values()),
+        "shards": len(data_bytes),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "inertia": {k: v.get("inertia") for k, v in settings.clustering.items()},
+        "notes": source.notes,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """The human-readable end-of-run report."""
+    gib = 1024**3
+    e = summary["emoe"]
+    lines = [
+        f"converted {summary['src']} -> {summary['dst']} in {summary['seconds']:.1f} s",
+        f"  EMoE: {e['n_experts']} experts, top-{e['top_k']}, layers {e['layers']}; "
+        f"clustered+permuted {len(e['permuted_layers'])} layers ({e['method']}, seed {e['seed']})",
+        f"  read {summary['bytes_read'] / gib:.2f} GiB, wrote {summary['bytes_written'] / gib:.2f} GiB "
+        f"in {summary['shards']} shard(s), dtype {summary['dtype']}, peak RSS {summary['peak_rss_bytes'] / gib:.2f} GiB",
+        "  clustering inertia per layer: "
+        + ", ".join(f"{k}: {v:.4g}" if isinstance(v, (int, float)) else f"{k}: -" for k, v in summary["inertia"].items()),
+    ]
+    lines += [f"  note: {n}" for n in summary.get("notes", [])]
+    return "\n".join(lines)
+
+
+def _logger(progress: bool):
+    def log(msg: str) -> None:
+        if progress:
+            print(msg, file=sys.stderr, flush=True)
+    return log
+
+
+def _bar(progress: bool, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not progress, file=sys.stderr, dynamic_ncols=True, **kwargs)
