@@ -1,0 +1,108 @@
+"""Typed config for the data pipeline: the `data:` section of a recipe YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
+BUILTIN_TEMPLATES = ("auto", "alpaca", "llama2", "llama3")
+TRUNCATION = ("truncate", "drop")
+
+
+@dataclass
+class DataSource:
+    """One input file or `load_from_disk` directory; `weight` only matters when mixing several."""
+
+    path: str
+    """File (.json/.jsonl/.parquet/.txt) or a `datasets.save_to_disk` dir; relative paths resolve against the cwd."""
+    format: str = "auto"
+    """auto | alpaca | sharegpt | messages | text (auto: from the file suffix and the first row's keys)."""
+    weight: float = 1.0
+    """Share of the training mix relative to the other sources' weights (equal weights = equal shares)."""
+    max_rows: int | None = None
+    """Read at most this many rows (the first ones; useful for smoke tests)."""
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"data source {self.path!r}: format must be one of {FORMATS}, got {self.format!r}")
+        if not (self.weight > 0):
+            raise ValueError(f"data source {self.path!r}: weight must be > 0, got {self.weight!r}")
+        if self.max_rows is not None and self.max_rows <= 0:
+            raise ValueError(f"data source {self.path!r}: max_rows must be a positive integer, got {self.max_rows!r}")
+
+
+@dataclass
+class DataConfig:
+    sources: list[DataSource]
+    template: str = "auto"
+    """auto (the tokenizer's chat template if it has one, else alpaca) | alpaca | llama2 | llama3 | path to a .jinja file."""
+    max_seq_len: int = 512
+    packing: bool = False
+    """Pack documents into rows of exactly `max_seq_len` tokens (position_ids restart at 0 per document)."""
+    train_on_prompt: bool = False
+    """True = loss on every token (always the case for `text` sources)."""
+    truncation: str = "truncate"
+    """truncate | drop: what to do with a conversation longer than `max_seq_len` (text documents are split instead)."""
+    eval_fraction: float = 0.0
+    """Fraction of every source held out for evaluation (deterministic for a seed); ignored when eval_sources is set."""
+    eval_sources: list[DataSource] = field(default_factory=list)
+    skip_bad_rows: bool = False
+    """Skip (and count) malformed rows instead of stopping at the first one."""
+    cache_dir: str | None = None
+    """Where tokenized datasets are cached (default: $EMOE_LLM_CACHE or ~/.cache/emoe_llm/data)."""
+    seed: int = 0
+    system_prompt: str | None = None
+    """Added as the system turn to conversations that have none (alpaca rows included)."""
+    num_proc: int | None = None
+    """Worker processes for tokenization (None = in-process)."""
+
+    def __post_init__(self):
+        if not self.sources:
+            raise ValueError("data.sources: at least one source is required")
+        if self.max_seq_len < 2:
+            raise ValueError(f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.truncation not in TRUNCATION:
+            raise ValueError(f"data.truncation must be one of {TRUNCATION}, got {self.truncation!r}")
+        if not (0.0 <= self.eval_fraction < 1.0):
+            raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not isinstance(self.template, str) or not self.template:
+            raise ValueError("data.template must be a non-empty string")
+
+
+def _source_from(item, where: str) -> DataSource:
+    if isinstance(item, DataSource):
+        return item
+    if isinstance(item, str):
+        return DataSource(path=item)
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: expected a path or a mapping with `path`, got {type(item).__name__}")
+    known = {f.name for f in dataclasses.fields(DataSource)}
+    unknown = sorted(set(item) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    if "path" not in item:
+        raise ValueError(f"{where}: missing required key `path`")
+    return DataSource(**item)
+
+
+def data_config_from_dict(d: dict) -> DataConfig:
+    """Build a DataConfig from the recipe's `data:` mapping; unknown keys raise (typos must not pass silently).
+
+    A source may be a bare path string or a mapping ``{path, format, weight, max_rows}``.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"data: expected a mapping, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"data: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    if "sources" not in d:
+        raise ValueError("data: missing required key `sources`")
+    kwargs = dict(d)
+    for key in ("sources", "eval_sources"):
+        items = kwargs.get(key) or []
+        if isinstance(items, (str, dict)):
+            items = [items]
+        kwargs[key] = [_source_from(x, f"data.{key}[{i}]") for i, x in enumerate(items)]
+    return DataConfig(**kwargs)

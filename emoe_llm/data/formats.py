@@ -1,0 +1,315 @@
+"""Read data files and normalise every row to ``{"messages": [{role, content}, ...]}`` or ``{"text": str}``.
+
+All validation happens here, before any tokenization, so a bad file fails in seconds with an error that names the
+file, the row (0-based index; ``line N`` is 1-based for .jsonl/.txt) and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+ROLES = ("system", "user", "assistant")
+# ShareGPT speaker names seen in the wild -> our roles.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "model": "assistant"}
+TEXT_SUFFIXES = (".txt",)
+JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
+
+
+class DataError(ValueError):
+    """Malformed input; the message names the file, the row and the field."""
+
+    def __init__(self, message: str, *, path: str | None = None, row: int | None = None, field: str | None = None):
+        super().__init__(message)
+        self.path, self.row, self.field = path, row, field
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    pass
+
+
+def _where(path: str, row: int, line_based: bool) -> str:
+    return f"{path}: line {row + 1}" if line_based else f"{path}: row {row}"
+
+
+# --------------------------------------------------------------------------------------------------- raw reading
+
+
+def iter_raw_rows(path: str, *, max_rows: int | None = None) -> Iterator[tuple[int, object, bool]]:
+    """Yield ``(row_index, record_or_DataError, line_based)`` from a file or a ``save_to_disk`` directory.
+
+    A JSON syntax error on a .jsonl line is yielded as a DataError (so ``skip_bad_rows`` can skip it); errors that
+    make the whole file unreadable are raised.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataFileNotFoundError(f"{path}: file not found (relative paths resolve against {os.getcwd()})", path=path)
+    count = 0
+    if p.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:  # noqa: BLE001 - re-raised with the path
+            raise DataError(f"{path}: not a datasets.save_to_disk directory ({e})", path=path) from e
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{path}: DatasetDict without a 'train' split (splits: {list(ds)})", path=path)
+            ds = ds["train"]
+        n = len(ds) if max_rows is None else min(len(ds), max_rows)
+        for i in range(n):
+            yield i, ds[i], False
+        return
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        with open(p, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if max_rows is not None and count >= max_rows:
+                    return
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    rec = DataError(f"{path}: line {i + 1}: not valid JSON ({e.msg} at column {e.colno})",
+                                    path=path, row=i)
+                count += 1
+                yield i, rec, True
+    elif suffix == ".json":
+        text = p.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            # A .json file may also be JSON lines (LLaMA-Factory accepts both): try that before failing.
+            if text.lstrip().startswith("{") and "\n" in text.strip():
+                yield from iter_raw_rows_jsonl_text(path, text, max_rows)
+                return
+            raise DataError(f"{path}: line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})",
+                            path=path, row=e.lineno - 1) from e
+        if isinstance(data, dict):
+            # {"train": [...]} or {"data": [...]} wrappers are common; anything else is an error.
+            lists = [k for k, v in data.items() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise DataError(f"{path}: expected a JSON list of records (or an object holding exactly one list), "
+                                f"got an object with keys {list(data)[:10]}", path=path)
+            data = data[lists[0]]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}", path=path)
+        for i, rec in enumerate(data[:max_rows] if max_rows is not None else data):
+            yield i, rec, False
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(p)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{path}: not a readable parquet file ({e})", path=path) from e
+        i = 0
+        for batch in pf.iter_batches(batch_size=1024):
+            for rec in batch.to_pylist():
+                if max_rows is not None and i >= max_rows:
+                    return
+                yield i, rec, False
+                i += 1
+    elif suffix in TEXT_SUFFIXES:
+        with open(p, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if max_rows is not None and count >= max_rows:
+                    return
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue  # blank lines separate nothing in one-doc-per-line corpora
+                count += 1
+                yield i, {"text": line}, True
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; expected .json, .jsonl, .parquet, .txt "
+                        "or a datasets.save_to_disk directory", path=path)
+
+
+def iter_raw_rows_jsonl_text(path: str, text: str, max_rows: int | None):
+    count = 0
+    for i, line in enumerate(text.splitlines()):
+        if max_rows is not None and count >= max_rows:
+            return
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            rec = DataError(f"{path}: line {i + 1}: not valid JSON ({e.msg} at column {e.colno})", path=path, row=i)
+        count += 1
+        yield i, rec, True
+
+
+# --------------------------------------------------------------------------------------------- format detection
+
+
+def detect_format(path: str, first_record) -> str:
+    if Path(path).suffix.lower() in TEXT_SUFFIXES:
+        return "text"
+    if not isinstance(first_record, dict):
+        raise DataError(f"{path}: cannot detect the format: first row is {type(first_record).__name__}, not an object",
+                        path=path, row=0)
+    keys = set(first_record)
+    for key, fmt in (("conversations", "sharegpt"), ("messages", "messages"), ("instruction", "alpaca"),
+                     ("text", "text")):
+        if key in keys:
+            return fmt
+    raise DataError(f"{path}: cannot detect the format from the first row's keys {sorted(keys)}; expected "
+                    "`conversations` (sharegpt), `messages` (OpenAI), `instruction`/`output` (alpaca) or `text`; "
+                    "or set `format:` on the source", path=path, row=0)
+
+
+# ------------------------------------------------------------------------------------------------ normalisation
+
+
+def _require_str(rec: dict, key: str, where: str, *, allow_empty: bool = True) -> str:
+    if key not in rec or rec[key] is None:
+        raise DataError(f"{where}: missing field {key!r}", field=key)
+    val = rec[key]
+    if not isinstance(val, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(val).__name__}", field=key)
+    if not allow_empty and not val.strip():
+        raise DataError(f"{where}: field {key!r} is empty", field=key)
+    return val
+
+
+def _alpaca(rec: dict, where: str) -> list[dict]:
+    instruction = _require_str(rec, "instruction", where, allow_empty=False)
+    inp = rec.get("input") or ""
+    if not isinstance(inp, str):
+        raise DataError(f"{where}: field 'input' must be a string, got {type(inp).__name__}", field="input")
+    output = _require_str(rec, "output", where)
+    if not output.strip():
+        raise DataError(f"{where}: empty response (field 'output')", field="output")
+    user = f"{instruction}\n\n{inp}" if inp.strip() else instruction
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    system = rec.get("system")
+    if isinstance(system, str) and system.strip():
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def _turns(rec: dict, where: str, list_key: str, role_key: str, content_key: str, role_map: dict) -> list[dict]:
+    if list_key not in rec or rec[list_key] is None:
+        raise DataError(f"{where}: missing field {list_key!r}", field=list_key)
+    turns = rec[list_key]
+    if not isinstance(turns, list):
+        raise DataError(f"{where}: field {list_key!r} must be a list, got {type(turns).__name__}", field=list_key)
+    messages = []
+    for j, turn in enumerate(turns):
+        fld = f"{list_key}[{j}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: {fld} must be an object, got {type(turn).__name__}", field=fld)
+        for key in (role_key, content_key):
+            if key not in turn or turn[key] is None:
+                raise DataError(f"{where}: missing field {key!r} in {fld}", field=f"{fld}.{key}")
+        role_raw, content = turn[role_key], turn[content_key]
+        role = role_map.get(role_raw) if isinstance(role_raw, str) else None
+        if role is None:
+            raise DataError(f"{where}: unknown role {role_raw!r} in {fld}.{role_key}; expected one of "
+                            f"{sorted(role_map)}", field=f"{fld}.{role_key}")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: {fld}.{content_key} must be a string, got {type(content).__name__}",
+                            field=f"{fld}.{content_key}")
+        messages.append({"role": role, "content": content, "_field": f"{fld}.{content_key}"})
+    return messages
+
+
+def validate_conversation(messages: list[dict], where: str) -> list[dict]:
+    """Check the turn structure: [system], user, assistant, user, assistant, ...; ends with a non-empty assistant."""
+    if not messages:
+        raise DataError(f"{where}: empty conversation")
+    start = 1 if messages[0]["role"] == "system" else 0
+    if start == 1 and len(messages) == 1:
+        raise DataError(f"{where}: conversation has only a system turn")
+    for j, m in enumerate(messages[start:], start):
+        expected = "user" if (j - start) % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            fld = m.get("_field", f"message {j}")
+            raise DataError(f"{where}: turn {j} ({fld}) has role {m['role']!r} but {expected!r} was expected "
+                            "(turns must alternate user/assistant after an optional leading system turn)", field=fld)
+        if m["role"] == "assistant" and not m["content"].strip():
+            fld = m.get("_field", f"message {j}")
+            raise DataError(f"{where}: empty response in turn {j} ({fld})", field=fld)
+    if messages[-1]["role"] != "assistant":
+        fld = messages[-1].get("_field", f"message {len(messages) - 1}")
+        raise DataError(f"{where}: conversation does not end with an assistant turn (last turn {fld} is "
+                        f"{messages[-1]['role']!r})", field=fld)
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def normalize_record(rec, fmt: str, where: str, system_prompt: str | None = None) -> dict | None:
+    """One raw record -> ``{"messages": [...]}`` / ``{"text": ...}``, or None for rows filtered out on purpose."""
+    if isinstance(rec, DataError):
+        raise rec
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if fmt == "text":
+        text = _require_str(rec, "text", where)
+        if not text.strip():
+            raise DataError(f"{where}: field 'text' is empty", field="text")
+        return {"text": text}
+    # KTO-style files mark undesirable replies with label=false; they are not SFT targets.
+    if isinstance(rec.get("label"), bool) and rec["label"] is False:
+        return None
+    if fmt == "alpaca":
+        messages = _alpaca(rec, where)
+    elif fmt == "sharegpt":
+        messages = _turns(rec, where, "conversations", "from", "value", SHAREGPT_ROLES)
+        if isinstance(rec.get("system"), str) and rec["system"].strip() and messages and \
+                messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": rec["system"], "_field": "system"})
+    elif fmt == "messages":
+        messages = _turns(rec, where, "messages", "role", "content", {r: r for r in ROLES})
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    messages = validate_conversation(messages, where)
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return {"messages": messages}
+
+
+def read_source(path: str, fmt: str = "auto", *, max_rows: int | None = None, skip_bad_rows: bool = False,
+                system_prompt: str | None = None) -> tuple[list[dict], str, dict]:
+    """Read and validate one source.
+
+    Returns:
+        records: normalised rows (all ``messages`` or all ``text``),
+        fmt: the resolved format,
+        report: ``{"rows_read", "skipped_bad_rows", "filtered_label_false", "bad_row_examples"}``.
+    """
+    records, report = [], {"rows_read": 0, "skipped_bad_rows": 0, "filtered_label_false": 0, "bad_row_examples": []}
+    for i, rec, line_based in iter_raw_rows(path, max_rows=max_rows):
+        where = _where(path, i, line_based)
+        report["rows_read"] += 1
+        try:
+            if fmt == "auto":
+                if isinstance(rec, DataError):
+                    raise rec
+                fmt = detect_format(path, rec)
+            out = normalize_record(rec, fmt, where, system_prompt)
+        except DataError as e:
+            if e.path is None:
+                e.path = path
+            if e.row is None:
+                e.row = i
+            if not skip_bad_rows:
+                raise
+            report["skipped_bad_rows"] += 1
+            if len(report["bad_row_examples"]) < 5:
+                report["bad_row_examples"].append(str(e))
+            continue
+        if out is None:
+            report["filtered_label_false"] += 1
+            continue
+        records.append(out)
+    if not records:
+        raise DataError(f"{path}: no usable rows (read {report['rows_read']}, skipped {report['skipped_bad_rows']} bad, "
+                        f"{report['filtered_label_false']} with label=false)", path=path)
+    if fmt == "auto":
+        fmt = "text"
+    return records, fmt, report

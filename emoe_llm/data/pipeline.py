@@ -1,0 +1,288 @@
+"""build_sft_datasets: read -> validate -> tokenize (cached) -> split -> mix -> shuffle -> (pack).
+
+Cache layout: ``<cache_dir>/tokenized/<key>/`` holds one source's tokenized rows (``datasets.save_to_disk``) and
+``stats.json``. The key hashes everything that changes the tokens: the source file (absolute path, size, mtime),
+format, max_rows, the tokenizer (its serialized vocabulary/merges, special tokens, pad token), the template source,
+max_seq_len, truncation, train_on_prompt, system_prompt, skip_bad_rows and PIPELINE_VERSION. Mixing, splitting,
+shuffling and packing are cheap and re-done each run (they depend on the seed).
+
+Multi-process training: call this on the main process first (e.g. ``with main_process_first():``) so the other
+ranks find the cache; concurrent writers are still safe (each writes a temp dir and renames it into place).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import DataConfig, DataSource
+from .encode import DROPPED_NO_TARGET, DROPPED_TOO_LONG, IGNORE_INDEX, KEPT, TRUNCATED, encode_batch
+from .formats import read_source
+from .packing import pack_lengths, pack_rows
+from .templates import resolve_template
+
+log = logging.getLogger(__name__)
+
+PIPELINE_VERSION = 1  # bump when encoding changes so stale caches are not reused
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EMOE_LLM_CACHE", Path.home() / ".cache" / "emoe_llm")) / "data"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(type(tokenizer).__name__.encode())
+    h.update(json.dumps([str(tokenizer.special_tokens_map), tokenizer.pad_token_id, len(tokenizer)]).encode())
+    return h.hexdigest()
+
+
+def _source_identity(path: str) -> dict:
+    p = Path(path).resolve()
+    if not p.exists():
+        return {"path": str(p)}  # read_source raises the clear error
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        return {"path": str(p), "files": [(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _cache_key(src: DataSource, cfg: DataConfig, tok_fp: str, template: str | None) -> str:
+    payload = {
+        "v": PIPELINE_VERSION, "source": _source_identity(src.path), "format": src.format, "max_rows": src.max_rows,
+        "tokenizer": tok_fp, "template": template, "max_seq_len": cfg.max_seq_len, "truncation": cfg.truncation,
+        "train_on_prompt": cfg.train_on_prompt, "system_prompt": cfg.system_prompt, "skip_bad_rows": cfg.skip_bad_rows,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _atomic_save(ds, stats: dict, final: Path) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        ds.save_to_disk(str(tmp / "dataset"))
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / "stats.json").exists():
+            raise
+        log.info("cache entry %s was written concurrently; using it", final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tokenize_source(src: DataSource, cfg: DataConfig, tokenizer, *, template: str | None, tok_fp: str,
+                    cache_dir: Path):
+    """Tokenized rows of one source (columns input_ids, labels, length) and its stats; cached on disk."""
+    import datasets
+
+    key = _cache_key(src, cfg, tok_fp, template)
+    entry = cache_dir / "tokenized" / key
+    if (entry / "stats.json").exists():
+        stats = json.loads((entry / "stats.json").read_text())
+        stats["cache_hit"] = True
+        return datasets.load_from_disk(str(entry / "dataset")), stats
+
+    t0 = time.time()
+    records, fmt, report = read_source(src.path, src.format, max_rows=src.max_rows, skip_bad_rows=cfg.skip_bad_rows,
+                                       system_prompt=cfg.system_prompt)
+    is_text = fmt == "text"
+    if not is_text and template is None:
+        raise ValueError(f"{src.path}: a chat template is required for format {fmt!r}")
+    raw = datasets.Dataset.from_list(records)
+    del records
+    enc = raw.map(
+        encode_batch, batched=True, batch_size=256, remove_columns=raw.column_names, num_proc=cfg.num_proc,
+        fn_kwargs=dict(tokenizer=tokenizer, template=template, is_text=is_text, train_on_prompt=cfg.train_on_prompt,
+                       max_seq_len=cfg.max_seq_len, truncation=cfg.truncation),
+        desc=f"tokenizing {Path(src.path).name}",
+    )
+    status = np.asarray(enc["status"])
+    lengths = np.asarray(enc["length"])
+    stats = {
+        "path": src.path, "format": fmt, **report,
+        "examples": int(len(raw)),
+        "kept": int((status == KEPT).sum() + (status == TRUNCATED).sum()),
+        "truncated": int((status == TRUNCATED).sum()),
+        "dropped_too_long": int((status == DROPPED_TOO_LONG).sum()),
+        "dropped_no_target": int((status == DROPPED_NO_TARGET).sum()),
+        "lengths_untruncated": lengths[lengths > 0].tolist(),
+        "tokenize_seconds": round(time.time() - t0, 2),
+    }
+    enc = enc.filter(lambda s: [x in (KEPT, TRUNCATED) for x in s], input_columns="status", batched=True)
+    enc = enc.remove_columns(["status", "length"])
+    if len(enc) == 0:
+        raise ValueError(f"{src.path}: every row was dropped (max_seq_len={cfg.max_seq_len}, "
+                         f"truncation={cfg.truncation!r}): {stats['dropped_too_long']} too long, "
+                         f"{stats['dropped_no_target']} without any target token after truncation")
+    _atomic_save(enc, stats, entry)
+    stats["cache_hit"] = False
+    return datasets.load_from_disk(str(entry / "dataset")), stats
+
+
+def _split(ds, fraction: float, seed: int):
+    if fraction <= 0 or len(ds) < 2:
+        return ds, None
+    n_eval = max(1, int(round(len(ds) * fraction)))
+    perm = np.random.default_rng(seed).permutation(len(ds))
+    return ds.select(np.sort(perm[n_eval:])), ds.select(np.sort(perm[:n_eval]))
+
+
+def mix_counts(sizes: list[int], weights: list[float]) -> list[int]:
+    """Rows taken from each source: the mix has sum(sizes) rows, shared in proportion to the weights."""
+    if len(sizes) == 1:
+        return list(sizes)
+    total, wsum = sum(sizes), sum(weights)
+    return [max(1, int(round(total * w / wsum))) for w in weights]
+
+
+def _take(ds, count: int, rng: np.random.Generator):
+    """``count`` rows of ``ds``: a seeded subset, or whole copies plus a seeded remainder when upsampling."""
+    n = len(ds)
+    reps, rem = divmod(count, n)
+    idx = np.concatenate([np.tile(np.arange(n), reps), np.sort(rng.permutation(n)[:rem])]) if count != n else None
+    return ds if idx is None else ds.select(idx)
+
+
+def _with_positions(batch: dict) -> dict:
+    return {"position_ids": [list(range(len(x))) for x in batch["input_ids"]]}
+
+
+def _pack(ds, cfg: DataConfig, pad_token_id: int, seed: int):
+    import datasets
+
+    lengths = [len(x) for x in ds["input_ids"]]
+    bins = pack_lengths(lengths, cfg.max_seq_len)
+    order = np.random.default_rng(seed).permutation(len(bins))
+    bins = [sorted(bins[i]) for i in order]
+
+    def build(batch):
+        rows = {"input_ids": [], "labels": [], "position_ids": []}
+        for doc_ids in batch["doc_indices"]:
+            docs = ds[doc_ids]
+            row = pack_rows(docs["input_ids"], docs["labels"], seq_len=cfg.max_seq_len, pad_token_id=pad_token_id)
+            for k in rows:
+                rows[k].append(row[k])
+        return rows
+
+    bins_ds = datasets.Dataset.from_dict({"doc_indices": bins})
+    packed = bins_ds.map(build, batched=True, batch_size=64, remove_columns=["doc_indices"], desc="packing")
+    return packed, sum(lengths) / max(1, len(bins) * cfg.max_seq_len)
+
+
+def _summary(ds, doc_lengths: list[int], lengths: list[int]) -> dict:
+    labels = ds["labels"]
+    tokens = sum(doc_lengths)  # document tokens, padding of packed rows excluded
+    targets = sum(sum(1 for t in x if t != IGNORE_INDEX) for x in labels)
+    q = np.percentile(lengths, [50, 90, 95, 99]).tolist() if lengths else [0, 0, 0, 0]
+    return {
+        "rows": len(ds), "tokens": tokens, "row_tokens": sum(len(x) for x in labels), "target_tokens": targets,
+        "target_fraction": round(targets / max(1, tokens), 4),
+        "length_p50": q[0], "length_p90": q[1], "length_p95": q[2], "length_p99": q[3],
+        "length_max": int(max(lengths)) if lengths else 0,
+    }
+
+
+def _finish(parts: list, cfg: DataConfig, tokenizer, seed: int):
+    import datasets
+
+    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    ds = ds.shuffle(seed=seed).flatten_indices()
+    doc_lengths = [len(x) for x in ds["input_ids"]]
+    if cfg.packing:
+        ds, efficiency = _pack(ds, cfg, tokenizer.pad_token_id, seed)
+    else:
+        ds, efficiency = ds.map(_with_positions, batched=True, desc="position ids"), None
+    return ds, doc_lengths, efficiency
+
+
+def build_sft_datasets(cfg: DataConfig, tokenizer):
+    """Build the training (and optional eval) datasets.
+
+    Returns:
+        train: ``datasets.Dataset`` with rows ``{"input_ids", "labels", "position_ids"}`` (lists of ints; labels -100
+            where no loss is taken; ``labels[0] == -100`` for every document). Packed rows are exactly
+            ``max_seq_len`` long (each padded at the end with pad tokens, labels -100, as their own position segment).
+        eval: the same for the held-out split / eval_sources, or None.
+        stats: rows, tokens, truncated, dropped, skipped_bad_rows, length percentiles (of documents before
+            truncation), target_fraction, packing_efficiency, cache_hit and per-source details.
+    """
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; load it with emoe_llm.data.load_tokenizer")
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    template_cache: dict = {}
+
+    def template_for(src: DataSource):
+        # Text-only runs must not require a chat template; resolve lazily and once.
+        if src.format == "text" or (src.format == "auto" and Path(src.path).suffix.lower() == ".txt"):
+            return None
+        if "t" not in template_cache:
+            template_cache["t"] = resolve_template(cfg.template, tokenizer)
+        return template_cache["t"][1]
+
+    def load(sources):
+        out = []
+        for src in sources:
+            ds, st = tokenize_source(src, cfg, tokenizer, template=template_for(src), tok_fp=tok_fp,
+                                     cache_dir=cache_dir)
+            out.append((src, ds, st))
+        return out
+
+    loaded = load(cfg.sources)
+    train_parts, eval_parts = [], []
+    for i, (src, ds, st) in enumerate(loaded):
+        tr, ev = _split(ds, 0.0 if cfg.eval_sources else cfg.eval_fraction, cfg.seed + i)
+        train_parts.append(tr)
+        if ev is not None:
+            eval_parts.append(ev)
+    counts = mix_counts([len(p) for p in train_parts], [s.weight for s in cfg.sources])
+    rng = np.random.default_rng(cfg.seed)
+    train_parts = [_take(p, c, rng) for p, c in zip(train_parts, counts)]
+    eval_loaded = load(cfg.eval_sources)
+    eval_parts += [ds for _, ds, _ in eval_loaded]
+
+    train, train_lengths, train_eff = _finish(train_parts, cfg, tokenizer, cfg.seed)
+    eval_ds, eval_eff = None, None
+    if eval_parts:
+        eval_ds, _, eval_eff = _finish(eval_parts, cfg, tokenizer, cfg.seed)
+
+    per_source = []
+    for (src, _, st), count in zip(loaded, counts):
+        per_source.append({k: v for k, v in st.items() if k != "lengths_untruncated"} | {"rows_in_mix": count,
+                                                                                         "weight": src.weight})
+    all_src = [st for _, _, st in loaded + eval_loaded]
+    untrunc = [n for st in (s for _, _, s in loaded) for n in st["lengths_untruncated"]]
+    stats = _summary(train, train_lengths, untrunc)
+    stats.update({
+        "documents": len(train_lengths),
+        "truncated": sum(s["truncated"] for s in all_src),
+        "dropped": sum(s["dropped_too_long"] + s["dropped_no_target"] for s in all_src),
+        "dropped_too_long": sum(s["dropped_too_long"] for s in all_src),
+        "dropped_no_target": sum(s["dropped_no_target"] for s in all_src),
+        "skipped_bad_rows": sum(s["skipped_bad_rows"] for s in all_src),
+        "filtered_label_false": sum(s["filtered_label_false"] for s in all_src),
+        "bad_row_examples": [e for s in all_src for e in s["bad_row_examples"]][:5],
+        "packing": cfg.packing, "packing_efficiency": None if train_eff is None else round(train_eff, 4),
+        "eval_rows": 0 if eval_ds is None else len(eval_ds),
+        "cache_hit": all(s["cache_hit"] for s in all_src),
+        "cache_dir": str(cache_dir),
+        "template": template_cache["t"][0] if "t" in template_cache else None,
+        "sources": per_source,
+    })
+    return train, eval_ds, stats

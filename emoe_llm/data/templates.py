@@ -1,0 +1,120 @@
+"""Chat templates (Jinja, the same language as HF `chat_template`) and rendering with trainable character spans.
+
+Every template, built in or not, goes through ``tokenizer.apply_chat_template`` so there is a single code path.
+The assistant spans are found by rendering prefixes of the conversation: the text added by
+``render(messages[:i+1])`` over ``render(messages[:i], add_generation_prompt=True)`` is assistant turn ``i``
+(its content plus the template's end-of-turn marker, e.g. ``<|eot_id|>`` or `` </s>``). That works for any
+template whose renders of shorter conversations are prefixes of longer ones; others are rejected with an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+
+# Stanford Alpaca prompt (no-input variant; `input` is appended to the instruction), multi-turn by repetition.
+ALPACA_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
+    "{% set loop_messages = messages[1:] %}{% else %}"
+    "{% set system_message = '" + ALPACA_SYSTEM + "' %}{% set loop_messages = messages %}{% endif %}"
+    "{{ bos_token or '' }}{{ system_message }}"
+    "{% for message in loop_messages %}"
+    "{% if message['role'] == 'user' %}{{ '\\n\\n### Instruction:\\n' + message['content'] + '\\n\\n### Response:\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+# Meta's Llama-2-chat format (as in the widely used HF template): <s>[INST] <<SYS>>..<</SYS>> user [/INST] reply </s>
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+# The Llama-3-Instruct template (identical to the one in data/tokenizers/llama3/tokenizer_config.json).
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim"
+    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+BUILTIN = {"alpaca": ALPACA_TEMPLATE, "llama2": LLAMA2_TEMPLATE, "llama3": LLAMA3_TEMPLATE}
+# Tokens a built-in template writes literally; the tokenizer must know them as single tokens.
+_REQUIRED_TOKENS = {"llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")}
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def resolve_template(name: str, tokenizer) -> tuple[str, str]:
+    """Return ``(template_name, jinja_source)``.
+
+    ``auto`` = the tokenizer's own ``chat_template`` if it has one, else ``alpaca``; a path names a Jinja file.
+    """
+    if name == "auto":
+        own = getattr(tokenizer, "chat_template", None)
+        if isinstance(own, dict):  # several named templates: use the default one
+            own = own.get("default")
+        if isinstance(own, str) and own.strip():
+            return "tokenizer", own
+        name = "alpaca"
+    if name in BUILTIN:
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in _REQUIRED_TOKENS.get(name, ()) if t not in vocab]
+        if missing:
+            raise TemplateError(f"template {name!r} needs the special tokens {missing}, which this tokenizer lacks")
+        if tokenizer.eos_token is None:
+            raise TemplateError(f"template {name!r} needs an EOS token; the tokenizer has none")
+        return name, BUILTIN[name]
+    p = Path(name)
+    if not p.is_file():
+        raise TemplateError(f"template {name!r} is neither one of auto/{'/'.join(BUILTIN)} nor an existing file")
+    source = p.read_text(encoding="utf-8")
+    if "messages" not in source:
+        raise TemplateError(f"{name}: does not look like a Jinja chat template (it never reads `messages`)")
+    return str(p), source
+
+
+def _render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def render_with_target_spans(tokenizer, template: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation and return ``(text, spans)``; ``spans`` are ``[start, end)`` character ranges of the
+    assistant turns (the tokens to train on). The text always ends with the tokenizer's EOS, appended if the
+    template does not end with it, and the appended EOS belongs to the last span, so the model learns to stop.
+    """
+    full = _render(tokenizer, template, messages, add_generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, template, messages[:i], add_generation_prompt=True)
+        upto = full if i == len(messages) - 1 else _render(tokenizer, template, messages[: i + 1], False)
+        if not (full.startswith(upto) and upto.startswith(prompt)) or len(upto) <= len(prompt):
+            raise TemplateError(
+                "the chat template is not prefix-consistent: rendering the first "
+                f"{i} messages (with generation prompt) is not a prefix of rendering the first {i + 1}, so the "
+                "assistant tokens cannot be located; use a built-in template (alpaca/llama2/llama3) or fix the template")
+        spans.append((len(prompt), len(upto)))
+    eos = tokenizer.eos_token
+    if eos and not full.endswith(eos):
+        full += eos
+        if spans and spans[-1][1] == len(full) - len(eos):
+            spans[-1] = (spans[-1][0], len(full))
+        else:
+            spans.append((len(full) - len(eos), len(full)))
+    return full, spans
