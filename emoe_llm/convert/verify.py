@@ -86,7 +86,8 @@ def verify_checkpoint(
         report["checks"]["copied_tensors"] = f"{len(copied) - len(bad)}/{len(copied)} byte-identical"
     layer_diffs = {}
     for layer in settings.permuted_layers:
-        diff, is_permutation = _compare_mlp(source, target, layer, n_tokens=n_tokens, seed=seed + layer)
+        diff, is_permutation = _compare_mlp(source, target, layer, n_tokens=n_tokens, seed=seed + layer,
+                                            cast=out_dtype)
         layer_diffs[str(layer)] = diff
         if not is_permutation:
             fail(f"layer {layer}: DST's MLP neurons are not a permutation of SRC's")
@@ -95,7 +96,7 @@ def verify_checkpoint(
     report["checks"]["mlp_max_rel_diff"] = layer_diffs
     size = sum(m.nbytes for m in source.tensors.values())
     if check_logits and size <= max_logits_bytes:
-        diff = _compare_logits(source.root, dst, n_tokens=n_tokens, seed=seed)
+        diff = _compare_logits(source.root, dst, n_tokens=n_tokens, seed=seed, cast=out_dtype)
         report["checks"]["logits_max_rel_diff"] = diff
         if diff > atol:
             fail(f"dense logits differ from SRC by {diff:.3g} (> {atol})")
@@ -196,37 +197,43 @@ def _same_bytes(source: SourceCheckpoint, target: SourceCheckpoint, name: str, o
 
 # --- function checks ------------------------------------------------------------------------------------------------
 
-def _rows_times(ckpt: SourceCheckpoint, name: str, x: torch.Tensor) -> torch.Tensor:
-    """``W @ x`` in float64 for a stored (rows, cols) weight, upcasting a few thousand rows at a time."""
+def _read(ckpt: SourceCheckpoint, name: str, cast: torch.dtype | None) -> torch.Tensor:
+    # SRC is compared after the conversion's --dtype cast, so a bf16 DST is held to the bf16-rounded SRC.
     w = ckpt.read(name)
+    return w if cast is None else w.to(cast)
+
+
+def _rows_times(ckpt: SourceCheckpoint, name: str, x: torch.Tensor, cast=None) -> torch.Tensor:
+    """``W @ x`` in float64 for a stored (rows, cols) weight, upcasting a few thousand rows at a time."""
+    w = _read(ckpt, name, cast)
     out = torch.cat([w[i:i + _ROW_CHUNK].to(torch.float64) @ x for i in range(0, w.shape[0], _ROW_CHUNK)])
     del w
     return out
 
 
-def _mlp_output(ckpt: SourceCheckpoint, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _mlp_output(ckpt: SourceCheckpoint, layer: int, x: torch.Tensor, cast=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(intermediate h (d_ff, t), output y (d, t)) of one layer's SwiGLU MLP for inputs x (d, t)."""
     names = mlp_tensor_names(layer, ckpt)
-    gate = _rows_times(ckpt, names["gate"], x)
+    gate = _rows_times(ckpt, names["gate"], x, cast)
     if "gate_bias" in names:
-        gate += ckpt.read(names["gate_bias"]).to(torch.float64)[:, None]
-    up = _rows_times(ckpt, names["up"], x)
+        gate += _read(ckpt, names["gate_bias"], cast).to(torch.float64)[:, None]
+    up = _rows_times(ckpt, names["up"], x, cast)
     if "up_bias" in names:
-        up += ckpt.read(names["up_bias"]).to(torch.float64)[:, None]
+        up += _read(ckpt, names["up_bias"], cast).to(torch.float64)[:, None]
     h = F.silu(gate) * up
     del gate, up
-    y = _rows_times(ckpt, names["down"], h)
+    y = _rows_times(ckpt, names["down"], h, cast)
     down_bias = names["down"].replace(".weight", ".bias")
     if down_bias in ckpt.tensors:
-        y += ckpt.read(down_bias).to(torch.float64)[:, None]
+        y += _read(ckpt, down_bias, cast).to(torch.float64)[:, None]
     return h, y
 
 
-def _compare_mlp(source, target, layer: int, *, n_tokens: int, seed: int) -> tuple[float, bool]:
+def _compare_mlp(source, target, layer: int, *, n_tokens: int, seed: int, cast) -> tuple[float, bool]:
     """(max relative output difference, whether DST's neuron activations are a permutation of SRC's)."""
     d = source.config["hidden_size"]
     x = torch.randn(d, n_tokens, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    h_src, y_src = _mlp_output(source, layer, x)
+    h_src, y_src = _mlp_output(source, layer, x, cast)
     h_dst, y_dst = _mlp_output(target, layer, x)
     # A permutation of neurons permutes h's rows; sorting each token's column must give the same values.
     is_perm = torch.allclose(h_src.sort(dim=0).values, h_dst.sort(dim=0).values, rtol=1e-9, atol=1e-12)
@@ -234,13 +241,14 @@ def _compare_mlp(source, target, layer: int, *, n_tokens: int, seed: int) -> tup
     return float((y_src - y_dst).abs().max() / scale), bool(is_perm)
 
 
-def _compare_logits(src: Path, dst: Path, *, n_tokens: int, seed: int) -> float:
+def _compare_logits(src: Path, dst: Path, *, n_tokens: int, seed: int, cast) -> float:
     from transformers import AutoModelForCausalLM
 
     logits = []
     tokens = None
     for path in (src, dst):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        # both loaded in the converted dtype (SRC rounded like DST was), then run in fp32
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=cast or torch.float32).float()
         model.eval()
         if tokens is None:
             gen = torch.Generator().manual_seed(seed)
