@@ -1,0 +1,476 @@
+"""The training recipe's typed config tree: YAML + ``key=value`` overrides, unknown keys raise.
+
+    cfg = load_config("configs/tiny_cpu.yaml", ["train.lr=1e-4", "model.mode=dense"])
+    ds = fill_ds_config(json.load(open("ds_configs/z3.json")), cfg, world_size=8)
+
+The DeepSpeed JSON holds ZeRO stage/offload/precision; batch sizes, grad clipping and accumulation come from the
+recipe and are filled into the DS dict here (``"auto"`` values, or keys the JSON leaves out), with the check
+micro_batch_size x grad_accum x world_size == global_batch_size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad recipe: names the file/key and what was expected."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """HF checkpoint dir. For mode emoe: a converted checkpoint (config.json has an 'emoe' block), or a dense one
+    together with `convert` (on-the-fly conversion, small models only)."""
+    mode: str = "emoe"
+    """dense | emoe: the same loop either way, so baselines are apples to apples."""
+    top_k: int | None = None
+    """override the checkpoint's top-k (mode emoe)"""
+    layers: Any = None
+    """override the checkpoint's EMoE layers ("28,30", "28:2", list); they must have been permuted at conversion"""
+    convert: dict | None = None
+    """on-the-fly conversion of a dense checkpoint: {n_experts, top_k, layers[, seed, method]} (small models)"""
+    tokenizer: str | None = None
+    """tokenizer dir (default: model.path)"""
+    attn_implementation: str = "auto"
+    """auto (flash_attention_2 when installed on CUDA, else sdpa) | flash_attention_2 | sdpa | eager"""
+    gradient_checkpointing: bool = True
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    max_steps: int = 0
+    """> 0: stop after this many optimizer steps (overrides epochs)"""
+    micro_batch_size: int = 1
+    """sequences (or packed rows) per rank per forward"""
+    global_batch_size: int = 0
+    """sequences per optimizer step over all ranks; 0 = micro_batch_size x grad_accum x world_size"""
+    grad_accum: int = 0
+    """micro-batches per optimizer step; 0 = derived from global_batch_size"""
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    lr_scheduler: str = "cosine"
+    """cosine | linear | constant (all with linear warmup)"""
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    """> 0 overrides warmup_ratio"""
+    min_lr_ratio: float = 0.0
+    """final lr = lr * min_lr_ratio (cosine/linear)"""
+    max_grad_norm: float = 1.0
+    """0 disables clipping"""
+    save_every_steps: int = 0
+    """0 = only at the end of each epoch (and the end of training)"""
+    save_every_epoch: bool = True
+    keep_last: int = 2
+    """checkpoints kept in checkpoints/ (0 = keep all)"""
+    log_every_steps: int = 1
+    eval_every_steps: int = 0
+    """held-out loss every N optimizer steps (0 = only at the end); needs data.eval_split/eval_sources"""
+    eval_max_batches: int = 0
+    """0 = the whole held-out split"""
+    eval_micro_batch_size: int = 0
+    """0 = micro_batch_size"""
+    export: bool = True
+    """write final/ (consolidated HF safetensors + tokenizer) at the end"""
+    export_max_shard_size: str = "5GB"
+    num_workers: int = 0
+    """DataLoader workers per rank"""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+    quantize: str = "none"
+    """none | 4bit (QLoRA: bitsandbytes NF4, CUDA only)"""
+    merge_on_export: bool = True
+    """final/ gets the merged full model (plain AutoModelForCausalLM); the adapter is kept in final/adapter/"""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    progress_bar: bool = True
+    expert_load: bool = True
+    """log per-expert token fractions of every EMoE layer"""
+
+
+@dataclass
+class MMLUConfig:
+    """MMLU after training on final/ (rank 0, single process)."""
+
+    enabled: bool = False
+    dir: str = "data/eval/mmlu"
+    split: str = "val"
+    shots: int = 5
+    subjects: Any = None
+    limit: int = 0
+
+
+@dataclass
+class EvalConfig:
+    mmlu: MMLUConfig = field(default_factory=MMLUConfig)
+
+
+@dataclass
+class RecipeConfig:
+    output_dir: str = ""
+    resume: str = "auto"
+    """auto (latest complete checkpoint in output_dir/checkpoints, else start fresh) | none | a checkpoint dir"""
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: dict = field(default_factory=dict)
+    """passed to emoe_llm.data.data_config_from_dict (validated there)"""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# YAML + overrides -> typed tree
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-4"`` -> (["train", "lr"], 1e-4). Values are parsed as YAML (numbers, bools, null, [lists])."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value, e.g. train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = tree
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                node = node[_list_index(node, part, path[: i + 1])]
+                continue
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override '{text}': '{'.'.join(path[: i + 1])}' is a value, not a section")
+        last = path[-1]
+        if isinstance(node, list):
+            node[_list_index(node, last, path)] = value
+        else:
+            node[last] = value
+    return tree
+
+
+def _list_index(node: list, part: str, path: list[str]) -> int:
+    try:
+        idx = int(part)
+        node[idx]
+        return idx
+    except (ValueError, IndexError):
+        raise ConfigError(f"override key '{'.'.join(path)}': '{part}' is not an index of a list of {len(node)}") from None
+
+
+_FLOAT_TYPES = (float,)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
+        return _from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    if tp in (list, tuple) or origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(value) if (tp is tuple or origin is tuple) else list(value)
+    if tp is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _from_dict(cls, d: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys{' under ' + where if where else ''}: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(d: dict, *, source: str = "config") -> RecipeConfig:
+    try:
+        cfg = _from_dict(RecipeConfig, d or {}, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    validate_config(cfg, source=source)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RecipeConfig:
+    """Read a YAML recipe, apply ``key=value`` overrides, and return the validated typed tree."""
+    tree: dict = {}
+    source = "overrides"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {path}: file not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        source = str(path)
+    apply_overrides(tree, list(overrides))
+    return config_from_dict(tree, source=source)
+
+
+def config_to_dict(cfg: RecipeConfig) -> dict:
+    def clean(v):
+        if isinstance(v, tuple):
+            return [clean(x) for x in v]
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+
+    return clean(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: RecipeConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def validate_config(cfg: RecipeConfig, *, source: str = "config") -> None:
+    """Collect every bad value and raise once, naming the keys."""
+    errors = []
+    t = cfg.train
+    if cfg.model.mode not in ("dense", "emoe"):
+        errors.append(f"model.mode must be 'dense' or 'emoe', got '{cfg.model.mode}'")
+    if cfg.model.attn_implementation not in ("auto", "flash_attention_2", "sdpa", "eager"):
+        errors.append(f"model.attn_implementation must be auto|flash_attention_2|sdpa|eager, "
+                      f"got '{cfg.model.attn_implementation}'")
+    if cfg.model.convert is not None:
+        unknown = set(cfg.model.convert) - {"n_experts", "top_k", "layers", "seed", "method", "permute_layers"}
+        missing = {"n_experts", "top_k", "layers"} - set(cfg.model.convert)
+        if unknown:
+            errors.append(f"model.convert: unknown key(s) {sorted(unknown)}")
+        if missing:
+            errors.append(f"model.convert: missing {sorted(missing)}")
+    if t.lr_scheduler not in ("cosine", "linear", "constant"):
+        errors.append(f"train.lr_scheduler must be cosine|linear|constant, got '{t.lr_scheduler}'")
+    if t.micro_batch_size < 1:
+        errors.append(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+    for name in ("epochs", "max_steps", "global_batch_size", "grad_accum", "warmup_steps", "save_every_steps",
+                 "keep_last", "eval_every_steps", "eval_max_batches", "eval_micro_batch_size", "num_workers"):
+        if getattr(t, name) < 0:
+            errors.append(f"train.{name} must be >= 0, got {getattr(t, name)}")
+    if t.log_every_steps < 1:
+        errors.append(f"train.log_every_steps must be >= 1, got {t.log_every_steps}")
+    if t.epochs == 0 and t.max_steps == 0:
+        errors.append("set train.epochs > 0 or train.max_steps > 0")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        errors.append(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        errors.append(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if t.lr <= 0:
+        errors.append(f"train.lr must be > 0, got {t.lr}")
+    if len(t.betas) != 2:
+        errors.append(f"train.betas must be two numbers, got {list(t.betas)}")
+    if cfg.lora.quantize not in ("none", "4bit"):
+        errors.append(f"lora.quantize must be 'none' or '4bit', got '{cfg.lora.quantize}'")
+    if cfg.lora.quantize != "none" and not cfg.lora.enabled:
+        errors.append("lora.quantize=4bit (QLoRA) needs lora.enabled=true")
+    resume = cfg.resume
+    if not resume:
+        errors.append("resume must be 'auto', 'none' or a checkpoint path")
+    if errors:
+        raise ConfigError(f"{source}: " + "; ".join(errors))
+
+
+def check_runnable(cfg: RecipeConfig) -> None:
+    """What a launched run needs beyond a well-formed recipe (kept apart so configs can be validated offline)."""
+    errors = []
+    if not cfg.output_dir:
+        errors.append("output_dir is empty (set it in the recipe or output_dir=... on the command line)")
+    if not cfg.model.path:
+        errors.append("model.path is empty (an HF checkpoint dir)")
+    if not cfg.data:
+        errors.append("the data section is empty")
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DeepSpeed JSON
+
+
+def load_ds_config(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--ds_config {path}: file not found")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+
+
+def resolve_batch(cfg: RecipeConfig, world_size: int) -> tuple[int, int, int]:
+    """(micro, accum, global) with micro x accum x world == global, or a ConfigError saying what to change."""
+    t = cfg.train
+    micro = t.micro_batch_size
+    if t.global_batch_size and t.grad_accum:
+        if micro * t.grad_accum * world_size != t.global_batch_size:
+            raise ConfigError(
+                f"train.micro_batch_size ({micro}) x train.grad_accum ({t.grad_accum}) x world size ({world_size}) "
+                f"= {micro * t.grad_accum * world_size}, but train.global_batch_size is {t.global_batch_size}; "
+                f"set grad_accum=0 to derive it"
+            )
+        return micro, t.grad_accum, t.global_batch_size
+    if t.global_batch_size:
+        per_step = micro * world_size
+        if t.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size}) is not divisible by train.micro_batch_size ({micro}) "
+                f"x world size ({world_size}) = {per_step}; change micro_batch_size or global_batch_size"
+            )
+        return micro, t.global_batch_size // per_step, t.global_batch_size
+    accum = t.grad_accum or 1
+    return micro, accum, micro * accum * world_size
+
+
+def fill_ds_config(ds: dict, cfg: RecipeConfig, *, world_size: int) -> dict:
+    """Fill batch sizes / clipping / precision-dependent values from the recipe into a copy of the DS dict.
+
+    "auto" and missing values are filled; explicit values must agree with the recipe (else ConfigError)."""
+    ds = json.loads(json.dumps(ds))
+    micro, accum, global_bs = resolve_batch(cfg, world_size)
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": global_bs,
+        "gradient_clipping": float(cfg.train.max_grad_norm),
+    }
+    for key, value in wanted.items():
+        cur = ds.get(key, "auto")
+        if cur == "auto":
+            ds[key] = value
+        elif key == "gradient_clipping" and float(cur) == value:
+            ds[key] = value
+        elif cur != value:
+            raise ConfigError(
+                f"DeepSpeed config sets {key}={cur} but the recipe gives {value}; set it to \"auto\" in the JSON "
+                f"(the recipe owns batch sizes and clipping)"
+            )
+    zero = ds.setdefault("zero_optimization", {})
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ConfigError(
+            "DeepSpeed config has an 'optimizer'/'scheduler' block: the recipe builds AdamW and the LR schedule "
+            "(train.lr, train.lr_scheduler); remove those blocks from the JSON"
+        )
+    hidden = None
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        if zero.get(key) == "auto":
+            hidden = hidden or _hidden_size_hint(cfg)
+            if key == "reduce_bucket_size":
+                zero[key] = hidden * hidden if hidden else int(5e8)
+            elif key == "stage3_prefetch_bucket_size":
+                zero[key] = int(0.9 * hidden * hidden) if hidden else int(5e7)
+            else:
+                zero[key] = 10 * hidden if hidden else int(1e5)
+    for prec in ("bf16", "fp16"):
+        block = ds.get(prec)
+        if isinstance(block, dict) and block.get("enabled") == "auto":
+            block["enabled"] = prec == "bf16"
+    ds.setdefault("steps_per_print", 10**9)  # our own logging; keep DeepSpeed's per-step prints quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def _hidden_size_hint(cfg: RecipeConfig) -> int | None:
+    try:
+        return int(json.loads((Path(cfg.model.path) / "config.json").read_text())["hidden_size"])
+    except Exception:
+        return None
+
+
+def ds_precision(ds: dict) -> str:
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def ds_zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
