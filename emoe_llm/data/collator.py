@@ -6,6 +6,11 @@ and builds a block-diagonal causal mask for SDPA and eager attention. FlashAtten
 ``position_ids`` only when the batch size is 1 (``modeling_flash_attention_utils._is_packed_sequence``); for B > 1 set
 ``flash_attn_kwargs=True`` so the batch also carries ``cu_seq_lens_q/k`` and ``max_length_q/k``, which FA2 uses over
 the flattened (B*T) tokens. Without either, FA2 would attend across documents.
+
+IMPORTANT: run the model with ``use_cache=False`` (``model.config.use_cache = False``) when training on packed rows.
+With a KV cache (``use_cache`` defaults to True and LlamaModel then creates a DynamicCache), transformers skips the
+packed-sequence detection (``_preprocess_mask_arguments`` requires ``past_key_values is None``) and every document
+attends to the previous ones in its row. ``tests/test_data_packing.py`` checks the equivalence this relies on.
 """
 
 from __future__ import annotations

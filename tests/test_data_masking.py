@@ -1,0 +1,112 @@
+"""Label masking on the shipped real data with the real Llama-2 and Llama-3 tokenizers, checked by decoding."""
+
+import itertools
+
+import pytest
+
+from emoe_llm.data import IGNORE_INDEX, encode_conversation, load_tokenizer, read_source, resolve_template
+from emoe_llm.tiny import DATA_DIR
+
+TOK = DATA_DIR / "tokenizers"
+
+
+@pytest.fixture(scope="module")
+def llama2():
+    return load_tokenizer(TOK / "llama2")
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    return load_tokenizer(TOK / "llama3")
+
+
+def _conversations():
+    """A real sample of every shipped chat format: alpaca, sharegpt (multi-turn + system), messages (json, parquet)."""
+    out = []
+    for name, n in (("instruct/alpaca_en_demo.json", 40), ("chat/dummy_conversation.json", 40),
+                    ("chat/chat_tiny.json", 1), ("chat/kto_en_demo.json", 40), ("chat/deita_subset_sft.parquet", 5)):
+        records, _, _ = read_source(str(DATA_DIR / name), max_rows=n)
+        out += [r["messages"] for r in records]
+    assert any(m[0]["role"] == "system" for m in out) and any(len(m) >= 6 for m in out)
+    return out
+
+
+def _target_runs(ids, labels):
+    """Maximal runs of consecutive target tokens, as token-id lists."""
+    runs = []
+    for is_target, group in itertools.groupby(zip(ids, labels), key=lambda x: x[1] != IGNORE_INDEX):
+        if is_target:
+            runs.append([i for i, _ in group])
+    return runs
+
+
+def _norm(s):
+    return " ".join(s.split())
+
+
+def _expected_turns(tok, template, messages):
+    """What each assistant turn must decode to: content plus the template's end-of-turn marker; the last one also
+    ends with the EOS (appended when the template does not write it)."""
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    eos = tok.eos_token
+    if template == "llama3":
+        out = [r.strip() + "<|eot_id|>" for r in replies]
+        out[-1] += eos
+    elif template == "llama2":
+        out = [r.strip() + " " + eos for r in replies]
+    else:  # alpaca
+        out = [r + eos for r in replies]
+    return [_norm(x) for x in out]
+
+
+@pytest.mark.parametrize("tok_name,template", [("llama2", "alpaca"), ("llama2", "llama2"), ("llama2", "auto"),
+                                               ("llama3", "auto"), ("llama3", "llama3")])
+def test_minus_100_exactly_on_prompt_tokens(tok_name, template, request):
+    tok = request.getfixturevalue(tok_name)
+    resolved_name, source = resolve_template(template, tok)
+    kind = {"tokenizer": "llama3", "alpaca": "alpaca", "llama2": "llama2", "llama3": "llama3"}[resolved_name]
+    for messages in _conversations():
+        ids, labels = encode_conversation(tok, source, messages)
+        assert len(ids) == len(labels) and labels[0] == IGNORE_INDEX
+        assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(ids, labels))
+        assert ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id  # EOS appended and trained
+        # Targets decode to exactly the assistant replies, one run per turn, in order.
+        runs = [_norm(tok.decode(r)) for r in _target_runs(ids, labels)]
+        assert runs == _expected_turns(tok, kind, messages)
+        # Everything else (the prompt side) decodes to the user/system text and the template scaffolding.
+        prompt = tok.decode([i for i, lab in zip(ids, labels) if lab == IGNORE_INDEX])
+        for m in messages:
+            if m["role"] != "assistant":
+                assert _norm(m["content"]) in _norm(prompt)
+        assert tok.bos_token_id == ids[0]
+
+
+def test_llama2_tokenizer_loads_with_unk_pad_and_alpaca_fallback(llama2):
+    assert type(llama2).__name__ == "LlamaTokenizer" and len(llama2) == 32000
+    assert llama2("Hello").input_ids[0] == llama2.bos_token_id == 1
+    assert llama2.pad_token == "<unk>" and llama2.pad_token_id != llama2.eos_token_id
+    assert resolve_template("auto", llama2)[0] == "alpaca"  # no chat template of its own
+
+
+def test_llama3_tokenizer_pad_is_reserved_token_and_own_template(llama3):
+    assert len(llama3) == 128256 and llama3("Hello world").input_ids == [128000, 9906, 1917]
+    assert llama3.pad_token == "<|reserved_special_token_0|>" and llama3.pad_token_id != llama3.eos_token_id
+    assert resolve_template("auto", llama3)[0] == "tokenizer"
+
+
+def test_train_on_prompt_trains_every_token_but_the_first(llama3):
+    _, source = resolve_template("auto", llama3)
+    messages = _conversations()[0]
+    ids, labels = encode_conversation(llama3, source, messages, train_on_prompt=True)
+    assert labels[0] == IGNORE_INDEX and labels[1:] == ids[1:]
+
+
+def test_user_template_file(tmp_path, llama2):
+    path = tmp_path / "vicuna.jinja"
+    path.write_text("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
+                    "ASSISTANT:{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}{% endif %}"
+                    "{% endfor %}")
+    name, source = resolve_template(str(path), llama2)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]
+    ids, labels = encode_conversation(llama2, source, messages)
+    assert [_norm(llama2.decode(r)) for r in _target_runs(ids, labels)] == ["Hello there.</s>"]
