@@ -61,7 +61,14 @@ def _source_identity(path: str) -> dict:
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _cache_key(src: DataSource, cfg: DataConfig, tok_fp: str, template: str | None) -> str:
+def _template_identity(cfg: DataConfig, tokenizer) -> dict:
+    """What decides the template without resolving it (a text-only run must not need a chat template)."""
+    p = Path(cfg.template)
+    file_text = p.read_text(encoding="utf-8") if p.is_file() else None
+    return {"name": cfg.template, "file": file_text, "tokenizer_template": getattr(tokenizer, "chat_template", None)}
+
+
+def _cache_key(src: DataSource, cfg: DataConfig, tok_fp: str, template: dict) -> str:
     payload = {
         "v": PIPELINE_VERSION, "source": _source_identity(src.path), "format": src.format, "max_rows": src.max_rows,
         "tokenizer": tok_fp, "template": template, "max_seq_len": cfg.max_seq_len, "truncation": cfg.truncation,
@@ -86,12 +93,14 @@ def _atomic_save(ds, stats: dict, final: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def tokenize_source(src: DataSource, cfg: DataConfig, tokenizer, *, template: str | None, tok_fp: str,
-                    cache_dir: Path):
-    """Tokenized rows of one source (columns input_ids, labels, length) and its stats; cached on disk."""
+def tokenize_source(src: DataSource, cfg: DataConfig, tokenizer, *, get_template, tok_fp: str, cache_dir: Path):
+    """Tokenized rows of one source (columns input_ids, labels) and its stats; cached on disk.
+
+    ``get_template()`` returns the Jinja source; it is only called for chat sources.
+    """
     import datasets
 
-    key = _cache_key(src, cfg, tok_fp, template)
+    key = _cache_key(src, cfg, tok_fp, _template_identity(cfg, tokenizer))
     entry = cache_dir / "tokenized" / key
     if (entry / "stats.json").exists():
         stats = json.loads((entry / "stats.json").read_text())
@@ -102,8 +111,7 @@ def tokenize_source(src: DataSource, cfg: DataConfig, tokenizer, *, template: st
     records, fmt, report = read_source(src.path, src.format, max_rows=src.max_rows, skip_bad_rows=cfg.skip_bad_rows,
                                        system_prompt=cfg.system_prompt)
     is_text = fmt == "text"
-    if not is_text and template is None:
-        raise ValueError(f"{src.path}: a chat template is required for format {fmt!r}")
+    template = None if is_text else get_template()
     raw = datasets.Dataset.from_list(records)
     del records
     enc = raw.map(
@@ -228,10 +236,8 @@ def build_sft_datasets(cfg: DataConfig, tokenizer):
     tok_fp = tokenizer_fingerprint(tokenizer)
     template_cache: dict = {}
 
-    def template_for(src: DataSource):
+    def get_template():
         # Text-only runs must not require a chat template; resolve lazily and once.
-        if src.format == "text" or (src.format == "auto" and Path(src.path).suffix.lower() == ".txt"):
-            return None
         if "t" not in template_cache:
             template_cache["t"] = resolve_template(cfg.template, tokenizer)
         return template_cache["t"][1]
@@ -239,7 +245,7 @@ def build_sft_datasets(cfg: DataConfig, tokenizer):
     def load(sources):
         out = []
         for src in sources:
-            ds, st = tokenize_source(src, cfg, tokenizer, template=template_for(src), tok_fp=tok_fp,
+            ds, st = tokenize_source(src, cfg, tokenizer, get_template=get_template, tok_fp=tok_fp,
                                      cache_dir=cache_dir)
             out.append((src, ds, st))
         return out
@@ -282,7 +288,8 @@ def build_sft_datasets(cfg: DataConfig, tokenizer):
         "eval_rows": 0 if eval_ds is None else len(eval_ds),
         "cache_hit": all(s["cache_hit"] for s in all_src),
         "cache_dir": str(cache_dir),
-        "template": template_cache["t"][0] if "t" in template_cache else None,
+        "template": None if all(st["format"] == "text" for st in all_src) else
+        (template_cache.get("t") or resolve_template(cfg.template, tokenizer))[0],
         "sources": per_source,
     })
     return train, eval_ds, stats

@@ -1,0 +1,128 @@
+"""build_sft_datasets end to end on the shipped data: determinism, caching, truncation stats, mixing, eval split,
+plain-text mode."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from emoe_llm.data import IGNORE_INDEX, build_sft_datasets, data_config_from_dict, encode_conversation, load_tokenizer
+from emoe_llm.data import read_source, resolve_template
+from emoe_llm.tiny import DATA_DIR
+
+ALPACA = str(DATA_DIR / "instruct" / "alpaca_tiny.json")
+SHAREGPT = str(DATA_DIR / "chat" / "dummy_conversation.json")
+KTO = str(DATA_DIR / "chat" / "kto_en_demo.json")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(DATA_DIR / "tokenizers" / "tiny_llama3_style")
+
+
+def _cfg(tmp_path, **kw):
+    d = {"sources": [ALPACA], "template": "llama3", "cache_dir": str(tmp_path / "cache"), "max_seq_len": 256} | kw
+    return data_config_from_dict(d)
+
+
+def _rows(ds):
+    return [tuple(r["input_ids"]) for r in ds]
+
+
+def test_deterministic_order_for_a_seed(tok, tmp_path):
+    sources = [ALPACA, {"path": SHAREGPT, "max_rows": 100}]
+    a, _, _ = build_sft_datasets(_cfg(tmp_path / "a", sources=sources, seed=7), tok)
+    b, _, _ = build_sft_datasets(_cfg(tmp_path / "b", sources=sources, seed=7), tok)  # fresh cache
+    c, _, _ = build_sft_datasets(_cfg(tmp_path / "a", sources=sources, seed=8), tok)
+    assert _rows(a) == _rows(b)
+    assert _rows(a) != _rows(c) and sorted(_rows(a)) == sorted(_rows(c))  # same data, other order
+    for r in a:
+        assert r["position_ids"] == list(range(len(r["input_ids"]))) and r["labels"][0] == IGNORE_INDEX
+
+
+def test_second_run_hits_the_cache(tok, tmp_path):
+    cfg = _cfg(tmp_path, sources=[SHAREGPT])
+    t0 = time.perf_counter()
+    first, _, s1 = build_sft_datasets(cfg, tok)
+    t1 = time.perf_counter()
+    second, _, s2 = build_sft_datasets(cfg, tok)
+    t2 = time.perf_counter()
+    assert (s1["cache_hit"], s2["cache_hit"]) == (False, True)
+    assert s1["sources"][0]["tokenize_seconds"] > 0 and _rows(first) == _rows(second)
+    assert t2 - t1 < t1 - t0
+    entries = list((tmp_path / "cache" / "tokenized").iterdir())
+    assert len(entries) == 1 and json.loads((entries[0] / "stats.json").read_text())["examples"] == 500
+    # Anything that changes the tokens is part of the key: another max_seq_len / template / tokenizer misses.
+    _, _, s3 = build_sft_datasets(_cfg(tmp_path, sources=[SHAREGPT], max_seq_len=128), tok)
+    _, _, s4 = build_sft_datasets(_cfg(tmp_path, sources=[SHAREGPT], template="alpaca"), tok)
+    _, _, s5 = build_sft_datasets(_cfg(tmp_path, sources=[SHAREGPT], train_on_prompt=True), tok)
+    assert not (s3["cache_hit"] or s4["cache_hit"] or s5["cache_hit"])
+    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 4
+
+
+@pytest.mark.parametrize("policy", ["truncate", "drop"])
+def test_truncation_policy_is_counted(tok, tmp_path, policy):
+    max_len = 96
+    records, _, _ = read_source(ALPACA)
+    _, source = resolve_template("llama3", tok)
+    lengths = [len(encode_conversation(tok, source, r["messages"])[0]) for r in records]
+    too_long = sum(n > max_len for n in lengths)
+    assert 0 < too_long < len(records)
+    train, _, stats = build_sft_datasets(_cfg(tmp_path, truncation=policy, max_seq_len=max_len), tok)
+    assert max(len(r) for r in train["input_ids"]) <= max_len
+    assert stats["length_max"] == max(lengths) and stats["length_p50"] == float(np.percentile(lengths, 50))
+    if policy == "drop":
+        assert stats["dropped_too_long"] == too_long and stats["truncated"] == 0
+        assert len(train) == len(records) - too_long
+    else:
+        assert stats["truncated"] + stats["dropped_no_target"] == too_long
+        assert len(train) == len(records) - stats["dropped_no_target"]
+    assert stats["dropped"] == stats["dropped_too_long"] + stats["dropped_no_target"]
+
+
+def test_stats_report_lengths_and_target_fraction(tok, tmp_path):
+    train, _, stats = build_sft_datasets(_cfg(tmp_path, max_seq_len=2048), tok)
+    lengths = sorted(len(r) for r in train["input_ids"])
+    targets = sum(sum(t != IGNORE_INDEX for t in r) for r in train["labels"])
+    assert stats["rows"] == len(train) == 100 and stats["tokens"] == sum(lengths)
+    assert stats["length_max"] == lengths[-1] and lengths[0] <= stats["length_p50"] <= stats["length_p95"]
+    assert stats["target_fraction"] == round(targets / sum(lengths), 4) and 0.2 < stats["target_fraction"] < 1
+
+
+def test_weighted_mix_and_eval_split(tok, tmp_path):
+    sources = [{"path": ALPACA, "weight": 3.0}, {"path": SHAREGPT, "weight": 1.0, "max_rows": 100}]
+    train, eval_, stats = build_sft_datasets(_cfg(tmp_path, sources=sources, eval_fraction=0.1), tok)
+    counts = [s["rows_in_mix"] for s in stats["sources"]]
+    assert counts == [135, 45] and len(train) == 180  # 90 + 90 train rows shared 3:1
+    assert len(eval_) == 20 and stats["eval_rows"] == 20
+    # The held-out rows never appear in training, even though the alpaca rows were upsampled.
+    assert not set(_rows(eval_)) & set(_rows(train))
+    _, eval2, _ = build_sft_datasets(_cfg(tmp_path, sources=sources, eval_fraction=0.1), tok)
+    assert _rows(eval_) == _rows(eval2)
+
+
+def test_eval_sources_and_label_filter(tok, tmp_path):
+    train, eval_, stats = build_sft_datasets(_cfg(tmp_path, sources=[KTO], eval_sources=[ALPACA]), tok)
+    assert stats["filtered_label_false"] == 150 and len(train) + stats["dropped"] == 150
+    assert len(eval_) == 100
+
+
+def test_text_mode_trains_every_token_and_splits_long_documents(tok, tmp_path):
+    corpus = str(DATA_DIR / "corpus" / "c4_demo.jsonl")
+    train, _, stats = build_sft_datasets(_cfg(tmp_path, sources=[{"path": corpus, "max_rows": 50}],
+                                              max_seq_len=128, packing=True), tok)
+    assert stats["template"] is None and stats["truncated"] > 0  # long documents were split, not cut
+    assert all(len(r) == 128 for r in train["input_ids"])
+    for row in train:
+        for t, (i, lab, pos) in enumerate(zip(row["input_ids"], row["labels"], row["position_ids"])):
+            if pos == 0:
+                assert lab == IGNORE_INDEX
+            elif lab == IGNORE_INDEX:  # only padding is untrained
+                assert i == tok.pad_token_id
+    n_eos = sum(r.count(tok.eos_token_id) for r in train["input_ids"])
+    assert n_eos == 50
+    shakespeare, _, st = build_sft_datasets(_cfg(tmp_path, sources=[
+        {"path": str(DATA_DIR / "corpus" / "tinyshakespeare.txt"), "max_rows": 200}]), tok)
+    assert st["sources"][0]["format"] == "text" and len(shakespeare) == 200
+    assert shakespeare[0]["input_ids"][0] == tok.bos_token_id and shakespeare[0]["input_ids"][-1] == tok.eos_token_id
