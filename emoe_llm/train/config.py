@@ -106,6 +106,7 @@ class LoraConfig:
 class LoggingConfig:
     tensorboard: bool = True
     progress_bar: bool = True
+    """tqdm on rank 0 when stderr is a terminal; otherwise (and when false) one log line per logged step"""
     expert_load: bool = True
     """log per-expert token fractions of every EMoE layer"""
 

@@ -498,7 +498,7 @@ def main(argv=None) -> int:
 
     # ---- loop
     bar = None
-    if rank == 0 and cfg.logging.progress_bar:
+    if rank == 0 and cfg.logging.progress_bar and sys.stderr.isatty():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
@@ -507,6 +507,7 @@ def main(argv=None) -> int:
     t_last, tokens_since = time.perf_counter(), 0.0
     exit_code = 0
     stopped = None
+    last_eval = [-1, None]  # (step, result) of the latest held-out eval
     while step < total_steps and stopped is None:
         if step_in_epoch >= steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
@@ -555,10 +556,14 @@ def main(argv=None) -> int:
                 ev = evaluate(engine, eval_ds, collator, rank=rank, world=world,
                               micro=cfg.train.eval_micro_batch_size or micro, max_batches=cfg.train.eval_max_batches,
                               device=device)
+                last_eval[:] = [step, ev]
                 record = {**(record or {"step": step, "loss": result["loss"], "lr": lr}), **ev}
                 log0(f"step {step}: eval loss {ev['eval_loss']:.4f} ppl {ev['eval_ppl']:.2f}")
             if record is not None:
                 metrics.log(record)
+                if bar is None:  # batch logs (Slurm, CI): one plain line per logged step instead of a progress bar
+                    log0(f"step {step}/{total_steps} loss {result['loss']:.4f} lr {lr:.3e} gnorm {grad_norm:.3f} "
+                         f"tok/s {record.get('tokens_per_s', 0):.0f}")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}")
@@ -596,9 +601,12 @@ def main(argv=None) -> int:
     # ---- end: final checkpoint (so the run can be extended), held-out eval, consolidated HF export, COMPLETED
     if last_saved != step:
         save("end of training")
-    if eval_ds is not None and len(eval_ds):
+    if eval_ds is not None and len(eval_ds) and last_eval[0] != step:
         ev = evaluate(engine, eval_ds, collator, rank=rank, world=world, micro=cfg.train.eval_micro_batch_size or micro,
                       max_batches=cfg.train.eval_max_batches, device=device)
+        last_eval[:] = [step, ev]
+    if last_eval[1] is not None:
+        ev = last_eval[1]
         metrics.log({"event": "final_eval", "step": step, **ev})
         log0(f"final eval loss {ev['eval_loss']:.4f} ppl {ev['eval_ppl']:.2f}")
     if cfg.train.export:

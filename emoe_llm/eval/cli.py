@@ -1,0 +1,111 @@
+"""``emoe-llm eval``: MMLU (k-shot, answer-letter log-likelihood) on any HF causal-LM checkpoint.
+
+    emoe-llm eval runs/x/final --tasks mmlu --split val --shots 5
+    emoe-llm eval runs/x/final --mode dense --subjects abstract_algebra,anatomy --limit 20 --output acc.json
+
+``--mode emoe`` runs the EMoE expert masking of a converted checkpoint (its config.json 'emoe' block); ``dense``
+runs the same weights as a plain dense model (the paper's "EMoE2LoRA" inference). ``auto``: emoe when the
+checkpoint has an 'emoe' block, else dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from emoe_llm.tiny import DATA_DIR
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="HF checkpoint dir (e.g. runs/x/final)")
+    parser.add_argument("--tasks", default="mmlu", help="comma-separated tasks; available: mmlu")
+    parser.add_argument("--mmlu-dir", default=str(DATA_DIR / "eval" / "mmlu"),
+                        help="dir with dev/ and val/ (or test/) CSVs (default: the shipped data/eval/mmlu)")
+    parser.add_argument("--split", default="val", help="val | test | dev (default val)")
+    parser.add_argument("--shots", type=int, default=5, help="few-shot examples from dev/ (default 5)")
+    parser.add_argument("--subjects", default=None, help="comma-separated subjects (default: all)")
+    parser.add_argument("--limit", type=int, default=0, help="at most N questions per subject (0 = all)")
+    parser.add_argument("--mode", choices=("auto", "dense", "emoe"), default="auto")
+    parser.add_argument("--top-k", type=int, default=None, help="override the checkpoint's EMoE top-k (mode emoe)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=None, help="prompt budget in tokens (default: the model's)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:1")
+    parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                        help="auto: the checkpoint's dtype on GPU, fp32 on CPU")
+    parser.add_argument("--output", default=None,
+                        help="results JSON (default: <checkpoint parent>/eval/<name>_mmlu_<split>_<mode>.json)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def load_for_eval(path: str, *, mode: str, device: str, dtype: str, top_k: int | None = None):
+    """(model, tokenizer, resolved mode) -- plain transformers, EMoE masking added for mode emoe."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from emoe_llm.data import load_tokenizer
+
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: expected an HF checkpoint dir")
+    has_emoe = bool(json.loads(cfg_path.read_text()).get("emoe"))
+    if mode == "auto":
+        mode = "emoe" if has_emoe else "dense"
+    if mode == "emoe" and not has_emoe:
+        raise ValueError(f"--mode emoe: {cfg_path} has no 'emoe' block (not a converted checkpoint); use --mode dense")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(dtype)
+    if torch_dtype is None:
+        torch_dtype = "auto" if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+    if mode == "emoe":
+        from emoe_llm.emoe import enable_emoe
+
+        enable_emoe(model, top_k=top_k)
+    tokenizer = load_tokenizer(path)
+    return model, tokenizer, mode
+
+
+def run(args: argparse.Namespace) -> int:
+    from .mmlu import evaluate_mmlu, format_report
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t != "mmlu"]
+    if unknown:
+        print(f"emoe-llm eval: unknown task(s) {unknown}; available: mmlu", file=sys.stderr)
+        return 2
+    try:
+        model, tokenizer, mode = load_for_eval(args.checkpoint, mode=args.mode, device=args.device, dtype=args.dtype,
+                                               top_k=args.top_k)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"emoe-llm eval: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        result = evaluate_mmlu(model, tokenizer, args.mmlu_dir, split=args.split, shots=args.shots,
+                               subjects=args.subjects, limit=args.limit, batch_size=args.batch_size,
+                               max_length=args.max_length, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"emoe-llm eval: {e}", file=sys.stderr)
+        return 2
+    result["checkpoint"] = str(Path(args.checkpoint).resolve())
+    result["mode"] = mode
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    ckpt = Path(args.checkpoint).resolve()
+    out = Path(args.output) if args.output else ckpt.parent / "eval" / f"{ckpt.name}_mmlu_{args.split}_{mode}.json"
+    print(f"MMLU {args.split}, {args.shots}-shot, mode {mode}: {args.checkpoint}")
+    print(format_report(result))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+    except OSError as e:
+        print(f"emoe-llm eval: could not write {out}: {e} (use --output)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,105 @@
+"""``emoe-llm train``: start the training recipe under the DeepSpeed launcher (or torchrun) on this node.
+
+    emoe-llm train --nproc 2 --config configs/tiny_cpu.yaml train.max_steps=10
+    emoe-llm train --nproc 8 --ds_config ds_configs/z3_offload.json --config configs/llama2_7b_emoe.yaml
+    emoe-llm train --launcher torchrun --nproc 8 --config ... --dry-run     # print the command only
+
+becomes ``deepspeed --num_gpus N --master_port P --module emoe_llm.train --ds_config ... --config ... key=value``
+(the installed package, no repo checkout needed). For several nodes use the Slurm scripts in ``slurm/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import socket
+import sys
+
+PASSTHROUGH = True
+
+_LAUNCH_HELP = """\
+usage: emoe-llm train [--nproc N] [--launcher deepspeed|torchrun] [--master-port P] [--dry-run]
+                      --config RECIPE.yaml [--ds_config DS.json] [key=value ...]
+
+Launcher options (consumed here):
+  --nproc N          processes (GPUs) on this node; default: all visible GPUs, or 2 on a CPU-only machine
+  --launcher L       deepspeed (default) or torchrun
+  --master-port P    rendezvous port (default: a free one)
+  --dry-run          print the command and exit
+
+Everything else goes to the recipe (python -m emoe_llm.train):
+  --config FILE      recipe YAML (configs/*.yaml)
+  --ds_config FILE   DeepSpeed JSON (default ds_configs/z3.json)
+  key=value          recipe overrides, e.g. train.lr=1e-5 model.mode=dense output_dir=runs/x resume=none
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:  # argv is passed through untouched (PASSTHROUGH)
+    parser.usage = _LAUNCH_HELP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _default_nproc() -> int:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.device_count()
+    except ImportError:
+        pass
+    return 2
+
+
+def build_command(argv: list[str]) -> list[str]:
+    """Split launcher options from recipe arguments and build the launcher command line."""
+    nproc, launcher, port, rest = None, "deepspeed", None, []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        key, _, inline = a.partition("=") if a.startswith("--") else (a, "", "")
+        if key in ("--nproc", "--nproc_per_node", "--num_gpus", "--launcher", "--master-port", "--master_port"):
+            value = inline or (argv[i + 1] if i + 1 < len(argv) else None)
+            if value is None:
+                raise SystemExit(f"emoe-llm train: {key} needs a value")
+            i += 1 if inline else 2
+            if key == "--launcher":
+                if value not in ("deepspeed", "torchrun"):
+                    raise SystemExit(f"emoe-llm train: --launcher must be deepspeed or torchrun, got {value}")
+                launcher = value
+            elif key in ("--master-port", "--master_port"):
+                port = int(value)
+            else:
+                nproc = int(value)
+            continue
+        rest.append(a)
+        i += 1
+    if not any(r == "--config" or r.startswith("--config=") for r in rest):
+        raise SystemExit("emoe-llm train: --config RECIPE.yaml is required (see configs/)\n\n" + _LAUNCH_HELP)
+    nproc = nproc or _default_nproc()
+    port = port or _free_port()
+    if launcher == "deepspeed":
+        exe = shutil.which("deepspeed") or "deepspeed"
+        return [exe, "--num_gpus", str(nproc), "--master_port", str(port), "--module", "emoe_llm.train", *rest]
+    exe = shutil.which("torchrun") or "torchrun"
+    return [exe, "--nproc_per_node", str(nproc), "--master_port", str(port), "-m", "emoe_llm.train", *rest]
+
+
+def run(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_LAUNCH_HELP)
+        return 0
+    dry = "--dry-run" in argv
+    cmd = build_command([a for a in argv if a != "--dry-run"])
+    print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    if dry:
+        return 0
+    sys.stdout.flush()
+    os.execvp(cmd[0], cmd)  # the launcher replaces us: signals (Slurm preemption) reach it directly
+    return 0  # not reached
