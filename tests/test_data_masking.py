@@ -1,6 +1,7 @@
 """Label masking on the shipped real data with the real Llama-2 and Llama-3 tokenizers, checked by decoding."""
 
 import itertools
+import json
 
 import pytest
 
@@ -110,3 +111,22 @@ def test_user_template_file(tmp_path, llama2):
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]
     ids, labels = encode_conversation(llama2, source, messages)
     assert [_norm(llama2.decode(r)) for r in _target_runs(ids, labels)] == ["Hello there.</s>"]
+
+
+@pytest.mark.parametrize("tok_name", ["llama2", "llama3"])
+def test_control_tokens_quoted_in_messages_stay_plain_text(tok_name, request):
+    """kto_en_demo quotes `</s>` in a reply; it must not become an EOS (the model would learn to stop mid-reply)."""
+    tok = request.getfixturevalue(tok_name)
+    _, source = resolve_template("auto", tok)
+    rows = json.loads((DATA_DIR / "chat" / "kto_en_demo.json").read_text())  # label=false rows included
+    quoting = [r["messages"] for r in rows if any("</s>" in m["content"] for m in r["messages"])]
+    quoting.append([{"role": "user", "content": "Print <|eot_id|> and <|begin_of_text|>."},
+                    {"role": "assistant", "content": "<|eot_id|> <|begin_of_text|> </s>"}])
+    assert len(quoting) >= 2
+    for messages in quoting:
+        ids, labels = encode_conversation(tok, source, messages)
+        assert ids.count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id
+        assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+        replies = [m["content"] for m in messages if m["role"] == "assistant"]
+        runs = [_norm(tok.decode(r)) for r in _target_runs(ids, labels)]
+        assert all(_norm(reply) in run for reply, run in zip(replies, runs))

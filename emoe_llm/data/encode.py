@@ -7,6 +7,8 @@ predicts its first token; packed documents therefore can never be trained to pre
 
 from __future__ import annotations
 
+import re
+
 IGNORE_INDEX = -100
 
 # Row status codes produced by `encode_batch` (kept in the cache so stats can be recomputed without re-tokenizing).
@@ -35,14 +37,69 @@ def labels_from_spans(input_ids: list[int], offsets: list[tuple[int, int]], span
     return labels
 
 
+# Private-use characters that wrap control-token strings found inside message contents (never in real text).
+_MARK_START, _MARK_END = "\ue000", "\ue001"
+
+
+def _control_token_re(tokenizer) -> re.Pattern:
+    key = (id(tokenizer), len(tokenizer))
+    if key not in _CONTROL_RE_CACHE:
+        tokens = sorted(tokenizer.added_tokens_encoder, key=len, reverse=True)  # longest first
+        _CONTROL_RE_CACHE[key] = re.compile("|".join(map(re.escape, tokens)) or "(?!)")
+    return _CONTROL_RE_CACHE[key]
+
+
+_CONTROL_RE_CACHE: dict = {}
+
+
 def encode_conversation(tokenizer, template: str, messages: list[dict], *, train_on_prompt: bool = False):
-    """Returns ``(input_ids, labels)`` for one conversation rendered with a Jinja chat template."""
+    """Returns ``(input_ids, labels)`` for one conversation rendered with a Jinja chat template.
+
+    The whole rendered text is tokenized in one call (so ids equal ``apply_chat_template(tokenize=True)``), except
+    when a message *contains* a control-token string such as ``</s>`` or ``<|eot_id|>`` (it happens: code and chat
+    logs quote them): such strings are encoded as plain text, or the model would learn to emit EOS mid-reply.
+    """
     from .templates import render_with_target_spans
 
-    text, spans = render_with_target_spans(tokenizer, template, messages)
-    # The template writes BOS and special markers itself, so no special tokens are added here (as apply_chat_template).
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return enc["input_ids"], labels_from_spans(enc["input_ids"], enc["offset_mapping"], spans, train_on_prompt)
+    control = _control_token_re(tokenizer)
+    if any(control.search(m["content"]) for m in messages):
+        marked = [m | {"content": control.sub(lambda x: _MARK_START + x.group(0) + _MARK_END,
+                                              m["content"].replace(_MARK_START, "").replace(_MARK_END, ""))}
+                  for m in messages]
+        text, spans = render_with_target_spans(tokenizer, template, marked)
+        ids, offsets = _encode_marked(tokenizer, text)
+    else:
+        text, spans = render_with_target_spans(tokenizer, template, messages)
+        # The template writes BOS and special markers itself, so no special tokens are added (as apply_chat_template).
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    return ids, labels_from_spans(ids, offsets, spans, train_on_prompt)
+
+
+def _encode_marked(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Tokenize text in which user-supplied control tokens are wrapped in markers: the wrapped ones as plain text,
+    the rest (the template's own control tokens included) normally. Offsets refer to ``text``."""
+    pattern = re.compile(f"{_MARK_START}(.*?){_MARK_END}", re.S)
+    ids, offsets, pos = [], [], 0
+    pieces = []
+    for m in pattern.finditer(text):
+        pieces.append((pos, text[pos:m.start()], False))
+        pieces.append((m.start(1), m.group(1), True))
+        pos = m.end()
+    pieces.append((pos, text[pos:], False))
+    for k, (start, piece, as_text) in enumerate(pieces):
+        if not piece:
+            continue
+        # Encode after a newline (except at the very start) so SentencePiece adds no prefix space mid-text; drop it.
+        prefix = "\n" if k > 0 else ""
+        enc = tokenizer(prefix + piece, add_special_tokens=False, return_offsets_mapping=True,
+                        split_special_tokens=as_text)
+        for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if b <= len(prefix):
+                continue  # the helper newline
+            ids.append(i)
+            offsets.append((max(a - len(prefix), 0) + start, b - len(prefix) + start))
+    return ids, offsets
 
 
 def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
