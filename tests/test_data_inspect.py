@@ -13,10 +13,13 @@ def test_inspect_prints_stats_and_masked_example(tmp_path, capsys):
                "--cache-dir", str(tmp_path), "--max-seq-len", "512"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "train rows 1" in out and "target fraction" in out and "cache miss" in out
+    assert "train rows 1" in out and "target fraction" in out and "cache miss (tokenized: miss)" in out
     # The system and user turns are inside the mask markers, the replies outside.
     assert f"{MASK_OPEN}<|begin_of_text|><|start_header_id|>system" in out
     assert f"{MASK_CLOSE}The meaning of life is 42.<|eot_id|>{MASK_OPEN}" in out
+    assert main(["--source", str(DATA_DIR / "chat" / "chat_tiny.json"), "--tokenizer", TINY_TOK, "--template",
+                 "llama3", "--cache-dir", str(tmp_path), "--max-seq-len", "512", "--show", "0"]) == 0
+    assert "cache hit" in capsys.readouterr().out
 
 
 def test_inspect_reports_bad_rows(tmp_path, capsys):

@@ -59,6 +59,13 @@ def test_second_run_hits_the_cache(tok, tmp_path):
     _, _, s5 = build_sft_datasets(_cfg(tmp_path, sources=[SHAREGPT], train_on_prompt=True), tok)
     assert not (s3["cache_hit"] or s4["cache_hit"] or s5["cache_hit"])
     assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 4
+    # Another seed re-mixes and re-shuffles from the tokenized cache without tokenizing again.
+    reshuffled, _, s6 = build_sft_datasets(_cfg(tmp_path, sources=[SHAREGPT], seed=1), tok)
+    assert (s6["cache_hit"], s6["tokenize_cache_hit"]) == (False, True)
+    assert sorted(_rows(reshuffled)) == sorted(_rows(first)) and _rows(reshuffled) != _rows(first)
+    # Cache entries are complete directories only (no temp dirs or stray work files left behind).
+    leftovers = [p for p in (tmp_path / "cache").rglob("*") if ".tmp-" in p.name or p.name.startswith("work-")]
+    assert not leftovers
 
 
 @pytest.mark.parametrize("policy", ["truncate", "drop"])

@@ -111,8 +111,7 @@ def run(args) -> int:
         for s in stats["sources"]:
             print(f"  {s['path']}: {s['format']}, {s['examples']} examples -> {s['rows_in_mix']} in the mix "
                   f"(weight {s['weight']}), truncated {s['truncated']}, dropped {s['dropped_too_long']} too long + "
-                  f"{s['dropped_no_target']} without targets, skipped {s['skipped_bad_rows']} bad rows, "
-                  f"cache {'hit' if s['cache_hit'] else 'miss'}")
+                  f"{s['dropped_no_target']} without targets, skipped {s['skipped_bad_rows']} bad rows")
         print(f"train rows {stats['rows']} ({stats['documents']} documents, packing={stats['packing']}"
               + (f", efficiency {stats['packing_efficiency']:.1%}" if stats["packing"] else "") + ")"
               f"   eval rows {stats['eval_rows']}")
@@ -121,6 +120,9 @@ def run(args) -> int:
               f"{stats['length_p99']:.0f}/{stats['length_max']}  (max_seq_len {cfg.max_seq_len})")
         for msg in stats["bad_row_examples"]:
             print(f"  skipped: {msg}")
+        print(f"cache {'hit' if stats['cache_hit'] else 'miss'}"
+              + ("" if stats["cache_hit"] else f" (tokenized: {'hit' if stats['tokenize_cache_hit'] else 'miss'})")
+              + f": {stats['cache_dir']}/final/{stats['cache_key']}")
     for i in range(min(args.show, len(train))):
         row = train[i]
         print(f"\n--- train row {i}: {len(row['input_ids'])} tokens; {MASK_OPEN}...{MASK_CLOSE} = no loss (label -100)")

@@ -1,10 +1,14 @@
-"""build_sft_datasets: read -> validate -> tokenize (cached) -> split -> mix -> shuffle -> (pack).
+"""build_sft_datasets: read -> validate -> tokenize (cached) -> split -> mix -> shuffle -> (pack) (cached).
 
-Cache layout: ``<cache_dir>/tokenized/<key>/`` holds one source's tokenized rows (``datasets.save_to_disk``) and
-``stats.json``. The key hashes everything that changes the tokens: the source file (absolute path, size, mtime),
-format, max_rows, the tokenizer (its serialized vocabulary/merges, special tokens, pad token), the template source,
-max_seq_len, truncation, train_on_prompt, system_prompt, skip_bad_rows and PIPELINE_VERSION. Mixing, splitting,
-shuffling and packing are cheap and re-done each run (they depend on the seed).
+Cache layout (all entries are written to a temp dir and renamed into place, so a crash never leaves half an entry):
+  ``<cache_dir>/tokenized/<key>/``  one source's tokenized rows (``datasets.save_to_disk``) + ``stats.json``. The key
+      hashes everything that changes the tokens: the source file (absolute path, size, mtime), format, max_rows, the
+      tokenizer (serialized vocabulary/merges, special tokens, pad token), the template, max_seq_len, truncation,
+      train_on_prompt, system_prompt, skip_bad_rows and PIPELINE_VERSION.
+  ``<cache_dir>/final/<key>/``  the returned ``train``/``eval`` datasets + ``stats.json``, keyed by the source keys,
+      weights, eval settings, packing and seed. A second identical run loads this directly (memory-mapped, shared
+      by all ranks on a node) and neither tokenizes nor packs.
+The cache can be deleted at any time.
 
 Multi-process training: call this on the main process first (e.g. ``with main_process_first():``) so the other
 ranks find the cache; concurrent writers are still safe (each writes a temp dir and renames it into place).
@@ -77,11 +81,13 @@ def _cache_key(src: DataSource, cfg: DataConfig, tok_fp: str, template: dict) ->
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _atomic_save(ds, stats: dict, final: Path) -> None:
+def _atomic_save(datasets_by_name: dict, stats: dict, final: Path) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
     try:
-        ds.save_to_disk(str(tmp / "dataset"))
+        for name, ds in datasets_by_name.items():
+            if ds is not None:
+                ds.save_to_disk(str(tmp / name))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
         os.rename(tmp, final)
     except OSError:
@@ -93,14 +99,13 @@ def _atomic_save(ds, stats: dict, final: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def tokenize_source(src: DataSource, cfg: DataConfig, tokenizer, *, get_template, tok_fp: str, cache_dir: Path):
-    """Tokenized rows of one source (columns input_ids, labels) and its stats; cached on disk.
+def tokenize_source(src: DataSource, cfg: DataConfig, tokenizer, *, get_template, key: str, cache_dir: Path):
+    """Tokenized rows of one source (columns input_ids, labels) and its stats; cached on disk under ``key``.
 
     ``get_template()`` returns the Jinja source; it is only called for chat sources.
     """
     import datasets
 
-    key = _cache_key(src, cfg, tok_fp, _template_identity(cfg, tokenizer))
     entry = cache_dir / "tokenized" / key
     if (entry / "stats.json").exists():
         stats = json.loads((entry / "stats.json").read_text())
@@ -138,7 +143,7 @@ def tokenize_source(src: DataSource, cfg: DataConfig, tokenizer, *, get_template
         raise ValueError(f"{src.path}: every row was dropped (max_seq_len={cfg.max_seq_len}, "
                          f"truncation={cfg.truncation!r}): {stats['dropped_too_long']} too long, "
                          f"{stats['dropped_no_target']} without any target token after truncation")
-    _atomic_save(enc, stats, entry)
+    _atomic_save({"dataset": enc}, stats, entry)
     stats["cache_hit"] = False
     return datasets.load_from_disk(str(entry / "dataset")), stats
 
@@ -148,7 +153,8 @@ def _split(ds, fraction: float, seed: int):
         return ds, None
     n_eval = max(1, int(round(len(ds) * fraction)))
     perm = np.random.default_rng(seed).permutation(len(ds))
-    return ds.select(np.sort(perm[n_eval:])), ds.select(np.sort(perm[:n_eval]))
+    return (ds.select(np.sort(perm[n_eval:]), keep_in_memory=True),
+            ds.select(np.sort(perm[:n_eval]), keep_in_memory=True))
 
 
 def mix_counts(sizes: list[int], weights: list[float]) -> list[int]:
@@ -164,17 +170,30 @@ def _take(ds, count: int, rng: np.random.Generator):
     n = len(ds)
     reps, rem = divmod(count, n)
     idx = np.concatenate([np.tile(np.arange(n), reps), np.sort(rng.permutation(n)[:rem])]) if count != n else None
-    return ds if idx is None else ds.select(idx)
+    return ds if idx is None else ds.select(idx, keep_in_memory=True)  # an indices mapping only
+
+
+def _list_lengths(ds, column: str = "input_ids") -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(ds.with_format("arrow")[column]).to_numpy()
+
+
+def _count_targets(ds) -> int:
+    import pyarrow.compute as pc
+
+    flat = pc.list_flatten(ds.with_format("arrow")["labels"])
+    return int(pc.sum(pc.not_equal(flat, IGNORE_INDEX)).as_py() or 0)
 
 
 def _with_positions(batch: dict) -> dict:
     return {"position_ids": [list(range(len(x))) for x in batch["input_ids"]]}
 
 
-def _pack(ds, cfg: DataConfig, pad_token_id: int, seed: int):
+def _pack(ds, cfg: DataConfig, pad_token_id: int, seed: int, work: Path):
     import datasets
 
-    lengths = [len(x) for x in ds["input_ids"]]
+    lengths = _list_lengths(ds).tolist()
     bins = pack_lengths(lengths, cfg.max_seq_len)
     order = np.random.default_rng(seed).permutation(len(bins))
     bins = [sorted(bins[i]) for i in order]
@@ -189,34 +208,38 @@ def _pack(ds, cfg: DataConfig, pad_token_id: int, seed: int):
         return rows
 
     bins_ds = datasets.Dataset.from_dict({"doc_indices": bins})
-    packed = bins_ds.map(build, batched=True, batch_size=64, remove_columns=["doc_indices"], desc="packing")
+    packed = bins_ds.map(build, batched=True, batch_size=64, remove_columns=["doc_indices"], desc="packing",
+                         cache_file_name=str(work / "packed.arrow"))
     return packed, sum(lengths) / max(1, len(bins) * cfg.max_seq_len)
 
 
-def _summary(ds, doc_lengths: list[int], lengths: list[int]) -> dict:
-    labels = ds["labels"]
-    tokens = sum(doc_lengths)  # document tokens, padding of packed rows excluded
-    targets = sum(sum(1 for t in x if t != IGNORE_INDEX) for x in labels)
+def _summary(ds, n_doc_tokens: int, lengths: list[int]) -> dict:
+    tokens = n_doc_tokens  # document tokens, padding of packed rows excluded
+    targets = _count_targets(ds)
     q = np.percentile(lengths, [50, 90, 95, 99]).tolist() if lengths else [0, 0, 0, 0]
     return {
-        "rows": len(ds), "tokens": tokens, "row_tokens": sum(len(x) for x in labels), "target_tokens": targets,
+        "rows": len(ds), "tokens": tokens, "row_tokens": int(_list_lengths(ds).sum()), "target_tokens": targets,
         "target_fraction": round(targets / max(1, tokens), 4),
         "length_p50": q[0], "length_p90": q[1], "length_p95": q[2], "length_p99": q[3],
         "length_max": int(max(lengths)) if lengths else 0,
     }
 
 
-def _finish(parts: list, cfg: DataConfig, tokenizer, seed: int):
+def _finish(parts: list, cfg: DataConfig, tokenizer, seed: int, work: Path):
+    """Concatenate, shuffle (seeded) and pack or add position ids. Returns (dataset, documents, doc tokens, packing
+    efficiency). Intermediate files go to ``work`` (a temp dir), never into the tokenized cache entries."""
     import datasets
 
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    ds = ds.shuffle(seed=seed).flatten_indices()
-    doc_lengths = [len(x) for x in ds["input_ids"]]
+    ds = ds.shuffle(seed=seed, keep_in_memory=True)  # an indices mapping only
+    n_docs, n_doc_tokens = len(ds), int(_list_lengths(ds).sum())
+    work.mkdir(parents=True, exist_ok=True)
     if cfg.packing:
-        ds, efficiency = _pack(ds, cfg, tokenizer.pad_token_id, seed)
+        ds, efficiency = _pack(ds, cfg, tokenizer.pad_token_id, seed, work)
     else:
-        ds, efficiency = ds.map(_with_positions, batched=True, desc="position ids"), None
-    return ds, doc_lengths, efficiency
+        ds = ds.map(_with_positions, batched=True, desc="position ids", cache_file_name=str(work / "rows.arrow"))
+        efficiency = None
+    return ds, n_docs, n_doc_tokens, efficiency
 
 
 def build_sft_datasets(cfg: DataConfig, tokenizer):
@@ -242,15 +265,29 @@ def build_sft_datasets(cfg: DataConfig, tokenizer):
             template_cache["t"] = resolve_template(cfg.template, tokenizer)
         return template_cache["t"][1]
 
-    def load(sources):
-        out = []
-        for src in sources:
-            ds, st = tokenize_source(src, cfg, tokenizer, get_template=get_template, tok_fp=tok_fp,
-                                     cache_dir=cache_dir)
-            out.append((src, ds, st))
-        return out
+    template_identity = _template_identity(cfg, tokenizer)
+    train_keys = [_cache_key(src, cfg, tok_fp, template_identity) for src in cfg.sources]
+    eval_keys = [_cache_key(src, cfg, tok_fp, template_identity) for src in cfg.eval_sources]
+    final_key = hashlib.sha256(json.dumps({
+        "v": PIPELINE_VERSION, "train": [(k, s.weight) for k, s in zip(train_keys, cfg.sources)], "eval": eval_keys,
+        "eval_fraction": cfg.eval_fraction, "seed": cfg.seed, "packing": cfg.packing, "max_seq_len": cfg.max_seq_len,
+        "pad": tokenizer.pad_token_id,
+    }, sort_keys=True).encode()).hexdigest()[:24]
+    final = cache_dir / "final" / final_key
+    if (final / "stats.json").exists():
+        import datasets
 
-    loaded = load(cfg.sources)
+        stats = json.loads((final / "stats.json").read_text())
+        stats["cache_hit"] = True
+        train = datasets.load_from_disk(str(final / "train"))
+        eval_ds = datasets.load_from_disk(str(final / "eval")) if (final / "eval").exists() else None
+        return train, eval_ds, stats
+
+    def load(sources, keys):
+        return [(src, *tokenize_source(src, cfg, tokenizer, get_template=get_template, key=key, cache_dir=cache_dir))
+                for src, key in zip(sources, keys)]
+
+    loaded = load(cfg.sources, train_keys)
     train_parts, eval_parts = [], []
     for i, (src, ds, st) in enumerate(loaded):
         tr, ev = _split(ds, 0.0 if cfg.eval_sources else cfg.eval_fraction, cfg.seed + i)
@@ -260,36 +297,45 @@ def build_sft_datasets(cfg: DataConfig, tokenizer):
     counts = mix_counts([len(p) for p in train_parts], [s.weight for s in cfg.sources])
     rng = np.random.default_rng(cfg.seed)
     train_parts = [_take(p, c, rng) for p, c in zip(train_parts, counts)]
-    eval_loaded = load(cfg.eval_sources)
+    eval_loaded = load(cfg.eval_sources, eval_keys)
     eval_parts += [ds for _, ds, _ in eval_loaded]
 
-    train, train_lengths, train_eff = _finish(train_parts, cfg, tokenizer, cfg.seed)
-    eval_ds, eval_eff = None, None
-    if eval_parts:
-        eval_ds, _, eval_eff = _finish(eval_parts, cfg, tokenizer, cfg.seed)
+    (cache_dir / "final").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="work-", dir=cache_dir / "final") as work:
+        train, n_docs, n_doc_tokens, train_eff = _finish(train_parts, cfg, tokenizer, cfg.seed, Path(work) / "train")
+        eval_ds = None
+        if eval_parts:
+            eval_ds, _, _, _ = _finish(eval_parts, cfg, tokenizer, cfg.seed, Path(work) / "eval")
 
-    per_source = []
-    for (src, _, st), count in zip(loaded, counts):
-        per_source.append({k: v for k, v in st.items() if k != "lengths_untruncated"} | {"rows_in_mix": count,
-                                                                                         "weight": src.weight})
-    all_src = [st for _, _, st in loaded + eval_loaded]
-    untrunc = [n for st in (s for _, _, s in loaded) for n in st["lengths_untruncated"]]
-    stats = _summary(train, train_lengths, untrunc)
-    stats.update({
-        "documents": len(train_lengths),
-        "truncated": sum(s["truncated"] for s in all_src),
-        "dropped": sum(s["dropped_too_long"] + s["dropped_no_target"] for s in all_src),
-        "dropped_too_long": sum(s["dropped_too_long"] for s in all_src),
-        "dropped_no_target": sum(s["dropped_no_target"] for s in all_src),
-        "skipped_bad_rows": sum(s["skipped_bad_rows"] for s in all_src),
-        "filtered_label_false": sum(s["filtered_label_false"] for s in all_src),
-        "bad_row_examples": [e for s in all_src for e in s["bad_row_examples"]][:5],
-        "packing": cfg.packing, "packing_efficiency": None if train_eff is None else round(train_eff, 4),
-        "eval_rows": 0 if eval_ds is None else len(eval_ds),
-        "cache_hit": all(s["cache_hit"] for s in all_src),
-        "cache_dir": str(cache_dir),
-        "template": None if all(st["format"] == "text" for st in all_src) else
-        (template_cache.get("t") or resolve_template(cfg.template, tokenizer))[0],
-        "sources": per_source,
-    })
+        per_source = []
+        for (src, _, st), count in zip(loaded, counts):
+            per_source.append({k: v for k, v in st.items() if k != "lengths_untruncated"}
+                              | {"rows_in_mix": count, "weight": src.weight})
+        all_src = [st for _, _, st in loaded + eval_loaded]
+        untrunc = [n for _, _, st in loaded for n in st["lengths_untruncated"]]
+        stats = _summary(train, n_doc_tokens, untrunc)
+        stats.update({
+            "documents": n_docs,
+            "truncated": sum(s["truncated"] for s in all_src),
+            "dropped": sum(s["dropped_too_long"] + s["dropped_no_target"] for s in all_src),
+            "dropped_too_long": sum(s["dropped_too_long"] for s in all_src),
+            "dropped_no_target": sum(s["dropped_no_target"] for s in all_src),
+            "skipped_bad_rows": sum(s["skipped_bad_rows"] for s in all_src),
+            "filtered_label_false": sum(s["filtered_label_false"] for s in all_src),
+            "bad_row_examples": [e for s in all_src for e in s["bad_row_examples"]][:5],
+            "packing": cfg.packing, "packing_efficiency": None if train_eff is None else round(train_eff, 4),
+            "eval_rows": 0 if eval_ds is None else len(eval_ds),
+            "template": None if all(st["format"] == "text" for st in all_src) else
+            (template_cache.get("t") or resolve_template(cfg.template, tokenizer))[0],
+            "sources": per_source,
+            "tokenize_cache_hit": all(s["cache_hit"] for s in all_src),
+            "cache_dir": str(cache_dir),
+            "cache_key": final_key,
+        })
+        _atomic_save({"train": train, "eval": eval_ds}, stats, final)
+    import datasets
+
+    train = datasets.load_from_disk(str(final / "train"))
+    eval_ds = datasets.load_from_disk(str(final / "eval")) if (final / "eval").exists() else None
+    stats["cache_hit"] = False
     return train, eval_ds, stats
