@@ -239,3 +239,39 @@ def test_cli_convert_prints_summary(sharded_fp32, tmp_path, capsys):
     rc = cli_main(["convert", str(sharded_fp32), str(dst), "--experts", "8", "--top-k", "2", "--layers", "1",
                    "--quiet"])
     assert rc == 2 and "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_cli(tmp_path):
+    """A real SIGINT to `emoe-llm convert` mid-clustering: no DST, exit 130, and --resume finishes the job."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = save_tiny_checkpoint(tmp_path / "src", max_shard_size="300KB", num_hidden_layers=12, hidden_size=128,
+                               intermediate_size=512)
+    args = ["--experts", "8", "--top-k", "2", "--layers", "10,11", "--all-layers", "--quiet"]
+    dst = tmp_path / "dst"
+    manifest = tmp_path / ".dst.emoe-partial" / "emoe_partial.json"
+    proc = subprocess.Popen([sys.executable, "-m", "emoe_llm.cli", "convert", str(src), str(dst), *args],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.is_file() and json.loads(manifest.read_text() or "{}").get("layers"):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and not dst.exists()
+    done = json.loads(manifest.read_text())["layers"]
+    assert 1 <= len(done) < 12
+
+    assert cli_main(["convert", str(src), str(dst), *args, "--resume"]) == 0
+    reference = tmp_path / "reference"
+    assert cli_main(["convert", str(src), str(reference), *args]) == 0
+    for name, digest in tree_hash(reference).items():
+        if name.endswith((".safetensors", ".index.json")):
+            assert tree_hash(dst)[name] == digest, name

@@ -97,6 +97,7 @@ def convert_checkpoint(
         "dtype": dtype, "device": str(device),
     }
     ws = Workspace.open(dst, key, resume=resume, log=log)
+    _check_disk_space(source, ws, out_dtype)
     counters = {"bytes_read": 0}
     try:
         _cluster_layers(source, ws, settings, n_init=n_init, max_iter=max_iter, device=device, progress=progress,
@@ -125,9 +126,29 @@ def _check_paths(src: Path, dst: Path, *, overwrite: bool) -> None:
     if dst.exists() and not dst.is_dir():
         raise ConversionError(f"DST {dst} exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise ConversionError(f"DST {dst} is not empty; pass --overwrite to replace it (after the new one is done)")
+        raise ConversionError(
+            f"DST {dst} is not empty; pass --overwrite to replace it (after the new one is done), "
+            "or check it with `emoe-llm verify SRC DST`"
+        )
     if not dst.parent.is_dir():
         raise ConversionError(f"the parent directory of DST ({dst.parent}) does not exist")
+
+
+def _check_disk_space(source: SourceCheckpoint, ws: Workspace, out_dtype) -> None:
+    # Fail in the first second rather than after an hour of writing a 65 GB model into a full disk.
+    todo = sum(
+        sum(OutputEntry(n, _out_dtype_code(m, out_dtype), m.shape).nbytes for n, m in source.tensors.items()
+            if m.shard == shard)
+        for shard in source.shards if output_shard_name(shard) not in ws.shards
+    )
+    free = shutil.disk_usage(ws.path).free
+    if todo > free:
+        if not ws.layers and not ws.shards:  # keep a resumable run's finished work
+            ws.discard()
+        raise ConversionError(
+            f"not enough disk space beside DST: the conversion still needs {todo / 2**30:.2f} GiB, "
+            f"{ws.path.parent} has {free / 2**30:.2f} GiB free"
+        )
 
 
 def _check_device(device: str) -> None:
@@ -254,7 +275,17 @@ def _write_metadata_files(source, ws: Workspace, settings, out_dtype, data_bytes
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process image so far.
+
+    Linux: VmHWM from /proc/self/status, the high-water mark of this address space (getrusage's maxrss would also
+    count the parent's RSS at fork time). Elsewhere: getrusage (macOS reports bytes, others KiB).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
