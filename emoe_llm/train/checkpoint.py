@@ -259,11 +259,12 @@ def export_hf(engine_or_model, out_dir, *, config, tokenizer, rank: int, max_sha
         current_bytes += nbytes
         total_bytes += nbytes
     # persistent buffers (none in Llama, but keep other architectures complete)
-    persistent = {k for k in model.state_dict().keys()}
+    persistent = set(model.state_dict().keys())
     if rank == 0:
         for name, buf in model.named_buffers():
-            if name in persistent and buf is not None and name not in weight_map:
-                current[name] = buf.detach().cpu().contiguous()
+            if name in persistent and buf is not None:
+                key = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+                current[key] = buf.detach().cpu().contiguous()
         flush()
         n = len(shards)
         for i, keys in enumerate(shards, 1):
@@ -287,6 +288,42 @@ def export_hf(engine_or_model, out_dir, *, config, tokenizer, rank: int, max_sha
             old = out_dir.with_name(out_dir.name + f".old-{int(time.time())}")
             os.replace(out_dir, old)
             shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return out_dir if rank == 0 else None
+
+
+@torch.no_grad()
+def export_lora_adapter(engine_or_model, out_dir, *, rank: int) -> Path | None:
+    """Collective. Write the peft adapter (adapter_config.json + adapter_model.safetensors, peft's key names) so it
+    can be loaded with ``PeftModel.from_pretrained(base, out_dir)`` on the converted base checkpoint."""
+    import deepspeed
+    from safetensors.torch import save_file
+
+    model = getattr(engine_or_model, "module", engine_or_model)
+    if not hasattr(model, "peft_config"):
+        return None
+    out_dir = Path(out_dir)
+    tensors = {}
+    for name, p in model.named_parameters():
+        if ".lora_" not in name:
+            continue
+        if hasattr(p, "ds_id"):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                t = p.data.detach().to("cpu", copy=True) if rank == 0 else None
+        else:
+            t = p.data.detach().to("cpu", copy=True) if rank == 0 else None
+        if rank == 0:
+            tensors[name.replace(".default.", ".")] = t.contiguous()  # peft drops the adapter name on save
+    if rank == 0:
+        tmp = out_dir.with_name(out_dir.name + ".tmp-export")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        model.peft_config["default"].save_pretrained(str(tmp))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     if dist.is_initialized():
         dist.barrier()

@@ -112,23 +112,6 @@ class LoggingConfig:
 
 
 @dataclass
-class MMLUConfig:
-    """MMLU after training on final/ (rank 0, single process)."""
-
-    enabled: bool = False
-    dir: str = "data/eval/mmlu"
-    split: str = "val"
-    shots: int = 5
-    subjects: Any = None
-    limit: int = 0
-
-
-@dataclass
-class EvalConfig:
-    mmlu: MMLUConfig = field(default_factory=MMLUConfig)
-
-
-@dataclass
 class RecipeConfig:
     output_dir: str = ""
     resume: str = "auto"
@@ -139,7 +122,6 @@ class RecipeConfig:
     """passed to emoe_llm.data.data_config_from_dict (validated there)"""
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -189,7 +171,9 @@ def _list_index(node: list, part: str, path: list[str]) -> int:
         node[idx]
         return idx
     except (ValueError, IndexError):
-        raise ConfigError(f"override key '{'.'.join(path)}': '{part}' is not an index of a list of {len(node)}") from None
+        raise ConfigError(
+            f"override key '{'.'.join(path)}': '{part}' is not an index of a list of {len(node)}"
+        ) from None
 
 
 _FLOAT_TYPES = (float,)

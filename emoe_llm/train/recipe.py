@@ -452,7 +452,14 @@ def main(argv=None) -> int:
          f"{', LoRA r=' + str(cfg.lora.r) if cfg.lora.enabled else ''}; warmup {warmup} steps")
 
     # ---- resume
-    from .checkpoint import export_hf, find_resume_checkpoint, load_checkpoint, rotate_checkpoints, save_checkpoint
+    from .checkpoint import (
+        export_hf,
+        export_lora_adapter,
+        find_resume_checkpoint,
+        load_checkpoint,
+        rotate_checkpoints,
+        save_checkpoint,
+    )
     from .runlog import MetricsLogger, write_run_dir
 
     resume_from = find_resume_checkpoint(cfg.resume, output_dir, world_size=world)
@@ -540,7 +547,8 @@ def main(argv=None) -> int:
             record = None
             if step % cfg.train.log_every_steps == 0 or step == total_steps:
                 now = time.perf_counter()
-                record = {"step": step, "epoch": epoch, "epoch_float": round(epoch + step_in_epoch / steps_per_epoch, 4),
+                record = {"step": step, "epoch": epoch,
+                          "epoch_float": round(epoch + step_in_epoch / steps_per_epoch, 4),
                           "loss": result["loss"], "lr": lr, "grad_norm": grad_norm,
                           "tokens_per_s": tokens_since / max(now - t_last, 1e-9), "target_tokens": result["targets"],
                           "tokens_seen": tokens_seen}
@@ -619,6 +627,8 @@ def main(argv=None) -> int:
         hf_config.dtype = dtype
         final = export_hf(engine, output_dir / "final", config=hf_config, tokenizer=tokenizer, rank=rank,
                           max_shard_size=cfg.train.export_max_shard_size, lora_merge=True)
+        if cfg.lora.enabled:
+            export_lora_adapter(engine, output_dir / "final" / "adapter", rank=rank)
         if rank == 0:
             torch.save(probe, output_dir / "run" / "export_probe.pt")
             (output_dir / "COMPLETED").write_text(json.dumps({"step": step, "final": str(final)}) + "\n")
