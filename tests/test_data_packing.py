@@ -47,9 +47,13 @@ def test_packed_rows_are_full_length_with_restarting_positions(built, tok):
     packed_docs = sorted(tuple(d["input_ids"]) for row in packed for d in _documents(row))
     unpacked_docs = sorted(tuple(r["input_ids"]) for r in unpacked)
     assert packed_docs == unpacked_docs  # nothing lost, nothing duplicated, nothing split
+    no_eos = 0
     for row in packed:
         for d in _documents(row):
             assert d["labels"][0] == IGNORE_INDEX  # no document is trained to predict the first token of the next
+            # Every document ends in a trained EOS, except those the truncation policy cut.
+            no_eos += not (d["labels"][-1] == d["input_ids"][-1] == tok.eos_token_id)
+    assert no_eos == pstats["truncated"] > 0 and tok.pad_token_id != tok.eos_token_id
     assert pstats["target_tokens"] == ustats["target_tokens"] and pstats["tokens"] == ustats["tokens"]
 
 
@@ -83,7 +87,8 @@ def test_packed_loss_equals_sum_of_unpacked_losses(built, tok, attn):
     config.use_cache = False
     model = LlamaForCausalLM(config).eval()
     collate = SFTCollator(tok.pad_token_id)
-    rows = [packed[i] for i in range(3)]
+    # The three rows holding the most documents (BFD also makes rows of one long document).
+    rows = sorted(packed, key=lambda r: -len(_documents(r)))[:3]
     batch = collate(rows)
     assert "attention_mask" not in batch and batch["input_ids"].shape == (3, SEQ)
     docs = [d for r in rows for d in _documents(r)]
@@ -116,3 +121,12 @@ def test_collator_unpacked_padding_and_flash_kwargs(tok):
     b = SFTCollator(tok.pad_token_id, flash_attn_kwargs=True)([packed_row, packed_row])
     assert "attention_mask" not in b
     assert b["cu_seq_lens_q"].tolist() == [0, 3, 6, 9, 12] and b["max_length_q"] == 3
+    # Same boundaries as transformers' own FA2 derivation from flattened position_ids.
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(b["position_ids"].reshape(1, -1))
+    assert cu_q.tolist() == b["cu_seq_lens_q"].tolist() and int(max_q) == b["max_length_q"]
+    # And transformers' SDPA/eager packed-sequence detection sees the same documents.
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    assert find_packed_sequence_indices(b["position_ids"]).tolist() == [[0, 0, 0, 1, 1, 1]] * 2

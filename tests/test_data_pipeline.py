@@ -133,3 +133,18 @@ def test_text_mode_trains_every_token_and_splits_long_documents(tok, tmp_path):
         {"path": str(DATA_DIR / "corpus" / "tinyshakespeare.txt"), "max_rows": 200}]), tok)
     assert st["sources"][0]["format"] == "text" and len(shakespeare) == 200
     assert shakespeare[0]["input_ids"][0] == tok.bos_token_id and shakespeare[0]["input_ids"][-1] == tok.eos_token_id
+
+
+def test_load_from_disk_dir_json_lines_in_json_and_system_prompt(tok, tmp_path):
+    import datasets
+
+    records, _, _ = read_source(SHAREGPT, max_rows=20)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(records)}).save_to_disk(str(tmp_path / "saved"))
+    lines = tmp_path / "lines.json"  # JSON lines in a .json file (LLaMA-Factory accepts both)
+    lines.write_text("\n".join(json.dumps({"instruction": f"Count to {i}.", "output": str(i)}) for i in range(5)))
+    train, _, stats = build_sft_datasets(_cfg(tmp_path, sources=[str(tmp_path / "saved"), str(lines)],
+                                              system_prompt="You are terse."), tok)
+    assert [s["format"] for s in stats["sources"]] == ["messages", "alpaca"]
+    assert [s["examples"] for s in stats["sources"]] == [20, 5]
+    texts = [tok.decode(r) for r in train["input_ids"]]
+    assert all("<|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>" in t for t in texts)

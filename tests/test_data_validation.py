@@ -120,5 +120,9 @@ def test_config_rejects_unknown_keys():
         data_config_from_dict({"sources": [{"path": "a.json", "weigth": 2}]})
     with pytest.raises(ValueError, match="truncation"):
         data_config_from_dict({"sources": ["a.json"], "truncation": "cut"})
-    cfg = data_config_from_dict({"sources": ["a.json", {"path": "b.jsonl", "weight": 2, "format": "messages"}]})
+    with pytest.raises(ValueError, match=r"set `weight` on every source or on none.*\['a.json'\]"):
+        data_config_from_dict({"sources": ["a.json", {"path": "b.jsonl", "weight": 2}]})
+    cfg = data_config_from_dict({"sources": [{"path": "a.json", "weight": 1},
+                                             {"path": "b.jsonl", "weight": 2, "format": "messages"}]})
     assert [s.weight for s in cfg.sources] == [1.0, 2.0] and cfg.sources[1].format == "messages"
+    assert data_config_from_dict({"sources": "a.json"}).sources[0].weight is None

@@ -18,15 +18,17 @@ class DataSource:
     """File (.json/.jsonl/.parquet/.txt) or a `datasets.save_to_disk` dir; relative paths resolve against the cwd."""
     format: str = "auto"
     """auto | alpaca | sharegpt | messages | text (auto: from the file suffix and the first row's keys)."""
-    weight: float = 1.0
-    """Share of the training mix relative to the other sources' weights (equal weights = equal shares)."""
+    weight: float | None = None
+    """Share of the training mix relative to the other sources' weights (the mix keeps the total row count; a source
+    is subsampled or repeated to reach its share). None on every source = plain concatenation at natural sizes.
+    Set it on every source or on none."""
     max_rows: int | None = None
     """Read at most this many rows (the first ones; useful for smoke tests)."""
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"data source {self.path!r}: format must be one of {FORMATS}, got {self.format!r}")
-        if not (self.weight > 0):
+        if self.weight is not None and not (self.weight > 0):
             raise ValueError(f"data source {self.path!r}: weight must be > 0, got {self.weight!r}")
         if self.max_rows is not None and self.max_rows <= 0:
             raise ValueError(f"data source {self.path!r}: max_rows must be a positive integer, got {self.max_rows!r}")
@@ -64,6 +66,10 @@ class DataConfig:
             raise ValueError(f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.truncation not in TRUNCATION:
             raise ValueError(f"data.truncation must be one of {TRUNCATION}, got {self.truncation!r}")
+        weighted = [s.weight is not None for s in self.sources]
+        if any(weighted) and not all(weighted):
+            raise ValueError("data.sources: set `weight` on every source or on none (none = concatenate at natural "
+                             f"sizes); missing on {[s.path for s in self.sources if s.weight is None]}")
         if not (0.0 <= self.eval_fraction < 1.0):
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not isinstance(self.template, str) or not self.template:

@@ -109,8 +109,9 @@ def run(args) -> int:
         print(f"tokenizer: {tokenizer_path} ({type(tok).__name__}, {len(tok)} tokens, pad={tok.pad_token!r} "
               f"eos={tok.eos_token!r})   template: {stats['template']}")
         for s in stats["sources"]:
-            print(f"  {s['path']}: {s['format']}, {s['examples']} examples -> {s['rows_in_mix']} in the mix "
-                  f"(weight {s['weight']}), truncated {s['truncated']}, dropped {s['dropped_too_long']} too long + "
+            share = f"weight {s['weight']}" if s["weight"] is not None else "natural size"
+            print(f"  {s['path']}: {s['format']}, {s['examples']} examples -> {s['rows_in_mix']} in the mix ({share}), "
+                  f"truncated {s['truncated']}, dropped {s['dropped_too_long']} too long + "
                   f"{s['dropped_no_target']} without targets, skipped {s['skipped_bad_rows']} bad rows")
         print(f"train rows {stats['rows']} ({stats['documents']} documents, packing={stats['packing']}"
               + (f", efficiency {stats['packing_efficiency']:.1%}" if stats["packing"] else "") + ")"

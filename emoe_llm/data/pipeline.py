@@ -157,9 +157,10 @@ def _split(ds, fraction: float, seed: int):
             ds.select(np.sort(perm[:n_eval]), keep_in_memory=True))
 
 
-def mix_counts(sizes: list[int], weights: list[float]) -> list[int]:
-    """Rows taken from each source: the mix has sum(sizes) rows, shared in proportion to the weights."""
-    if len(sizes) == 1:
+def mix_counts(sizes: list[int], weights: list[float | None]) -> list[int]:
+    """Rows taken from each source: the mix has sum(sizes) rows, shared in proportion to the weights
+    (no weights = every source at its natural size)."""
+    if len(sizes) == 1 or all(w is None for w in weights):
         return list(sizes)
     total, wsum = sum(sizes), sum(weights)
     return [max(1, int(round(total * w / wsum))) for w in weights]
