@@ -126,3 +126,18 @@ def test_config_rejects_unknown_keys():
                                              {"path": "b.jsonl", "weight": 2, "format": "messages"}]})
     assert [s.weight for s in cfg.sources] == [1.0, 2.0] and cfg.sources[1].format == "messages"
     assert data_config_from_dict({"sources": "a.json"}).sources[0].weight is None
+
+
+def test_alpaca_history_and_openai_text_parts(tmp_path):
+    rows = [{"instruction": "And 3+3?", "output": "6", "history": [["2+2?", "4"]], "system": "Be brief."}]
+    records, fmt, _ = read_source(_write_json(tmp_path / "h.json", rows))
+    assert fmt == "alpaca" and [m["role"] for m in records[0]["messages"]] == ["system", "user", "assistant", "user",
+                                                                              "assistant"]
+    _raises(_write_json(tmp_path / "h2.json", [{"instruction": "x", "output": "y", "history": [["q"]]}]),
+            r"h2\.json: row 0: history\[0\] must be a pair")
+    parts = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "!"}]},
+                           {"role": "assistant", "content": "Hello"}]}]
+    records, _, _ = read_source(_write_json(tmp_path / "p.json", parts))
+    assert records[0]["messages"][0]["content"] == "Hi\n!"
+    parts[0]["messages"][0]["content"].append({"type": "image_url", "image_url": {"url": "x"}})
+    _raises(_write_json(tmp_path / "p2.json", parts), r"p2\.json: row 0: messages\[0\]\.content\[2\] is not a text")

@@ -186,7 +186,18 @@ def _alpaca(rec: dict, where: str) -> list[dict]:
     if not output.strip():
         raise DataError(f"{where}: empty response (field 'output')", field="output")
     user = f"{instruction}\n\n{inp}" if inp.strip() else instruction
-    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    messages = []
+    # LLaMA-Factory's optional `history`: earlier [instruction, response] pairs of the same conversation.
+    history = rec.get("history") or []
+    if not isinstance(history, list):
+        raise DataError(f"{where}: field 'history' must be a list of [instruction, response] pairs", field="history")
+    for j, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise DataError(f"{where}: history[{j}] must be a pair of strings [instruction, response]",
+                            field=f"history[{j}]")
+        messages += [{"role": "user", "content": pair[0], "_field": f"history[{j}][0]"},
+                     {"role": "assistant", "content": pair[1], "_field": f"history[{j}][1]"}]
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output, "_field": "output"}]
     system = rec.get("system")
     if isinstance(system, str) and system.strip():
         messages.insert(0, {"role": "system", "content": system})
@@ -212,6 +223,14 @@ def _turns(rec: dict, where: str, list_key: str, role_key: str, content_key: str
         if role is None:
             raise DataError(f"{where}: unknown role {role_raw!r} in {fld}.{role_key}; expected one of "
                             f"{sorted(role_map)}", field=f"{fld}.{role_key}")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones, refuse images/audio
+            texts = []
+            for k, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise DataError(f"{where}: {fld}.{content_key}[{k}] is not a text part; only "
+                                    "{'type': 'text', 'text': ...} parts are supported", field=f"{fld}.{content_key}")
+                texts.append(part["text"])
+            content = "\n".join(texts)
         if not isinstance(content, str):
             raise DataError(f"{where}: {fld}.{content_key} must be a string, got {type(content).__name__}",
                             field=f"{fld}.{content_key}")
