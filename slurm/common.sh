@@ -42,7 +42,7 @@ trap '_emoe_on_signal TERM' TERM
 EMOE_ROOT=${EMOE_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
 [ -f "$EMOE_ROOT/train.py" ] ||
   emoe_die "$EMOE_ROOT is not an emoe-llm checkout (no train.py): run sbatch from the repo root, or set EMOE_ROOT"
-cd "$EMOE_ROOT"
+cd "$EMOE_ROOT" || emoe_die "cannot cd to $EMOE_ROOT"
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
   # shellcheck disable=SC1091
   source .venv/bin/activate
@@ -66,9 +66,12 @@ MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed
 MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 15000))}
 WORLD_SIZE=$((NNODES * NPROC_PER_NODE))
 export EMOE_ROOT OUTPUT_DIR PYTHON NNODES NPROC_PER_NODE MASTER_ADDR MASTER_PORT
+# CPUs for the one task per node (srun does not inherit --cpus-per-task on every Slurm version; with --exclusive
+# and no --cpus-per-task the task gets all CPUs of the node)
+CPUS_PER_NODE=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-$NPROC_PER_NODE}}
+export CPUS_PER_NODE
 # CPU threads per training process (torchrun would otherwise force 1)
-_cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-$NPROC_PER_NODE}}
-_threads=$((_cpus / NPROC_PER_NODE)); [ "$_threads" -ge 1 ] || _threads=1
+_threads=$((CPUS_PER_NODE / NPROC_PER_NODE)); [ "$_threads" -ge 1 ] || _threads=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$_threads}
 
 # ---- 3. NCCL / torch.distributed knobs (defaults; override any of them: export NAME=value before sbatch, or
@@ -85,7 +88,7 @@ fi
 # on many clusters; a wrong GID index is a classic multi-node hang), NCCL_IB_DISABLE=1 (TCP sockets only),
 # NCCL_IB_TIMEOUT / NCCL_IB_RETRY_CNT (flaky fabrics).
 for _v in NCCL_IB_HCA NCCL_IB_GID_INDEX NCCL_IB_DISABLE NCCL_IB_TIMEOUT NCCL_IB_RETRY_CNT NCCL_NET_GDR_LEVEL; do
-  [ -n "${!_v:-}" ] && export "${_v?}"
+  if [ -n "${!_v:-}" ]; then export "${_v?}"; fi
 done
 # Collective timeout in minutes (read by deepspeed.init_distributed): a rank stuck longer than this fails the job
 # instead of hanging until the time limit. ZeRO-3 saves of big models gather on rank 0, so keep it generous.
@@ -110,7 +113,6 @@ emoe_snapshot() {
   local recipe=$1 ds=$2; shift 2
   local d=$OUTPUT_DIR/run/slurm/$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}
   mkdir -p "$d"
-  EMOE_SNAPSHOT_DIR=$d
   scontrol write batch_script "$SLURM_JOB_ID" "$d/batch_script.sh" >/dev/null 2>&1 ||
     emoe_log "warning: scontrol write batch_script failed (not the job owner?)"
   scontrol show job -d "$SLURM_JOB_ID" > "$d/job.txt" 2>&1 || true
@@ -153,6 +155,11 @@ emoe_convert() {
   local src=$1 dst=$2 experts=$3 top_k=$4 layers=$5; shift 5
   local spec=(--experts "$experts" --top-k "$top_k" --layers "$layers")
   local verify_args=(); read -r -a verify_args <<< "${VERIFY_ARGS:-}"
+  if [ -z "$src" ]; then   # converted elsewhere and the dense source is not on this cluster
+    [ -f "$dst/config.json" ] || emoe_die "set MODEL=/path/to/the/dense/hf/checkpoint (or EMOE_MODEL to a converted one)"
+    emoe_log "MODEL not set: training $dst as it is (not verified)"
+    return 0
+  fi
   [ -f "$src/config.json" ] || emoe_die "MODEL=$src is not an HF checkpoint dir (no config.json)"
   if [ -f "$dst/config.json" ]; then
     if emoe-llm verify "$src" "$dst" "${spec[@]}" "${verify_args[@]}" > "$OUTPUT_DIR/run/verify.log" 2>&1; then

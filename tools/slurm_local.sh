@@ -25,8 +25,9 @@
 #                                      auto      : unshare if it works, else etc-hosts
 #   SLURM_LOCAL_CTLD_PORT=6817  SLURM_LOCAL_SLURMD_PORT=6818 (node i uses SLURMD_PORT+i-1)
 #   SLURM_LOCAL_MIN_JOB_AGE=5          MinJobAge; <=5 keeps sbatch --wait polling every 2 s
-#   SLURM_LOCAL_CRED_EXPIRE=10         AuthInfo cred_expire: also how long a requeued job waits
+#   SLURM_LOCAL_CRED_EXPIRE=5          AuthInfo cred_expire: also how long a requeued job waits
 #                                      before it may start again (Slurm's default is 120 s)
+#   SLURM_LOCAL_SCHED_PARAMS=sched_interval=2,bf_interval=2   SchedulerParameters
 set -euo pipefail
 
 D=${SLURM_LOCAL_DIR:-/tmp/slurm-local}
@@ -41,7 +42,9 @@ MIN_JOB_AGE=${SLURM_LOCAL_MIN_JOB_AGE:-5}
 SLURMD_PORT=${SLURM_LOCAL_SLURMD_PORT:-6818}
 # A requeued job may start again only after the credential lifetime (default 120 s); a short one
 # lets requeue tests finish in seconds.
-CRED_EXPIRE=${SLURM_LOCAL_CRED_EXPIRE:-10}
+CRED_EXPIRE=${SLURM_LOCAL_CRED_EXPIRE:-5}
+# Pending jobs (e.g. a requeued one whose wait is over) are looked at every few seconds instead of every 30-60 s.
+SCHED_PARAMS=${SLURM_LOCAL_SCHED_PARAMS:-sched_interval=2,bf_interval=2}
 CONF=$D/etc/slurm.conf
 MARK="# slurm-local:$D"
 
@@ -81,7 +84,7 @@ stop_pids() {    # SIGTERM all given pidfiles, wait up to 10 s, then SIGKILL sur
     p=$(cat "$f"); rm -f "$f"
     pid_alive "$p" && kill "$p" 2>/dev/null && pids="$pids $p"
   done
-  for t in $(seq 1 100); do
+  for _ in $(seq 1 100); do
     local left=""
     for p in $pids; do pid_alive "$p" && left="$left $p"; done
     pids=$left; [ -z "$pids" ] && return 0; sleep 0.1
@@ -124,6 +127,7 @@ JobCompType=jobcomp/none
 SwitchType=switch/none
 MpiDefault=none
 SchedulerType=sched/backfill
+SchedulerParameters=$SCHED_PARAMS
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
@@ -156,8 +160,7 @@ start_munge() {
     --pid-file="$D/munge/munged.pid" --seed-file="$D/munge/munged.seed" \
     --log-file="$D/munge/munged.log" </dev/null >"$D/log/munged.out" 2>&1 &
   echo $! > "$D/run/munged.ci.pid"
-  local t
-  for t in $(seq 1 50); do [ -S "$D/munge/munge.socket.2" ] && break; sleep 0.1; done
+  for _ in $(seq 1 50); do [ -S "$D/munge/munge.socket.2" ] && break; sleep 0.1; done
   munge -S "$D/munge/munge.socket.2" -n | unmunge -S "$D/munge/munge.socket.2" >/dev/null \
     || { cat "$D/log/munged.out" >&2; log "munged not working"; return 1; }
 }
@@ -189,7 +192,7 @@ do_start() {
 
   /usr/sbin/slurmctld -D -i -f "$CONF" </dev/null >"$D/log/slurmctld.out" 2>&1 &
   echo $! > "$D/run/slurmctld.ci.pid"
-  for t in $(seq 1 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.1; done
+  for _ in $(seq 1 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.1; done
 
   local hosts_mode; hosts_mode=$(setup_hosts)
   echo "$hosts_mode" > "$D/run/hosts_mode"
@@ -208,7 +211,7 @@ do_start() {
   done
 
   local want=$NODES idle=0
-  for t in $(seq 1 300); do   # up to 30 s
+  for _ in $(seq 1 300); do   # up to 30 s
     idle=$(sinfo -h -N -o '%N %t' 2>/dev/null | awk '$2=="idle"' | sort -u | wc -l)
     [ "$idle" -ge "$want" ] && break
     sleep 0.1
@@ -225,11 +228,10 @@ do_stop() {
   local quiet=${1:-}
   [ -d "$D/run" ] || return 0
   export SLURM_CONF=$CONF
-  local t
   if [ -f "$D/run/slurmctld.ci.pid" ] && pid_alive "$(cat "$D/run/slurmctld.ci.pid")"; then
     # cancel every job first so that no slurmstepd / task outlives its slurmd
     squeue -h -o %A 2>/dev/null | xargs -r scancel 2>/dev/null || true
-    for t in $(seq 1 100); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.2; done
+    for _ in $(seq 1 100); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.2; done
   fi
   stop_pids "$D"/run/slurmd-*.ci.pid
   stop_pids "$D/run/slurmctld.ci.pid"
