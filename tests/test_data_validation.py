@@ -141,3 +141,14 @@ def test_alpaca_history_and_openai_text_parts(tmp_path):
     assert records[0]["messages"][0]["content"] == "Hi\n!"
     parts[0]["messages"][0]["content"].append({"type": "image_url", "image_url": {"url": "x"}})
     _raises(_write_json(tmp_path / "p2.json", parts), r"p2\.json: row 0: messages\[0\]\.content\[2\] is not a text")
+
+
+def test_template_failure_names_the_row(tmp_path):
+    template = tmp_path / "strict.jinja"
+    template.write_text("{% for m in messages %}{% if m['content'] == 'boom' %}{{ raise_exception('no boom') }}"
+                        "{% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    path = _write_json(tmp_path / "a.json", [GOOD_ALPACA, {"instruction": "boom", "output": "x"}])
+    tok = load_tokenizer(DATA_DIR / "tokenizers" / "tiny_llama3_style")
+    cfg = data_config_from_dict({"sources": [path], "template": str(template), "cache_dir": str(tmp_path / "c")})
+    with pytest.raises(DataError, match=r"a\.json: row 1: the chat template failed on this conversation: no boom"):
+        build_sft_datasets(cfg, tok)

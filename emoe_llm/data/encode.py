@@ -138,8 +138,14 @@ def encode_batch(batch: dict, *, tokenizer, template: str | None, is_text: bool,
                 out["length"].append(n if start == 0 else 0)  # the document's length is counted once
                 out["status"].append(KEPT if n <= max_seq_len else TRUNCATED)
         return out
-    for messages in batch["messages"]:
-        ids, labels = encode_conversation(tokenizer, template, messages, train_on_prompt=train_on_prompt)
+    wheres = batch.get("where") or [None] * len(batch["messages"])
+    for messages, where in zip(batch["messages"], wheres):
+        try:
+            ids, labels = encode_conversation(tokenizer, template, messages, train_on_prompt=train_on_prompt)
+        except Exception as e:  # a user template may raise (raise_exception) or be inconsistent for one row
+            from .formats import DataError
+
+            raise DataError(f"{where or 'a row'}: the chat template failed on this conversation: {e}") from e
         n, status = len(ids), KEPT
         if n > max_seq_len:
             if truncation == "drop":

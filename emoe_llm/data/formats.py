@@ -297,7 +297,7 @@ def read_source(path: str, fmt: str = "auto", *, max_rows: int | None = None, sk
     """Read and validate one source.
 
     Returns:
-        records: normalised rows (all ``messages`` or all ``text``),
+        records: normalised rows (all ``messages`` or all ``text``, plus ``where``: "file: row N" for messages),
         fmt: the resolved format,
         report: ``{"rows_read", "skipped_bad_rows", "filtered_label_false", "bad_row_examples"}``.
     """
@@ -325,6 +325,7 @@ def read_source(path: str, fmt: str = "auto", *, max_rows: int | None = None, sk
         if out is None:
             report["filtered_label_false"] += 1
             continue
+        out["where"] = where  # carried along so tokenization errors can name the row too
         records.append(out)
     if not records:
         raise DataError(f"{path}: no usable rows (read {report['rows_read']}, skipped {report['skipped_bad_rows']} bad, "
