@@ -130,3 +130,17 @@ def test_control_tokens_quoted_in_messages_stay_plain_text(tok_name, request):
         replies = [m["content"] for m in messages if m["role"] == "assistant"]
         runs = [_norm(tok.decode(r)) for r in _target_runs(ids, labels)]
         assert all(_norm(reply) in run for reply, run in zip(replies, runs))
+
+
+def test_template_errors_are_clear(llama2, tmp_path):
+    from emoe_llm.data import TemplateError
+
+    with pytest.raises(TemplateError, match=r"template 'llama3' needs the special tokens \['<\|start_header_id\|>'"):
+        resolve_template("llama3", llama2)
+    with pytest.raises(TemplateError, match="neither one of auto/alpaca/llama2/llama3 nor an existing file"):
+        resolve_template(str(tmp_path / "missing.jinja"), llama2)
+    inconsistent = tmp_path / "bad.jinja"  # a trailer after the last turn breaks prefix consistency
+    inconsistent.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}[END]")
+    _, source = resolve_template(str(inconsistent), llama2)
+    with pytest.raises(TemplateError, match="not prefix-consistent"):
+        encode_conversation(llama2, source, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])

@@ -120,6 +120,10 @@ def test_config_rejects_unknown_keys():
         data_config_from_dict({"sources": [{"path": "a.json", "weigth": 2}]})
     with pytest.raises(ValueError, match="truncation"):
         data_config_from_dict({"sources": ["a.json"], "truncation": "cut"})
+    with pytest.raises(ValueError, match=r"data.max_seq_len must be an integer, got '512'"):
+        data_config_from_dict({"sources": ["a.json"], "max_seq_len": "512"})
+    with pytest.raises(ValueError, match=r"data.sources\[0\].weight must be a number"):
+        data_config_from_dict({"sources": [{"path": "a.json", "weight": "2"}]})
     with pytest.raises(ValueError, match=r"set `weight` on every source or on none.*\['a.json'\]"):
         data_config_from_dict({"sources": ["a.json", {"path": "b.jsonl", "weight": 2}]})
     cfg = data_config_from_dict({"sources": [{"path": "a.json", "weight": 1},

@@ -76,6 +76,27 @@ class DataConfig:
             raise ValueError("data.template must be a non-empty string")
 
 
+_INT_FIELDS = {"max_seq_len", "seed", "num_proc", "max_rows"}
+_BOOL_FIELDS = {"packing", "train_on_prompt", "skip_bad_rows"}
+_FLOAT_FIELDS = {"eval_fraction", "weight"}
+_STR_FIELDS = {"path", "format", "template", "truncation", "cache_dir", "system_prompt"}
+
+
+def _check_types(d: dict, where: str) -> None:
+    """YAML happily yields "512" or "yes"; fail here with the key's name instead of deep inside the pipeline."""
+    for key, val in d.items():
+        if val is None:
+            continue
+        if key in _INT_FIELDS and (isinstance(val, bool) or not isinstance(val, int)):
+            raise ValueError(f"{where}.{key} must be an integer, got {val!r}")
+        if key in _BOOL_FIELDS and not isinstance(val, bool):
+            raise ValueError(f"{where}.{key} must be true or false, got {val!r}")
+        if key in _FLOAT_FIELDS and (isinstance(val, bool) or not isinstance(val, (int, float))):
+            raise ValueError(f"{where}.{key} must be a number, got {val!r}")
+        if key in _STR_FIELDS and not isinstance(val, str):
+            raise ValueError(f"{where}.{key} must be a string, got {val!r}")
+
+
 def _source_from(item, where: str) -> DataSource:
     if isinstance(item, DataSource):
         return item
@@ -89,6 +110,7 @@ def _source_from(item, where: str) -> DataSource:
         raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
     if "path" not in item:
         raise ValueError(f"{where}: missing required key `path`")
+    _check_types(item, where)
     return DataSource(**item)
 
 
@@ -105,6 +127,7 @@ def data_config_from_dict(d: dict) -> DataConfig:
         raise ValueError(f"data: unknown key(s) {unknown}; allowed: {sorted(known)}")
     if "sources" not in d:
         raise ValueError("data: missing required key `sources`")
+    _check_types(d, "data")
     kwargs = dict(d)
     for key in ("sources", "eval_sources"):
         items = kwargs.get(key) or []

@@ -71,7 +71,7 @@ def encode_conversation(tokenizer, template: str, messages: list[dict], *, train
     else:
         text, spans = render_with_target_spans(tokenizer, template, messages)
         # The template writes BOS and special markers itself, so no special tokens are added (as apply_chat_template).
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
     return ids, labels_from_spans(ids, offsets, spans, train_on_prompt)
 
@@ -93,7 +93,7 @@ def _encode_marked(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int
         # Encode after a newline (except at the very start) so SentencePiece adds no prefix space mid-text; drop it.
         prefix = "\n" if k > 0 else ""
         enc = tokenizer(prefix + piece, add_special_tokens=False, return_offsets_mapping=True,
-                        split_special_tokens=as_text)
+                        split_special_tokens=as_text, verbose=False)
         for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
             if b <= len(prefix):
                 continue  # the helper newline
@@ -105,7 +105,8 @@ def _encode_marked(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int
 def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
     """BOS + text + EOS, every token a target except the first. Special-token strings inside the text are
     tokenized as plain text (a web page that contains ``</s>`` must not end the document)."""
-    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    # verbose=False: documents longer than model_max_length are expected here (they are chunked below).
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
     if tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id] + ids
     ids = ids + [tokenizer.eos_token_id]
