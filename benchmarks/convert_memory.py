@@ -95,6 +95,26 @@ print(json.dumps(summary))
 """
 
 
+VERIFY_CHILD = r"""
+import json, sys, time
+import psutil
+from emoe_llm.convert import verify_checkpoint
+from emoe_llm.convert.convert import peak_rss_bytes
+baseline = psutil.Process().memory_info().rss
+start = time.perf_counter()
+report = verify_checkpoint(sys.argv[1], sys.argv[2], check_logits=False)
+print(json.dumps({"ok": report["ok"], "failures": report["failures"], "seconds": time.perf_counter() - start,
+                  "baseline_rss_bytes": baseline, "peak_rss_bytes": peak_rss_bytes()}))
+"""
+
+
+def run_child(code: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"benchmark child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=3, help="decoder layers in the synthetic checkpoint")
@@ -105,6 +125,7 @@ def main() -> None:
     parser.add_argument("--n-init", type=int, default=1, help="k-means restarts (memory does not depend on it)")
     parser.add_argument("--max-iter", type=int, default=10, help="k-means iterations per restart")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--verify", action="store_true", help="also time `verify` (streamed, no logits) and its RSS")
     parser.add_argument("--workdir", help="where to write SRC/DST (default: a temp dir, removed at the end)")
     args = parser.parse_args()
 
@@ -128,9 +149,8 @@ def main() -> None:
         child_args = dict(src=str(src), dst=str(dst), n_experts=args.experts, top_k=args.experts // 4,
                           layers=",".join(map(str, layers)), n_init=args.n_init, max_iter=args.max_iter,
                           device=args.device)
-        out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(child_args)], check=True,
-                             capture_output=True, text=True)
-        summary = json.loads(out.stdout.strip().splitlines()[-1])
+        summary = run_child(CHILD, json.dumps(child_args))
+        verify = run_child(VERIFY_CHILD, str(src), str(dst)) if args.verify else None
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -139,10 +159,16 @@ def main() -> None:
     peak, base = summary["peak_rss_bytes"], summary["baseline_rss_bytes"]
     cluster_s = [v["seconds"] for v in summary["emoe"]["clustering"].values()]
     gib = 2**30
+    if verify is not None:
+        print(f"verify (streamed: structure, byte-compare of copied tensors, per-layer MLP outputs): "
+              f"{'OK' if verify['ok'] else 'FAILED ' + str(verify['failures'])} in {verify['seconds']:.1f} s, "
+              f"peak RSS {verify['peak_rss_bytes'] / gib:.3f} GiB "
+              f"({(verify['peak_rss_bytes'] - verify['baseline_rss_bytes']) / mlp_bytes:.2f} x MLP bytes above imports)")
     print(f"one layer's MLP tensors (bf16): {mlp_bytes / gib:.3f} GiB")
     print(f"bytes read {summary['bytes_read'] / gib:.2f} GiB, written {summary['bytes_written'] / gib:.2f} GiB")
     print(f"conversion: {summary['seconds']:.1f} s total; clustering {sum(cluster_s) / len(cluster_s):.1f} s/layer "
-          f"(n_init={args.n_init}, max_iter={args.max_iter}, N={args.experts}, {args.device}); "
+          f"(n_init={args.n_init}, max_iter={args.max_iter}, N={args.experts}, {args.device}); writing "
+          f"{summary['write_seconds']:.1f} s ({summary['bytes_written'] / gib / summary['write_seconds']:.2f} GiB/s); "
           f"{summary['seconds'] / len(cluster_s):.1f} s per converted layer including I/O")
     print(f"peak RSS {peak / gib:.3f} GiB = constant {base / gib:.3f} GiB (python+torch imports) "
           f"+ {(peak - base) / gib:.3f} GiB working set")

@@ -111,12 +111,23 @@ def test_streamed_equals_in_memory_and_src_unchanged(request, tmp_path, fixture,
     assert report["checks"]["logits_max_rel_diff"] < 1e-5
 
 
-def test_single_file_checkpoint_and_loads_as_emoe(tmp_path):
-    src = save_tiny_checkpoint(tmp_path / "single", seed=4)
+def test_single_file_tied_checkpoint_and_loads_as_emoe(tmp_path):
+    # one model.safetensors, tied embeddings (no lm_head.weight on disk), as small Qwen2 models ship
+    src = save_tiny_checkpoint(tmp_path / "single", seed=4, tie_word_embeddings=True)
     assert (src / "model.safetensors").is_file()
     dst = tmp_path / "emoe"
     convert_checkpoint(src, dst, n_experts=N_EXPERTS, top_k=2, layers="0", progress=False)
     assert (dst / "model.safetensors").is_file() and not (dst / "model.safetensors.index.json").exists()
+    report = verify_checkpoint(src, dst)
+    assert report["ok"] and report["checks"]["logits_max_rel_diff"] < 1e-5, report
+
+    # whole-file identity: the streamed file is exactly what save_pretrained writes after apply_emoe
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    emoe.apply_emoe(model, n_experts=N_EXPERTS, top_k=2, layers="0", enable=False)
+    model.save_pretrained(tmp_path / "in_memory")
+    assert (dst / "model.safetensors").read_bytes() == (tmp_path / "in_memory" / "model.safetensors").read_bytes()
     model = emoe.load_emoe_model(dst)
     assert [m.layer_idx for m in emoe.emoe_modules(model)] == [0]
 

@@ -95,6 +95,8 @@ def test_bad_options(src):
     convert_fails(src, r"top_k=9 must satisfy", top_k=9)
     convert_fails(src, r"EMoE layer 4 is out of range", layers="4")
     convert_fails(src, r"dtype must be one of", dtype="int8")
+    if not torch.cuda.is_available():
+        convert_fails(src, r"device 'cuda' requested but CUDA is not available", device="cuda")
 
 
 def test_unsupported_model_type_and_already_converted(src):

@@ -103,8 +103,10 @@ def convert_checkpoint(
         _cluster_layers(source, ws, settings, n_init=n_init, max_iter=max_iter, device=device, progress=progress,
                         counters=counters, on_step=on_step)
         settings.clustering = {k: ws.layers[k] for k in sorted(ws.layers, key=int)}
+        counters["cluster_seconds"] = time.perf_counter() - start
         out_bytes = _write_shards(source, ws, settings, out_dtype, progress=progress, counters=counters,
                                   on_step=on_step)
+        counters["write_seconds"] = time.perf_counter() - start - counters["cluster_seconds"]
         _write_metadata_files(source, ws, settings, out_dtype, out_bytes)
         summary = _summary(source, dst, settings, dtype, counters, out_bytes, start)
         (ws.path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -272,6 +274,8 @@ def _write_metadata_files(source, ws: Workspace, settings, out_dtype, data_bytes
         (ws.path / SAFE_INDEX).write_text(json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2) + "\n")
     for name in source.other_files():
         shutil.copy2(source.root / name, ws.path / name)
+    for sub in sorted(p.name for p in source.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        source.notes.append(f"subdirectory {sub}/ of SRC was not copied (e.g. original/ consolidated weights)")
 
 
 def peak_rss_bytes() -> int:
@@ -298,6 +302,8 @@ def _summary(source, dst: Path, settings, dtype: str, counters, data_bytes, star
         "dtype": dtype,
         "emoe": settings.to_dict(),
         "seconds": round(time.perf_counter() - start, 3),
+        "cluster_seconds": round(counters["cluster_seconds"], 3),  # this run only (a resumed run skips done layers)
+        "write_seconds": round(counters["write_seconds"], 3),
         "bytes_read": counters["bytes_read"],
         "bytes_written": sum(data_bytes.values()),
         "shards": len(data_bytes),
@@ -312,7 +318,8 @@ def format_summary(summary: dict) -> str:
     gib = 1024**3
     e = summary["emoe"]
     lines = [
-        f"converted {summary['src']} -> {summary['dst']} in {summary['seconds']:.1f} s",
+        f"converted {summary['src']} -> {summary['dst']} in {summary['seconds']:.1f} s "
+        f"(clustering {summary['cluster_seconds']:.1f} s, writing {summary['write_seconds']:.1f} s)",
         f"  EMoE: {e['n_experts']} experts, top-{e['top_k']}, layers {e['layers']}; "
         f"clustered+permuted {len(e['permuted_layers'])} layers ({e['method']}, seed {e['seed']})",
         f"  read {summary['bytes_read'] / gib:.2f} GiB, wrote {summary['bytes_written'] / gib:.2f} GiB "

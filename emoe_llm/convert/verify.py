@@ -76,6 +76,7 @@ def verify_checkpoint(
     out_dtype = OUTPUT_DTYPES.get(_recorded_dtype(dst), None)
     if not _check_structure(source, target, out_dtype, fail):
         return report
+    _check_index_total(target, fail)
     report["checks"]["structure"] = f"{len(target.tensors)} tensors in {len(target.shards)} shard(s)"
     permuted = {name for i in settings.permuted_layers for name in mlp_tensor_names(i, source).values()}
     if check_copied:
@@ -174,6 +175,13 @@ def _check_structure(source, target, out_dtype, fail) -> bool:
             ok = False
             fail(f"'{name}': DST has {got.dtype}{list(got.shape)}, expected {want_dtype}{list(meta.shape)}")
     return ok
+
+
+def _check_index_total(target: SourceCheckpoint, fail) -> None:
+    total = target.index_metadata.get("total_size")
+    actual = sum(m.nbytes for m in target.tensors.values())
+    if total is not None and total != actual:
+        fail(f"{target.root}: index metadata total_size is {total} but the tensors hold {actual} bytes")
 
 
 def _same_bytes(source: SourceCheckpoint, target: SourceCheckpoint, name: str, out_dtype) -> bool:
