@@ -6,6 +6,7 @@ import json
 import pytest
 
 from emoe_llm.data import IGNORE_INDEX, encode_conversation, load_tokenizer, read_source, resolve_template
+from emoe_llm.data import stop_token_ids
 from emoe_llm.tiny import DATA_DIR
 
 TOK = DATA_DIR / "tokenizers"
@@ -93,6 +94,7 @@ def test_llama3_tokenizer_pad_is_reserved_token_and_own_template(llama3):
     assert len(llama3) == 128256 and llama3("Hello world").input_ids == [128000, 9906, 1917]
     assert llama3.pad_token == "<|reserved_special_token_0|>" and llama3.pad_token_id != llama3.eos_token_id
     assert resolve_template("auto", llama3)[0] == "tokenizer"
+    assert stop_token_ids(llama3) == [llama3.eos_token_id, llama3.convert_tokens_to_ids("<|eot_id|>")]
 
 
 def test_train_on_prompt_trains_every_token_but_the_first(llama3):

@@ -12,10 +12,10 @@ from .encode import IGNORE_INDEX, encode_conversation, encode_text
 from .formats import DataError, DataFileNotFoundError, read_source
 from .pipeline import build_sft_datasets
 from .templates import TemplateError, resolve_template
-from .tokenizer import load_tokenizer
+from .tokenizer import load_tokenizer, stop_token_ids
 
 __all__ = [
     "DataConfig", "DataSource", "data_config_from_dict", "build_sft_datasets", "SFTCollator", "load_tokenizer",
     "DataError", "DataFileNotFoundError", "TemplateError", "IGNORE_INDEX", "encode_conversation", "encode_text",
-    "read_source", "resolve_template",
+    "read_source", "resolve_template", "stop_token_ids",
 ]

@@ -71,3 +71,19 @@ def _ensure_pad_token(tok, add_if_needed: bool) -> None:
     logging.getLogger(__name__).warning(
         "added a new <pad> token (id %d): resize the model's embeddings to len(tokenizer)=%d", tok.pad_token_id, len(tok)
     )
+
+
+# End-of-turn markers that chat templates write instead of (or before) EOS.
+_END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|eom_id|>")
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Token ids that should end generation: EOS plus the end-of-turn markers the vocabulary has.
+
+    Llama-3 chat turns end with ``<|eot_id|>`` (our labels train ``<|eot_id|><|end_of_text|>`` at the end), so a
+    generation loop or ``generation_config.eos_token_id`` should stop on either.
+    """
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[t] for t in _END_OF_TURN_TOKENS if t in vocab and vocab[t] not in ids]
+    return ids
