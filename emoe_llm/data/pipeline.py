@@ -151,7 +151,7 @@ def tokenize_source(src: DataSource, cfg: DataConfig, tokenizer, *, get_template
 def _split(ds, fraction: float, seed: int):
     if fraction <= 0 or len(ds) < 2:
         return ds, None
-    n_eval = max(1, int(round(len(ds) * fraction)))
+    n_eval = min(max(1, int(round(len(ds) * fraction))), len(ds) - 1)  # keep at least one training row
     perm = np.random.default_rng(seed).permutation(len(ds))
     return (ds.select(np.sort(perm[n_eval:]), keep_in_memory=True),
             ds.select(np.sort(perm[:n_eval]), keep_in_memory=True))
