@@ -1,0 +1,181 @@
+"""slurm/local_cpu.sh on a real 2-node Slurm cluster (tests/slurm_cluster.py): the same script path as the GPU jobs.
+
+1. `sbatch --wait` across 2 nodes: conversion, ZeRO-3 training over 2 gloo ranks (one torchrun per node, rank r on
+   node r+1), export, COMPLETED, and the run snapshot.
+2. The preemption signal mid-run (`scancel --batch --signal=USR1`, what `#SBATCH --signal=B:USR1@...` sends before the
+   time limit): every rank checkpoints, the job requeues itself, the requeued attempt skips the conversion and resumes;
+   every optimizer step is logged exactly once and the losses equal the uninterrupted run of test 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import REPO, SlurmCluster, SlurmUnavailable, pid_alive
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+MAX_STEPS = 16  # tiny_cpu.yaml saves every 8 steps; 2 ranks x micro 2 x accum 2
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Not under pytest's tmp_path: munged (user munge) must traverse to its socket, and pytest's dirs are 0700.
+    base = Path(tempfile.mkdtemp(prefix="emoe-slurm-"))
+    base.chmod(0o755)
+    c = SlurmCluster(base / "cluster", nodes=2, cpus_per_node=2)
+    try:
+        c.start()
+    except SlurmUnavailable as e:
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.skip(f"no local Slurm cluster: {e}")
+    try:
+        if c.hosts_mode() != "unshare":
+            pytest.skip(f"rank placement needs per-node hostnames (unshare -m -u, root); hosts mode is {c.hosts_mode()}")
+        yield c
+    finally:
+        pids = c.stop()
+        still = {name: pid for name, pid in pids.items() if pid_alive(pid)}
+        shutil.rmtree(base, ignore_errors=True)
+        assert pids and not still, f"daemons not stopped by PID: {still} (recorded: {pids})"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Shared by both jobs: the first builds + converts the tiny model, later attempts find it verified."""
+    d = tmp_path_factory.mktemp("slurm_models")
+    return {"MODEL": str(d / "dense"), "EMOE_MODEL": str(d / "emoe")}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Per-step losses of the uninterrupted run (test 1), for the resumed run of test 2."""
+    return {}
+
+
+def job_env(models: dict, output_dir: Path) -> dict:
+    # OMP_NUM_THREADS=1: two "nodes" share this machine's cores
+    return {**models, "OUTPUT_DIR": str(output_dir), "OMP_NUM_THREADS": "1"}
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def step_losses(records: list[dict]) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in records if "event" not in r and "loss" in r]
+
+
+def log_of(pattern: Path) -> str:
+    files = sorted(pattern.parent.glob(pattern.name))
+    return "\n".join(f.read_text(errors="replace") for f in files)
+
+
+def test_local_cpu_two_nodes(cluster, models, reference, tmp_path):
+    out = tmp_path / "run"
+    t0 = time.time()
+    proc = cluster.run(
+        ["sbatch", "--wait", "--parsable", f"--output={tmp_path}/slurm-%j.out", "slurm/local_cpu.sh",
+         f"train.max_steps={MAX_STEPS}"],
+        timeout=400, check=False, **job_env(models, out),
+    )
+    log = log_of(tmp_path / "slurm-*.out")
+    assert proc.returncode == 0, f"sbatch --wait exit {proc.returncode}\n{proc.stderr}\n{log[-6000:]}"
+    job_id = proc.stdout.split()[0]
+    elapsed = time.time() - t0
+
+    # training finished, every step once, and the export exists
+    completed = json.loads((out / "COMPLETED").read_text())
+    assert completed["step"] == MAX_STEPS
+    final = Path(completed["final"])
+    assert final == out / "final" and (final / "config.json").is_file(), log[-3000:]
+    assert list(final.glob("*.safetensors")), f"no weights in {final}: {os.listdir(final)}"
+    assert "emoe" in json.loads((final / "config.json").read_text()), "final/ is not an EMoE export"
+    losses = step_losses(read_metrics(out / "metrics.jsonl"))
+    assert [s for s, _ in losses] == list(range(1, MAX_STEPS + 1))
+
+    # rank placement: 2 ranks, one per node, rank r on node n(r+1) (node rank = SLURM_NODEID)
+    env = json.loads((out / "run" / "environment.json").read_text())
+    assert env["hosts_by_rank"] == ["n1", "n2"], env["hosts_by_rank"]
+    assert env["env"]["WORLD_SIZE"] == "2" and env["env"]["LOCAL_WORLD_SIZE"] == "1"
+    assert env["env"]["MASTER_ADDR"] == "n1" and env["env"]["SLURM_JOB_ID"] == job_id
+
+    # conversion ran (first job of the module) and verified; the run snapshot of attempt 0 is complete
+    assert "converted and verified" in log or "conversion skipped" in log, log[-3000:]
+    snap = out / "run" / "slurm" / f"{job_id}.0"
+    assert "#SBATCH --signal=B:USR1@" in (snap / "batch_script.sh").read_text()   # scontrol write batch_script
+    assert (snap / "git.txt").read_text().strip()
+    env_txt = (snap / "env.txt").read_text()
+    assert f"SLURM_JOB_ID={job_id}\n" in env_txt and "MASTER_PORT=" in env_txt
+    assert f"output_dir: {out}" in (snap / "config.yaml").read_text()                  # resolved recipe
+    ds = json.loads((snap / "ds_config.json").read_text())                             # filled for 2 ranks
+    assert ds["train_batch_size"] == 8 and ds["zero_optimization"]["stage"] == 3
+    assert "NodeList=n[1-2]" in (snap / "job.txt").read_text()
+    assert (snap / "slurm.out").resolve() == Path(f"{tmp_path}/slurm-{job_id}.out")
+    reference["losses"] = dict(losses)
+    print(f"local_cpu.sh on 2 nodes: {MAX_STEPS} steps in {elapsed:.0f} s (job {job_id})")
+
+
+def test_preemption_requeue_resume(cluster, models, reference, tmp_path):
+    out = tmp_path / "run"
+    log_pattern = tmp_path / "slurm-*.out"
+    stdout = tmp_path / "sbatch.out"
+    t0 = time.time()
+    with open(stdout, "w") as f:
+        sbatch = subprocess.Popen(
+            ["sbatch", "--wait", "--parsable", f"--output={tmp_path}/slurm-%j.out", "slurm/local_cpu.sh",
+             f"train.max_steps={MAX_STEPS}"],
+            stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=cluster.env(**job_env(models, out)),
+        )
+    try:
+        # mid-run: wait for optimizer step 2 of attempt 0, then send what --signal=B:USR1@... sends
+        deadline = time.time() + 300
+        while not any(s >= 2 for s, _ in step_losses(read_metrics(out / "metrics.jsonl"))):
+            assert sbatch.poll() is None, f"job ended before step 2:\n{stdout.read_text()}\n{log_of(log_pattern)[-6000:]}"
+            assert time.time() < deadline, f"no step 2 after 300 s:\n{log_of(log_pattern)[-6000:]}"
+            time.sleep(0.2)
+        job_id = stdout.read_text().split()[0]
+        cluster.run(["scancel", "--batch", "--signal=USR1", job_id])
+        rc = sbatch.wait(timeout=400)
+    finally:
+        if sbatch.poll() is None:
+            sbatch.kill()
+    log = log_of(log_pattern)
+    assert rc == 0, f"sbatch --wait exit {rc}\n{log[-6000:]}"
+    elapsed = time.time() - t0
+
+    # the job checkpointed, requeued itself (same job id, attempt 1), skipped the conversion and resumed
+    records = read_metrics(out / "metrics.jsonl")
+    preempted = [r for r in records if r.get("event") == "preempted"]
+    resumed = [r for r in records if r.get("event") == "resume"]
+    assert len(preempted) == 1 and len(resumed) == 1, [r for r in records if "event" in r]
+    stop_step = preempted[0]["step"]
+    assert 2 <= stop_step < MAX_STEPS and resumed[0]["step"] == stop_step
+    assert "got SIGUSR1" in log and f"requeueing job {job_id}" in log, log[-6000:]
+    assert f"job {job_id} attempt 1:" in log and "conversion skipped" in log.split(f"job {job_id} attempt 1:")[1]
+    assert (out / "run" / "slurm" / f"{job_id}.0").is_dir() and (out / "run" / "slurm" / f"{job_id}.1").is_dir()
+    launches = [json.loads(line) for line in (out / "run" / "launches.jsonl").read_text().splitlines()]
+    assert len(launches) == 2 and launches[0]["resumed_from"] is None
+    assert launches[1]["resumed_from"].endswith(f"step_{stop_step:08d}")
+    assert launches[1]["env"]["SLURM_JOB_ID"] == job_id and launches[1]["env"]["SLURM_RESTART_COUNT"] == "1"
+    assert not (out / "STOP").exists()
+
+    # finished from the checkpoint: no lost and no repeated step, and the export exists
+    losses = step_losses(records)
+    assert [s for s, _ in losses] == list(range(1, MAX_STEPS + 1)), [s for s, _ in losses]
+    assert json.loads((out / "COMPLETED").read_text())["step"] == MAX_STEPS
+    assert list((out / "final").glob("*.safetensors"))
+    if "losses" in reference:  # the same recipe uninterrupted (test 1): resuming changed nothing
+        for step, loss in losses:
+            assert loss == pytest.approx(reference["losses"][step], rel=1e-5), f"step {step} (stopped at {stop_step})"
+    print(f"preempted at step {stop_step}, requeued, resumed: {MAX_STEPS} steps in {elapsed:.0f} s (job {job_id})")
