@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS = {
     "convert": ("emoe_llm.convert.cli_convert", "convert a dense HF safetensors checkpoint to EMoE, shard by shard"),
     "verify": ("emoe_llm.convert.cli_verify", "check a converted checkpoint against its source"),
+    "data": ("emoe_llm.data.inspect", "validate instruction data and show tokenized examples with the masked parts"),
     "train": ("emoe_llm.train.launch", "fine-tune (dense or EMoE) with DeepSpeed ZeRO-3 (wraps the deepspeed launcher)"),
     "eval": ("emoe_llm.eval.cli", "evaluate an HF checkpoint (MMLU 5-shot from local CSVs, held-out loss)"),
     "demo": ("emoe_llm.demo", "the whole pipeline on a tiny embedded Llama on CPU: convert, ZeRO-3 train, export, eval"),
