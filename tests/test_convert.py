@@ -192,6 +192,23 @@ def test_resume_refuses_other_options(sharded_fp32, tmp_path):
     assert verify_checkpoint(sharded_fp32, dst, check_logits=False)["ok"]
 
 
+def test_second_run_into_same_dst_is_locked_out(sharded_fp32, tmp_path):
+    dst = tmp_path / "out"
+    options = dict(n_experts=N_EXPERTS, top_k=2, layers="1", progress=False)
+    errors = []
+
+    def start_another(step, info):
+        if step == "layer":
+            with pytest.raises(ConversionError, match="another emoe-llm convert is writing") as e:
+                convert_checkpoint(sharded_fp32, dst, **options)
+            errors.append(e.value)
+
+    convert_checkpoint(sharded_fp32, dst, on_step=start_another, **options)
+    assert len(errors) == 1
+    assert verify_checkpoint(sharded_fp32, dst, check_logits=False)["ok"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "lock and workspace must be gone"
+
+
 def test_overwrite_rules(sharded_fp32, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()

@@ -97,7 +97,11 @@ def convert_checkpoint(
         "dtype": dtype, "device": str(device),
     }
     ws = Workspace.open(dst, key, resume=resume, log=log)
-    _check_disk_space(source, ws, out_dtype)
+    try:
+        _check_disk_space(source, ws, out_dtype)
+    except ConversionError:
+        ws.release() if (ws.layers or ws.shards) else ws.discard()  # finished work stays for --resume
+        raise
     counters = {"bytes_read": 0}
     try:
         _cluster_layers(source, ws, settings, n_init=n_init, max_iter=max_iter, device=device, progress=progress,
@@ -115,6 +119,7 @@ def convert_checkpoint(
         ws.discard()  # bad input found mid-way: nothing here is worth resuming
         raise
     except BaseException:
+        ws.release()
         log(f"conversion stopped; finished work is kept in {ws.path}; rerun with --resume to continue")
         raise
     return summary
@@ -145,8 +150,6 @@ def _check_disk_space(source: SourceCheckpoint, ws: Workspace, out_dtype) -> Non
     )
     free = shutil.disk_usage(ws.path).free
     if todo > free:
-        if not ws.layers and not ws.shards:  # keep a resumable run's finished work
-            ws.discard()
         raise ConversionError(
             f"not enough disk space beside DST: the conversion still needs {todo / 2**30:.2f} GiB, "
             f"{ws.path.parent} has {free / 2**30:.2f} GiB free"

@@ -36,10 +36,26 @@ class Workspace:
         self.key = key
         self.layers: dict[str, dict] = {}  # "28" -> clustering stats
         self.shards: dict[str, int] = {}  # output shard -> size in bytes
+        self._lock = None
 
     @classmethod
     def open(cls, dst: Path, key: dict, *, resume: bool, log=print) -> "Workspace":
-        """Start a fresh workspace, or with ``resume`` pick up the finished steps of a matching one."""
+        """Start a fresh workspace, or with ``resume`` pick up the finished steps of a matching one.
+
+        Holds an exclusive lock on DST until ``finalize``/``discard``/``release``: two jobs converting into the same
+        DST (a Slurm job submitted twice) must not write the same files.
+        """
+        lock = _lock_dst(dst)
+        try:
+            ws = cls._open_locked(dst, key, resume=resume, log=log)
+        except BaseException:
+            _unlock(lock)
+            raise
+        ws._lock = lock
+        return ws
+
+    @classmethod
+    def _open_locked(cls, dst: Path, key: dict, *, resume: bool, log) -> "Workspace":
         path = partial_dir_for(dst)
         if path.exists():
             manifest = _read_manifest(path)
@@ -117,9 +133,38 @@ class Workspace:
         _fsync_dir(dst.parent)
         if old is not None:
             shutil.rmtree(old)
+        self.release()
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        self.release()
+
+    def release(self) -> None:
+        """Let another run use this DST (the partial work, if any, stays for --resume)."""
+        _unlock(self._lock)
+        self._lock = None
+
+
+def _lock_dst(dst: Path):
+    import fcntl
+
+    path = dst.parent / f".{dst.name}.emoe-lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConversionError(f"another emoe-llm convert is writing {dst} right now (lock {path} is held)") from None
+    except OSError:
+        pass  # filesystem without flock support (some NFS mounts): go on unlocked
+    return fd, path
+
+
+def _unlock(lock) -> None:
+    if lock is not None:
+        fd, path = lock
+        path.unlink(missing_ok=True)  # while still holding it, so no one locks a file about to vanish
+        os.close(fd)
 
 
 def _read_manifest(path: Path) -> dict | None:
