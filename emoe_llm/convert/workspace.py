@@ -115,9 +115,11 @@ class Workspace:
 
     # --- the end ------------------------------------------------------------------------------------------------
     def finalize(self, dst: Path, *, overwrite: bool) -> None:
-        """Drop the bookkeeping and move the finished conversion onto DST in one rename."""
-        shutil.rmtree(self.path / "labels")
-        (self.path / MANIFEST).unlink()
+        """Move the finished conversion onto DST in one rename, then drop the bookkeeping.
+
+        The manifest goes last, so a crash at any point here leaves either a resumable workspace or a complete DST.
+        """
+        shutil.rmtree(self.path / "labels")  # a resume without them only re-clusters (has_layer checks the files)
         old = None
         if dst.exists():
             if any(dst.iterdir()):
@@ -131,6 +133,7 @@ class Workspace:
                 dst.rmdir()
         os.rename(self.path, dst)
         _fsync_dir(dst.parent)
+        (dst / MANIFEST).unlink()
         if old is not None:
             shutil.rmtree(old)
         self.release()
