@@ -122,7 +122,9 @@ def prepare_model_path(cfg: RecipeConfig, *, rank: int) -> Path:
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"model.path: {src}/config.json not found (expected an HF checkpoint dir)")
     has_emoe = bool(json.loads((src / "config.json").read_text()).get("emoe"))
-    if cfg.model.mode == "dense" or has_emoe or not cfg.model.convert:
+    # mode dense converts too: the permutation keeps the dense function, and the exported model can then be run
+    # with the expert mask at inference (the paper's "LoRA2EMoE") and compared with the EMoE run key for key.
+    if has_emoe or not cfg.model.convert:
         if cfg.model.mode == "emoe" and not has_emoe:
             raise ConfigError(
                 f"model.mode=emoe but {src}/config.json has no 'emoe' block: convert it first "

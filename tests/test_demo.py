@@ -1,0 +1,27 @@
+"""`emoe-llm demo`: the README's one command (tiny model -> convert -> ZeRO-3 on 2 CPU ranks -> export -> MMLU)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "emoe_llm.cli", "demo", "--output", str(out), "--steps", "6",
+         "--subjects", "abstract_algebra,marketing", "--limit", "3"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    text = proc.stdout
+    assert "converted it to EMoE" in text and "ZeRO-3, 2 CPU ranks" in text
+    assert "max |logit diff| vs the ZeRO-3 model: 0.00e+00 emoe, 0.00e+00 dense" in text
+    assert "MMLU val 5-shot" in text and "on 6 questions" in text
+    final = out / "train" / "final"
+    assert (out / "train" / "COMPLETED").is_file() and (final / "model.safetensors").is_file()
+    assert json.loads((final / "config.json").read_text())["emoe"]["top_k"] == 4
+    res = json.loads((out / "mmlu_val.json").read_text())
+    assert res["overall"]["n"] == 6

@@ -1,0 +1,117 @@
+"""MMLU from the shipped CSVs: prompt format, letter scoring, and `emoe-llm eval` on a tiny checkpoint."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from emoe_llm.data import load_tokenizer
+from emoe_llm.eval.mmlu import (
+    CHOICES,
+    Question,
+    _read_csv,
+    answer_token_ids,
+    build_prompt,
+    evaluate_mmlu,
+    list_subjects,
+)
+from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint
+
+MMLU = DATA_DIR / "eval" / "mmlu"
+SUBJECTS = ["abstract_algebra", "anatomy", "marketing"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from emoe_llm.emoe import apply_emoe
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("mmlu")
+    dense = save_tiny_checkpoint(root / "dense", tokenizer_dir=DATA_DIR / "tokenizers" / "tiny_llama3_style")
+    model = AutoModelForCausalLM.from_pretrained(dense)
+    apply_emoe(model, n_experts=16, top_k=4, layers="2,3")
+    model.save_pretrained(root / "emoe")
+    load_tokenizer(dense).save_pretrained(root / "emoe")
+    return {"dense": dense, "emoe": root / "emoe"}
+
+
+def test_shipped_mmlu_files_parse():
+    subjects = list_subjects(MMLU, "val")
+    assert len(subjects) == 57 and list_subjects(MMLU, "dev") == subjects
+    n_val = sum(len(_read_csv(MMLU / "val" / f"{s}_val.csv", s)) for s in subjects)
+    assert n_val == 1543  # data/LICENSES.md: pre-release snapshot of hendrycks/test
+    for s in subjects:
+        assert len(_read_csv(MMLU / "dev" / f"{s}_dev.csv", s)) == 5
+
+
+def test_prompt_format_is_the_original():
+    shot = Question("high_school_geography", "Q1?", ("a", "b", "c", "d"), "C")
+    q = Question("high_school_geography", "Q2?", ("e", "f", "g", "h"), "A")
+    assert build_prompt([shot], q) == (
+        "The following are multiple choice questions (with answers) about high school geography.\n\n"
+        "Q1?\nA. a\nB. b\nC. c\nD. d\nAnswer: C\n\n"
+        "Q2?\nA. e\nB. f\nC. g\nD. h\nAnswer:"
+    )
+
+
+@pytest.mark.parametrize("tok", ["tiny_llama3_style", "llama2", "llama3"])
+def test_answer_letters_are_single_tokens(tok):
+    ids = answer_token_ids(load_tokenizer(DATA_DIR / "tokenizers" / tok))
+    assert len(set(ids)) == 4
+
+
+def test_scores_match_a_manual_forward(tiny):
+    """evaluate_mmlu's batched, left-padded scoring == argmax of the next-token log-probs of each prompt alone."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["dense"], dtype=torch.float32)
+    tok = load_tokenizer(tiny["dense"])
+    res = evaluate_mmlu(model, tok, MMLU, split="val", shots=2, subjects=SUBJECTS[:2], limit=4, batch_size=3,
+                        progress=False)
+    letters = torch.tensor(answer_token_ids(tok))
+    correct = 0
+    for s in SUBJECTS[:2]:
+        dev = _read_csv(MMLU / "dev" / f"{s}_dev.csv", s)[:2]
+        for q in _read_csv(MMLU / "val" / f"{s}_val.csv", s)[:4]:
+            ids = tok(build_prompt(dev, q), add_special_tokens=False)["input_ids"]
+            ids = [tok.bos_token_id] + ids if tok("a")["input_ids"][0] == tok.bos_token_id else ids
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, -1]
+            correct += int(CHOICES[int(logits[letters].argmax())] == q.answer)
+    assert res["overall"]["n"] == 8
+    assert res["overall"]["acc"] == pytest.approx(correct / 8)
+    assert set(res["subjects"]) == set(SUBJECTS[:2])
+
+
+def test_shots_are_dropped_to_fit(tiny):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["dense"])
+    res = evaluate_mmlu(model, load_tokenizer(tiny["dense"]), MMLU, shots=5, subjects=["high_school_european_history"],
+                        limit=2, max_length=400, progress=False)
+    assert res["settings"]["mean_shots_used"] < 5 and res["overall"]["n"] == 2
+
+
+def test_eval_cli_on_shipped_val(tiny, tmp_path):
+    out = tmp_path / "res.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "emoe_llm.cli", "eval", str(tiny["emoe"]), "--tasks", "mmlu", "--split", "val",
+         "--shots", "5", "--subjects", ",".join(SUBJECTS), "--limit", "5", "--output", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mode emoe" in proc.stdout and "overall" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["mode"] == "emoe" and res["overall"]["n"] == 15
+    assert set(res["categories"]) == {"STEM", "other (business, health, misc.)"}
+    assert 0.0 <= res["overall"]["acc"] <= 1.0
+    # dense mode on the same weights; an unknown subject is a clear error
+    proc = subprocess.run([sys.executable, "-m", "emoe_llm.cli", "eval", str(tiny["emoe"]), "--mode", "dense",
+                           "--subjects", "astrology", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unknown MMLU subject(s) ['astrology']" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "emoe_llm.cli", "eval", str(tiny["dense"]), "--mode", "emoe"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no 'emoe' block" in proc.stderr
