@@ -102,7 +102,7 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 # Compute nodes usually have no internet: model and tokenizer are local paths, so never wait on the Hub.
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
-emoe_log "job $SLURM_JOB_ID attempt ${SLURM_RESTART_COUNT:-0}: $NNODES node(s) [$SLURM_JOB_NODELIST] x $NPROC_PER_NODE" \
+emoe_log "job $SLURM_JOB_ID attempt ${SLURM_RESTART_COUNT:-0}: $NNODES node(s) [${SLURM_JOB_NODELIST:-}] x $NPROC_PER_NODE" \
   "proc(s) = $WORLD_SIZE ranks; rendezvous $MASTER_ADDR:$MASTER_PORT; output $OUTPUT_DIR"
 
 # ---- 4. helpers
