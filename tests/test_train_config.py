@@ -107,7 +107,7 @@ def test_token_ce_sum_shifts_and_masks():
 
 def test_train_args_reject_stray_arguments():
     args = parse_args(["--config", "c.yaml", "train.lr=1", "--local_rank=1"])
-    assert args.overrides == ["train.lr=1"] and args.ds_config == "ds_configs/z3.json"
+    assert args.overrides == ["train.lr=1"] and args.ds_config == str(REPO / "ds_configs" / "z3.json")
     with pytest.raises(SystemExit):
         parse_args(["--config", "c.yaml", "stray"])
 

@@ -25,12 +25,15 @@ import argparse
 import json
 import math
 import os
+import random
 import signal
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -49,6 +52,7 @@ from .config import (
 )
 
 IGNORE_INDEX = -100
+DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "z3.json"
 NAN_FAULT_ENV = "EMOE_LLM_INJECT_NAN_AT_STEP"  # testing hook: rank 0 gets a NaN loss at that optimizer step
 
 
@@ -64,8 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(dots for nesting: train.lr=1e-5 model.mode=dense).",
     )
     p.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
-    p.add_argument("--ds_config", "--deepspeed", dest="ds_config", default="ds_configs/z3.json",
-                   help="DeepSpeed JSON (ZeRO stage, offload, precision); default ds_configs/z3.json")
+    p.add_argument("--ds_config", "--deepspeed", dest="ds_config", default=str(DEFAULT_DS_CONFIG),
+                   help="DeepSpeed JSON (ZeRO stage, offload, precision); default: the repo's ds_configs/z3.json")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     args = p.parse_args(argv)
@@ -162,7 +166,10 @@ def load_model(cfg: RecipeConfig, path: Path, *, dtype: torch.dtype, zero3: bool
         settings = enable_emoe(model, top_k=cfg.model.top_k, layers=cfg.model.layers)
         log0(f"EMoE: layers {settings.layers}, {settings.n_experts} experts, top-{settings.top_k}")
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = add_lora(model, cfg)
     return model
@@ -380,6 +387,9 @@ class StopRequest:
 
 
 def main(argv=None) -> int:
+    # DeepSpeed still calls the torch 2.x collective names; one warning per call site per rank is noise in job logs.
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
+                            category=FutureWarning)
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     check_runnable(cfg)
@@ -411,8 +421,8 @@ def main(argv=None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     zero3 = ds_zero_stage(ds_config) == 3
     config_yaml = dump_config(cfg)
-    deepspeed.runtime.utils.set_random_seed(cfg.seed) if hasattr(deepspeed.runtime.utils, "set_random_seed") \
-        else torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
     # ---- data (rank 0 tokenizes and fills the cache first; the other ranks then read it)
