@@ -5,9 +5,9 @@
 
 The checkpoint (hidden 6656, d_ff 17920, 52 heads, bf16; small vocab, which does not change the per-layer bound) is
 streamed to disk with the package's own ShardWriter in ~0.6 GiB shards, arranged so that one converted layer's MLP
-straddles two shards. The conversion then runs in a fresh subprocess, whose peak RSS (the kernel's high-water mark: every
-resident page, mmapped ones included; VmHWM) is compared with the bytes of one layer's three MLP tensors. The claim under
-test: peak RSS <= 2 x MLP bytes + a constant, whatever the number of layers.
+straddles two shards. The conversion then runs in a fresh subprocess, whose peak RSS (VmHWM, the kernel's high-water
+mark: every resident page, mmapped ones included) is compared with the bytes of one layer's three MLP tensors. The
+claim under test: peak RSS <= 2 x MLP bytes + a constant, whatever the number of layers.
 """
 
 from __future__ import annotations
@@ -162,8 +162,8 @@ def main() -> None:
     if verify is not None:
         print(f"verify (streamed: structure, byte-compare of copied tensors, per-layer MLP outputs): "
               f"{'OK' if verify['ok'] else 'FAILED ' + str(verify['failures'])} in {verify['seconds']:.1f} s, "
-              f"peak RSS {verify['peak_rss_bytes'] / gib:.3f} GiB "
-              f"({(verify['peak_rss_bytes'] - verify['baseline_rss_bytes']) / mlp_bytes:.2f} x MLP bytes above imports)")
+              f"peak RSS {verify['peak_rss_bytes'] / gib:.3f} GiB ("
+              f"{(verify['peak_rss_bytes'] - verify['baseline_rss_bytes']) / mlp_bytes:.2f} x MLP bytes above imports)")
     print(f"one layer's MLP tensors (bf16): {mlp_bytes / gib:.3f} GiB")
     print(f"bytes read {summary['bytes_read'] / gib:.2f} GiB, written {summary['bytes_written'] / gib:.2f} GiB")
     print(f"conversion: {summary['seconds']:.1f} s total; clustering {sum(cluster_s) / len(cluster_s):.1f} s/layer "

@@ -229,7 +229,8 @@ def _write_shards(source, ws: Workspace, settings, out_dtype, *, progress, count
     for shard in source.shards:
         names = source.names_in(shard)
         out_name = output_shard_name(shard)
-        entries = [OutputEntry(n, _out_dtype_code(source.tensors[n], out_dtype), source.tensors[n].shape) for n in names]
+        metas = [source.tensors[n] for n in names]
+        entries = [OutputEntry(m.name, _out_dtype_code(m, out_dtype), m.shape) for m in metas]
         data_bytes[out_name] = sum(e.nbytes for e in entries)
         shard_in_bytes = sum(source.tensors[n].nbytes for n in names)
         if out_name in ws.shards:
@@ -326,9 +327,11 @@ def format_summary(summary: dict) -> str:
         f"  EMoE: {e['n_experts']} experts, top-{e['top_k']}, layers {e['layers']}; "
         f"clustered+permuted {len(e['permuted_layers'])} layers ({e['method']}, seed {e['seed']})",
         f"  read {summary['bytes_read'] / gib:.2f} GiB, wrote {summary['bytes_written'] / gib:.2f} GiB "
-        f"in {summary['shards']} shard(s), dtype {summary['dtype']}, peak RSS {summary['peak_rss_bytes'] / gib:.2f} GiB",
+        f"in {summary['shards']} shard(s), dtype {summary['dtype']}, "
+        f"peak RSS {summary['peak_rss_bytes'] / gib:.2f} GiB",
         "  clustering inertia per layer: "
-        + ", ".join(f"{k}: {v:.4g}" if isinstance(v, (int, float)) else f"{k}: -" for k, v in summary["inertia"].items()),
+        + ", ".join(f"{k}: {v:.4g}" if isinstance(v, (int, float)) else f"{k}: -"
+                    for k, v in summary["inertia"].items()),
     ]
     lines += [f"  note: {n}" for n in summary.get("notes", [])]
     return "\n".join(lines)

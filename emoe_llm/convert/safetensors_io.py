@@ -193,7 +193,8 @@ class ShardWriter:
     def write_chunks(self, name: str, chunks: Iterable[memoryview | bytes]) -> None:
         if self._next >= len(self.order) or self.order[self._next] != name:
             expected = self.order[self._next] if self._next < len(self.order) else "nothing"
-            raise RuntimeError(f"{self.path}: tensors must be written in header order: got '{name}', expected {expected}")
+            raise RuntimeError(f"{self.path}: tensors must be written in header order: got '{name}', "
+                               f"expected {expected}")
         written = 0
         for chunk in chunks:
             self._file.write(chunk)

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from .errors import ConversionError
-from .safetensors_io import CHUNK_BYTES, DTYPE_CODES, DTYPES, TensorInfo, iter_tensor_bytes, read_header, read_tensor, tensor_bytes
+from .safetensors_io import (
+    CHUNK_BYTES, DTYPE_CODES, DTYPES, TensorInfo, iter_tensor_bytes, read_header, read_tensor, tensor_bytes,
+)
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
