@@ -54,14 +54,15 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=16)
     p.add_argument("--emoe-layers", default="paper", help="'paper' (last two even layers), 'all', or '12,14'")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 5 on GPU, 3 on CPU)")
-    p.add_argument("--steps", type=int, help="timed steps per variant per round (default 5 on GPU, 2 on CPU)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before the first round")
+    p.add_argument("--steps", type=int, help="timed steps per variant per round (default 5 on GPU, 1 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed steps per variant before the first round (2 GPU, 1 CPU)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (recompute is not in MFU)")
     p.add_argument("--attn", default=None, help="attn_implementation (default sdpa)")
     p.add_argument("--peak-tflops", type=float, help="override the peak table (per device)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     args = p.parse_args(argv)
-    defaults = dict(seq=(2048, 256), micro_batch=(4, 1), dtype=("bfloat16", "float32"), rounds=(5, 3), steps=(5, 2))
+    defaults = dict(seq=(2048, 256), micro_batch=(4, 1), dtype=("bfloat16", "float32"), rounds=(5, 3), steps=(5, 1),
+                    warmup=(2, 1))
     for key, (gpu, cpu) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, gpu if cuda else cpu)
