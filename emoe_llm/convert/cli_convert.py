@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 EXAMPLES = """examples:
@@ -42,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint, format_summary
     from .errors import ConversionError
 
+    # Slurm sends SIGTERM at the time limit / on preemption: stop like Ctrl-C, keeping finished work for --resume.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         summary = convert_checkpoint(
             args.src, args.dst, n_experts=args.experts, top_k=args.top_k, layers=args.layers,
@@ -57,3 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print(format_summary(summary))
     return 0
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")

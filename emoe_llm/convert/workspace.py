@@ -152,15 +152,21 @@ def _lock_dst(dst: Path):
     import fcntl
 
     path = dst.parent / f".{dst.name}.emoe-lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConversionError(f"another emoe-llm convert is writing {dst} right now (lock {path} is held)") from None
-    except OSError:
-        pass  # filesystem without flock support (some NFS mounts): go on unlocked
-    return fd, path
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConversionError(f"another emoe-llm convert is writing {dst} right now (lock {path} is held)") from None
+        except OSError:
+            return fd, path  # filesystem without flock support (some NFS mounts): go on unlocked
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd, path
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder unlinked the file between our open and flock: lock the new one
 
 
 def _unlock(lock) -> None:
