@@ -204,6 +204,13 @@ emoe_run() {
     emoe_log "training complete: $(cat "$OUTPUT_DIR/COMPLETED")"
     return 0
   fi
+  # `scancel --signal=USR1 <jobid>` without --batch reaches the ranks, not this shell: they checkpoint and exit 0,
+  # and rank 0 logs it as the last metrics record. Treat it like the batch-shell signal.
+  if [ -z "$EMOE_STOP_SIGNAL" ] && [ "$rc" -eq 0 ] && [ -f "$OUTPUT_DIR/metrics.jsonl" ] &&
+     tail -n 1 "$OUTPUT_DIR/metrics.jsonl" | grep '"event": "preempted"' | grep -q '"reason": "SIGUSR1"'; then
+    emoe_log "the training processes got SIGUSR1 (scancel --signal=USR1 to the job steps)"
+    EMOE_STOP_SIGNAL=USR1
+  fi
   if [ "$EMOE_STOP_SIGNAL" = USR1 ]; then
     after=$(_emoe_newest_ckpt)
     [ "$rc" -eq 0 ] || emoe_log "warning: the training step exited with $rc after the stop request"

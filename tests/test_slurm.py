@@ -2,9 +2,10 @@
 
 1. `sbatch --wait` across 2 nodes: conversion, ZeRO-3 training over 2 gloo ranks (one torchrun per node, rank r on
    node r+1), export, COMPLETED, and the run snapshot.
-2. The preemption signal mid-run (`scancel --batch --signal=USR1`, what `#SBATCH --signal=B:USR1@...` sends before the
-   time limit): every rank checkpoints, the job requeues itself, the requeued attempt skips the conversion and resumes;
-   every optimizer step is logged exactly once and the losses equal the uninterrupted run of test 1.
+2. The preemption signal mid-run, twice: `scancel --batch --signal=USR1` (what `#SBATCH --signal=B:USR1@...` sends
+   before the time limit), then plain `scancel --signal=USR1` (to the job steps) in the requeued attempt. Each time
+   every rank checkpoints, the job requeues itself, the next attempt skips the conversion and resumes; every
+   optimizer step is logged exactly once and the losses equal the uninterrupted run of test 1.
 """
 
 from __future__ import annotations
@@ -137,15 +138,26 @@ def test_preemption_requeue_resume(cluster, models, reference, tmp_path):
              f"train.max_steps={MAX_STEPS}"],
             stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=cluster.env(**job_env(models, out)),
         )
-    try:
-        # mid-run: wait for optimizer step 2 of attempt 0, then send what --signal=B:USR1@... sends
-        deadline = time.time() + 300
-        while not any(s >= 2 for s, _ in step_losses(read_metrics(out / "metrics.jsonl"))):
-            assert sbatch.poll() is None, f"job ended before step 2:\n{stdout.read_text()}\n{log_of(log_pattern)[-6000:]}"
-            assert time.time() < deadline, f"no step 2 after 300 s:\n{log_of(log_pattern)[-6000:]}"
+
+    def wait_until(done, what: str, timeout: float = 300) -> None:
+        deadline = time.time() + timeout
+        while not done(read_metrics(out / "metrics.jsonl")):
+            assert sbatch.poll() is None, f"job ended before {what}:\n{stdout.read_text()}\n{log_of(log_pattern)[-6000:]}"
+            assert time.time() < deadline, f"no {what} after {timeout} s:\n{log_of(log_pattern)[-6000:]}"
             time.sleep(0.2)
+
+    def trained_after_resume(records: list[dict]) -> bool:
+        resumes = [i for i, r in enumerate(records) if r.get("event") == "resume"]
+        return bool(resumes) and any("loss" in r and "event" not in r for r in records[resumes[0] + 1:])
+
+    try:
+        # attempt 0, mid-run: what #SBATCH --signal=B:USR1@... sends before the time limit, to the batch shell
+        wait_until(lambda recs: any(s >= 2 for s, _ in step_losses(recs)), "optimizer step 2")
         job_id = stdout.read_text().split()[0]
         cluster.run(["scancel", "--batch", "--signal=USR1", job_id])
+        # attempt 1, once it has trained a step: plain `scancel --signal=USR1`, which reaches the ranks instead
+        wait_until(trained_after_resume, "step after the first resume")
+        cluster.run(["scancel", "--signal=USR1", job_id])
         rc = sbatch.wait(timeout=400)
     finally:
         if sbatch.poll() is None:
@@ -154,28 +166,34 @@ def test_preemption_requeue_resume(cluster, models, reference, tmp_path):
     assert rc == 0, f"sbatch --wait exit {rc}\n{log[-6000:]}"
     elapsed = time.time() - t0
 
-    # the job checkpointed, requeued itself (same job id, attempt 1), skipped the conversion and resumed
+    # each stop: every rank checkpointed, the job requeued itself (same job id), the next attempt skipped the
+    # conversion and resumed from that checkpoint
     records = read_metrics(out / "metrics.jsonl")
     preempted = [r for r in records if r.get("event") == "preempted"]
     resumed = [r for r in records if r.get("event") == "resume"]
-    assert len(preempted) == 1 and len(resumed) == 1, [r for r in records if "event" in r]
-    stop_step = preempted[0]["step"]
-    assert 2 <= stop_step < MAX_STEPS and resumed[0]["step"] == stop_step
-    assert "got SIGUSR1" in log and f"requeueing job {job_id}" in log, log[-6000:]
-    assert f"job {job_id} attempt 1:" in log and "conversion skipped" in log.split(f"job {job_id} attempt 1:")[1]
-    assert (out / "run" / "slurm" / f"{job_id}.0").is_dir() and (out / "run" / "slurm" / f"{job_id}.1").is_dir()
+    assert len(preempted) == 2 and len(resumed) == 2, [r for r in records if "event" in r]
+    stops = [r["step"] for r in preempted]
+    assert 2 <= stops[0] < stops[1] < MAX_STEPS and [r["step"] for r in resumed] == stops
+    assert preempted[0]["reason"] == "STOP file" and preempted[1]["reason"] == "SIGUSR1"
+    assert "got SIGUSR1" in log and "the training processes got SIGUSR1" in log, log[-6000:]
+    assert log.count(f"requeueing job {job_id}") == 2, log[-6000:]
+    for attempt in (1, 2):
+        assert f"job {job_id} attempt {attempt}:" in log
+        assert "conversion skipped" in log.split(f"job {job_id} attempt {attempt}:")[1]
+        assert (out / "run" / "slurm" / f"{job_id}.{attempt}").is_dir()
     launches = [json.loads(line) for line in (out / "run" / "launches.jsonl").read_text().splitlines()]
-    assert len(launches) == 2 and launches[0]["resumed_from"] is None
-    assert launches[1]["resumed_from"].endswith(f"step_{stop_step:08d}")
-    assert launches[1]["env"]["SLURM_JOB_ID"] == job_id and launches[1]["env"]["SLURM_RESTART_COUNT"] == "1"
+    assert [la["resumed_from"] and Path(la["resumed_from"]).name for la in launches] == \
+        [None] + [f"step_{s:08d}" for s in stops]
+    assert [la["env"].get("SLURM_RESTART_COUNT") for la in launches] == [None, "1", "2"]
+    assert {la["env"]["SLURM_JOB_ID"] for la in launches} == {job_id}
     assert not (out / "STOP").exists()
 
-    # finished from the checkpoint: no lost and no repeated step, and the export exists
+    # finished from the checkpoints: no lost and no repeated step, and the export exists
     losses = step_losses(records)
     assert [s for s, _ in losses] == list(range(1, MAX_STEPS + 1)), [s for s, _ in losses]
     assert json.loads((out / "COMPLETED").read_text())["step"] == MAX_STEPS
     assert list((out / "final").glob("*.safetensors"))
     if "losses" in reference:  # the same recipe uninterrupted (test 1): resuming changed nothing
         for step, loss in losses:
-            assert loss == pytest.approx(reference["losses"][step], rel=1e-5), f"step {step} (stopped at {stop_step})"
-    print(f"preempted at step {stop_step}, requeued, resumed: {MAX_STEPS} steps in {elapsed:.0f} s (job {job_id})")
+            assert loss == pytest.approx(reference["losses"][step], rel=1e-5), f"step {step} (stops at {stops})"
+    print(f"stopped at steps {stops}, requeued twice, resumed: {MAX_STEPS} steps in {elapsed:.0f} s (job {job_id})")
