@@ -147,3 +147,22 @@ def test_convert_only_when_it_does_not_verify(tmp_path):
     wrong = source_common(tmp_path, env, f'emoe_convert "{src}" "{dst}" 4 2 1,3')   # other settings: reconverts
     assert wrong.returncode == 0 and "does not verify" in wrong.stdout, wrong.stdout + wrong.stderr
     assert json.loads((dst / "config.json").read_text())["emoe"]["n_experts"] == 4
+
+
+def test_snapshot_resolves_the_recipe_for_the_allocation(tmp_path):
+    """emoe_snapshot fills the DeepSpeed config for this world size, and a recipe that cannot run fails in seconds."""
+    env = {"SLURM_JOB_ID": "9", "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_PER_NODE": "8", "HF_TOKEN": "hf_s3cret",
+           "WANDB_API_KEY": "k3y"}
+    ok = source_common(tmp_path, env, "emoe_snapshot configs/llama2_7b_emoe.yaml ds_configs/z3.json train.lr=1e-5")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    snap = tmp_path / "out" / "run" / "slurm" / "9.0"
+    ds = json.loads((snap / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 128 and ds["gradient_accumulation_steps"] == 2   # 128 / (micro 4 x 16 ranks)
+    assert "lr: 1.0e-05" in (snap / "config.yaml").read_text()
+    env_txt = (snap / "env.txt").read_text()
+    assert (snap / "git.txt").read_text().strip() and "SLURM_JOB_ID=9" in env_txt
+    assert "hf_s3cret" not in env_txt and "k3y" not in env_txt                       # secrets stay out of the run dir
+
+    bad = source_common(tmp_path, env, "emoe_snapshot configs/llama2_7b_emoe.yaml ds_configs/z3.json "
+                                       "train.global_batch_size=100")
+    assert bad.returncode == 2 and "not divisible" in bad.stderr, bad.stdout + bad.stderr
