@@ -78,7 +78,7 @@ pid_alive() {   # running and not a zombie (our daemons are reparented to PID 1,
 }
 
 stop_pids() {    # SIGTERM all given pidfiles, wait up to 10 s, then SIGKILL survivors
-  local f p t pids=""
+  local f p pids=""
   for f in "$@"; do
     [ -f "$f" ] || continue
     p=$(cat "$f"); rm -f "$f"
