@@ -9,7 +9,7 @@ Trailing key=value arguments override the recipe (dots for nesting): train.lr=1e
 
 import sys
 
-from emoe_llm.train.recipe import main
+from emoe_llm.train.recipe import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -115,3 +115,13 @@ def test_eval_cli_on_shipped_val(tiny, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "emoe_llm.cli", "eval", str(tiny["dense"]), "--mode", "emoe"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "no 'emoe' block" in proc.stderr
+
+
+def test_zero_shot_on_the_dev_split(tiny):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["dense"])
+    res = evaluate_mmlu(model, load_tokenizer(tiny["dense"]), MMLU, split="dev", shots=0, progress=False)
+    assert res["overall"]["n"] == 285 and len(res["subjects"]) == 57  # every shipped dev question
+    assert res["settings"]["mean_shots_used"] == 0
+    assert set(res["categories"]) == {"STEM", "humanities", "social sciences", "other (business, health, misc.)"}

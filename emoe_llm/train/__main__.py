@@ -2,6 +2,6 @@
 
 import sys
 
-from .recipe import main
+from .recipe import cli
 
-sys.exit(main())
+sys.exit(cli())

@@ -85,8 +85,8 @@ class TrainConfig:
     export: bool = True
     """write final/ (consolidated HF safetensors + tokenizer) at the end"""
     export_max_shard_size: str = "5GB"
-    num_workers: int = 0
-    """DataLoader workers per rank"""
+    dist_timeout_minutes: int = 60
+    """collective timeout (also how long ranks wait while rank 0 tokenizes and caches the data)"""
 
 
 @dataclass
@@ -317,9 +317,11 @@ def validate_config(cfg: RecipeConfig, *, source: str = "config") -> None:
     if t.micro_batch_size < 1:
         errors.append(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     for name in ("epochs", "max_steps", "global_batch_size", "grad_accum", "warmup_steps", "save_every_steps",
-                 "keep_last", "eval_every_steps", "eval_max_batches", "eval_micro_batch_size", "num_workers"):
+                 "keep_last", "eval_every_steps", "eval_max_batches", "eval_micro_batch_size"):
         if getattr(t, name) < 0:
             errors.append(f"train.{name} must be >= 0, got {getattr(t, name)}")
+    if t.dist_timeout_minutes < 1:
+        errors.append(f"train.dist_timeout_minutes must be >= 1, got {t.dist_timeout_minutes}")
     if t.log_every_steps < 1:
         errors.append(f"train.log_every_steps must be >= 1, got {t.log_every_steps}")
     if t.epochs == 0 and t.max_steps == 0:

@@ -22,6 +22,7 @@ removes a stale STOP file at start (rank 0, before the first barrier), so a rest
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import socket
 import sys
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -363,6 +365,22 @@ def export_probe(engine, batch: dict, device) -> dict:
     return {"inputs": {k: v.cpu() for k, v in inputs.items()}, "logits": logits, "dense_logits": dense}
 
 
+def _read_completed(output_dir: Path) -> dict | None:
+    p = output_dir / "COMPLETED"
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+def _write_completed(output_dir: Path, info: dict) -> None:
+    tmp = output_dir / f"COMPLETED.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(info) + "\n")
+    os.replace(tmp, output_dir / "COMPLETED")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # stop requests (preemption)
 
@@ -398,7 +416,8 @@ def main(argv=None) -> int:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed()  # nccl on GPUs, gloo on CPU
+    # nccl on GPUs, gloo on CPU; the timeout also bounds how long ranks wait for rank 0 to tokenize the data
+    deepspeed.init_distributed(timeout=timedelta(minutes=cfg.train.dist_timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
     accel = get_accelerator()
@@ -407,11 +426,25 @@ def main(argv=None) -> int:
     device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
     output_dir = Path(cfg.output_dir)
     stop_file = output_dir / "STOP"
+    config_yaml = dump_config(cfg)
+    config_sha = hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
+    completed = _read_completed(output_dir)
+    if completed is not None and cfg.resume != "none" and completed.get("config_sha") == config_sha:
+        log0(f"{output_dir / 'COMPLETED'} exists for this exact recipe: nothing to do (final: {completed.get('final')})")
+        return 0
+    from .checkpoint import list_checkpoints
+
+    if cfg.resume == "none" and list_checkpoints(output_dir):
+        raise ConfigError(f"resume=none but {output_dir}/checkpoints holds checkpoints of an earlier run; use "
+                          f"resume=auto to continue it, or a new output_dir (nothing is deleted for you)")
+    dist.barrier()  # every rank has read the run state above before rank 0 changes it
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         if stop_file.exists():  # left by the previous (preempted) run; this run is the restart
             stop_file.unlink()
             log0(f"removed stale {stop_file}")
+        if completed is not None:  # a finished run that is being extended (e.g. more steps): final/ is redone
+            (output_dir / "COMPLETED").unlink()
     dist.barrier()
     stop = StopRequest(stop_file)
 
@@ -420,7 +453,6 @@ def main(argv=None) -> int:
     precision = ds_precision(ds_config)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     zero3 = ds_zero_stage(ds_config) == 3
-    config_yaml = dump_config(cfg)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -485,9 +517,6 @@ def main(argv=None) -> int:
             raise RuntimeError(f"{resume_from}: saved with {state['steps_per_epoch']} steps/epoch, this run has "
                                f"{steps_per_epoch}; the data or batch size changed, so the data position is invalid")
         log0(f"resumed from {resume_from}: step {step}, epoch {epoch}, step-in-epoch {step_in_epoch}")
-    if step >= total_steps and (output_dir / "COMPLETED").exists():
-        log0(f"already completed ({output_dir / 'COMPLETED'}); nothing to do")
-        return 0
 
     hosts = [None] * world
     dist.all_gather_object(hosts, socket.gethostname())
@@ -643,14 +672,25 @@ def main(argv=None) -> int:
             export_lora_adapter(engine, output_dir / "final" / "adapter", rank=rank)
         if rank == 0:
             torch.save(probe, output_dir / "run" / "export_probe.pt")
-            (output_dir / "COMPLETED").write_text(json.dumps({"step": step, "final": str(final)}) + "\n")
+            _write_completed(output_dir, {"step": step, "final": str(final), "config_sha": config_sha})
             log0(f"exported {final}; wrote {output_dir / 'COMPLETED'}")
     elif rank == 0:
-        (output_dir / "COMPLETED").write_text(json.dumps({"step": step, "final": None}) + "\n")
+        _write_completed(output_dir, {"step": step, "final": None, "config_sha": config_sha})
     metrics.close()
     dist.barrier()
     return 0
 
 
+def cli(argv=None) -> int:
+    """Entry point of train.py / ``python -m emoe_llm.train``: recipe errors print one clear line, not a traceback per
+    rank."""
+    try:
+        return main(argv)
+    except (ConfigError, FileNotFoundError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[emoe-llm] error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
