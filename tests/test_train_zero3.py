@@ -123,6 +123,8 @@ def test_emoe_loss_decreases_and_logs(emoe_run):
             assert len(load) == 16 and sum(load) == pytest.approx(4.0, abs=1e-2)
     assert "eval_loss" in recs[4] and "eval_loss" in recs[8]
     assert "EMoE: layers [2, 3], 16 experts, top-4" in log
+    share = float(log.split("ZeRO-3: rank 0 holds ")[1].split("%")[0])
+    assert 45 <= share <= 55  # zero.Init: each of the 2 ranks holds half of the parameters
     # run dir, tensorboard, checkpoints (keep_last=2), COMPLETED
     for f in ("config.yaml", "ds_config.json", "git.txt", "environment.json", "launches.jsonl"):
         assert (out / "run" / f).is_file(), f
@@ -243,20 +245,27 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(dense_runs):
     assert any(json.loads(x).get("event") == "nonfinite_loss" for x in (acc / "metrics.jsonl").read_text().splitlines())
 
 
-def test_lora_on_emoe_trains_and_exports_merged(work):
+def test_lora_on_emoe_two_epochs_trains_and_exports_merged(work):
+    """LoRA (incl. on the EMoE MLP's gate/up/down) over 2 epochs of a small slice: epoch-end checkpoint, merged export
+    loadable by plain transformers, and the adapter alone on the converted base gives the same model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from emoe_llm.emoe import enable_emoe
 
     out = work["root"] / "lora"
-    proc = launch(work, out, "lora.enabled=true", "train.lr=1e-2", "train.max_steps=4", "train.save_every_steps=0",
+    proc = launch(work, out, "lora.enabled=true", "train.lr=1e-2", "train.max_steps=0", "train.epochs=2",
+                  "data.sources.0.max_rows=40", "train.save_every_steps=0",
                   "lora.target_modules=[q_proj,v_proj,gate_proj,up_proj,down_proj]", ds=work["fp32"])
     log = output_of(proc)
     assert proc.returncode == 0, log[-3000:]
-    assert "LoRA r=8" in log
+    assert "LoRA r=8" in log and "4 steps/epoch, 8 steps" in log
     recs = step_records(out)
-    assert recs[4]["loss"] < recs[1]["loss"]
+    assert sorted(recs) == list(range(1, 9)) and recs[4]["epoch"] == 0 and recs[5]["epoch"] == 1
+    assert recs[8]["loss"] < recs[1]["loss"]
+    state = json.loads((out / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 4)
+    assert "saved" in log and "(end of epoch 0)" in log
     probe = torch.load(out / "run" / "export_probe.pt", weights_only=False)
     merged = AutoModelForCausalLM.from_pretrained(out / "final")
     with torch.no_grad():

@@ -492,6 +492,9 @@ def main(argv=None) -> int:
                                                            config=ds_config)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
+    if zero3:  # evidence that zero.Init partitioned the model: each rank holds ~1/world of it
+        local = sum(p.ds_tensor.numel() for p in engine.module.parameters() if hasattr(p, "ds_tensor"))
+        log0(f"ZeRO-3: rank 0 holds {local / max(1, n_params):.1%} of the parameters ({world} ranks)")
     log0(f"model {model_path}: {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable), mode {cfg.model.mode}"
          f"{', LoRA r=' + str(cfg.lora.r) if cfg.lora.enabled else ''}; warmup {warmup} steps")
 
