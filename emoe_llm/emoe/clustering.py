@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 
 _SEED_DIM = 128
+_ROW_CHUNK = 4096  # rows per temporary in the O(n*d) element-wise steps: bounds peak memory on 30B-wide layers
 
 
 @dataclass
@@ -74,7 +75,10 @@ def balanced_kmeans(
     device = torch.device(device) if device is not None else points.device
     x = points.detach().to(device=device, dtype=torch.float32)
     if normalize:
-        x = F.normalize(x, p=2, dim=-1)
+        if x.data_ptr() == points.data_ptr():  # .to() made no copy: never modify the caller's tensor
+            x = F.normalize(x, p=2, dim=-1)
+        else:  # our own copy: normalise in place (the same ops as F.normalize, bit-identical, one n*d copy less)
+            x.div_(x.norm(p=2, dim=-1, keepdim=True).clamp_min_(1e-12))
     size = n // n_clusters
     if n_clusters == 1 or size == 1:
         # Degenerate: one cluster, or one point per cluster (any bijection is balanced; keep k-means++ order).
@@ -83,7 +87,7 @@ def balanced_kmeans(
         inertia = float(((x - centroids[labels.to(device)]) ** 2).sum())
         return ClusterResult(labels.cpu(), inertia, 0, time.perf_counter() - start)
 
-    sq_norms = (x * x).sum(-1)  # 1 for normalised rows; kept general
+    sq_norms = torch.cat([(c * c).sum(-1) for c in x.split(_ROW_CHUNK)])  # 1 for normalised rows; kept general
     # k-means++ needs one pass over all points per centroid (memory bound: 256 passes over a 30B layer take ~6 s),
     # so it runs on a random projection to 128 dims, which preserves distances well enough to pick seeds.
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -109,7 +113,9 @@ def balanced_kmeans(
                 break
             prev_inertia = inertia
         # inertia of the final labels against the final centroids
-        final = float(((x - centroids[labels]) ** 2).sum())
+        final = sum(
+            float(((c - centroids[lab]) ** 2).sum()) for c, lab in zip(x.split(_ROW_CHUNK), labels.split(_ROW_CHUNK))
+        )
         if best is None or final < best[0]:
             best = (final, labels.cpu(), it)
     inertia, labels, iterations = best
