@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--cases", default="random,structured")
     p.add_argument("--n-init", type=int, default=3, help="k-means++ restarts (all solvers)")
     p.add_argument("--max-iter", type=int, default=30, help="Lloyd iterations per restart (all solvers)")
-    p.add_argument("--signal", type=float, default=0.15, help="structured case: planted direction strength s")
+    p.add_argument("--signal", type=float, default=0.2, help="structured case: planted direction strength s")
     p.add_argument("--devices", default="auto", help="devices for ours: auto (cpu, plus cuda if available) or list")
     p.add_argument("--no-sklearn", action="store_true")
     p.add_argument("--no-kmc", action="store_true")

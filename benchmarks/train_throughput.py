@@ -22,13 +22,17 @@ The last lines are a short table and ``emoe/dense step time: R (min a, max b)``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
 import time
 
+from pathlib import Path
+
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
 PRESETS = {
     "llama-3.2-1b": dict(hidden=2048, ffn=8192, layers=16, heads=32, kv_heads=8, vocab=128256, tie=True,
                          rope_theta=500000.0),
@@ -57,7 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="timed steps per variant per round (default 5 on GPU, 1 on CPU)")
     p.add_argument("--warmup", type=int, help="untimed steps per variant before the first round (2 GPU, 1 CPU)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (recompute is not in MFU)")
-    p.add_argument("--attn", default=None, help="attn_implementation (default sdpa)")
+    p.add_argument("--attn", default="auto", help="auto (the recipe's choice: flash_attention_2 if installed on "
+                   "CUDA, else sdpa), sdpa, eager, flash_attention_2")
+    p.add_argument("--ds-config", default=str(REPO / "ds_configs" / "z3.json"),
+                   help="the shipped ZeRO-3 config; 'auto' values are filled as the recipe does")
     p.add_argument("--peak-tflops", type=float, help="override the peak table (per device)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     args = p.parse_args(argv)
@@ -111,7 +118,12 @@ def build_model(args, preset, dtype):
         max_position_embeddings=max(args.seq, 2048), rope_theta=preset["rope_theta"], rms_norm_eps=1e-5,
         tie_word_embeddings=preset["tie"], bos_token_id=1, eos_token_id=2, use_cache=False,
     )
-    config._attn_implementation = args.attn or "sdpa"
+    try:  # the training recipe's choice, when it is there
+        from emoe_llm.train.recipe import pick_attn_implementation
+
+        config._attn_implementation = pick_attn_implementation(args.attn, dtype)
+    except ImportError:
+        config._attn_implementation = "sdpa" if args.attn == "auto" else args.attn
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     layers = paper_layers(args.layers) if args.emoe_layers == "paper" else args.emoe_layers
@@ -122,6 +134,29 @@ def build_model(args, preset, dtype):
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, settings
+
+
+def load_ds_config(args, world, dtype, hidden, cuda):
+    """The shipped ZeRO-3 JSON with its "auto" values filled like emoe_llm.train.config.fill_ds_config does."""
+    path = Path(args.ds_config)
+    ds = json.loads(path.read_text()) if path.exists() else {"zero_optimization": {"stage": 3}}
+    ds.update(train_micro_batch_size_per_gpu=args.micro_batch, gradient_accumulation_steps=1,
+              train_batch_size=args.micro_batch * world, gradient_clipping=1.0)
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") != 3:
+        raise SystemExit(f"{path}: this benchmark measures ZeRO-3; the config says stage {zero.get('stage')}")
+    auto = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden}
+    for key, value in auto.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    if not cuda:
+        zero["overlap_comm"] = False
+    ds["bf16"] = {"enabled": dtype == torch.bfloat16}
+    ds.pop("fp16", None)
+    ds.setdefault("steps_per_print", 10**9)
+    ds["wall_clock_breakdown"] = False
+    return ds
 
 
 def flops_per_token(model, args):
@@ -154,15 +189,7 @@ def main(argv=None):
 
     model, settings = build_model(args, preset, dtype)
     fpt, n_params, n_matmul = flops_per_token(model, args)
-    ds_config = {
-        "train_micro_batch_size_per_gpu": args.micro_batch,
-        "gradient_accumulation_steps": 1,
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "zero_optimization": {"stage": 3, "overlap_comm": cuda, "contiguous_gradients": True},
-        "gradient_clipping": 1.0,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+    ds_config = load_ds_config(args, world, dtype, preset["hidden"], cuda)
     optim_kw = {"fused": True} if cuda else {"foreach": True}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, **optim_kw)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -196,6 +223,8 @@ def main(argv=None):
     peak, peak_src = peak_tflops(args, device)
     where = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     log(f"device: {world} x {where}; torch {torch.__version__}, deepspeed {deepspeed.__version__}, ZeRO-3, {args.dtype}")
+    log(f"ZeRO-3 config: {args.ds_config if Path(args.ds_config).exists() else 'built-in stage 3'}; attention: "
+        f"{model.config._attn_implementation}")
     log(f"model: {args.preset} widths, {args.layers} layers, {n_params / 1e6:.1f}M params ({n_matmul / 1e6:.1f}M "
         f"matmul), seq {args.seq}, micro-batch {args.micro_batch}, grad-ckpt {args.grad_ckpt}; EMoE N={settings.n_experts} "
         f"k={settings.top_k} in layers {settings.layers}; {fpt / 1e9:.2f} GFLOP/token; peak: "
