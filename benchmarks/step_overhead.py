@@ -8,9 +8,11 @@ Same Llama, same batch, same parameters and optimizer: a forward + backward + Ad
   emoe-all   EMoEMLP in every layer (the worst case)
 
 The three variants share one model: the EMoE MLPs wrap the very same Linear modules (``enable_emoe`` /
-``disable_emoe`` swap the wrapper), so weights, optimizer state, batch and allocator are identical. Runs are
-interleaved round by round in one process (the order rotates every round) so that load from other processes hits
-all variants alike; each ratio is per round, and we report the median with min and max over rounds.
+``disable_emoe`` swap the wrapper), so weights, optimizer state, batch and allocator are identical. Steps are
+interleaved one by one in one process (dense, paper, all, dense, paper, all, ...; the order rotates every round) so
+that load from other processes hits all variants alike. A round times --steps steps of each variant and keeps each
+variant's fastest step (a burst of load from another process only ever adds time); the ratio is taken per round,
+and we report its median with min and max over the rounds.
 
 Then a per-FFN-layer microbenchmark: one LlamaMLP vs the EMoEMLP wrapping it, forward + backward on the same
 (batch, seq, hidden) input, interleaved the same way.
@@ -53,11 +55,11 @@ def parse_args(argv=None):
                       ("vocab", int), ("seq", int), ("batch", int), ("experts", int), ("top-k", int)]:
         p.add_argument(f"--{name}", type=typ, help="override the preset")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (preset: fp32 CPU, bf16 CUDA)")
-    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (each measures every variant)")
-    p.add_argument("--steps", type=int, default=1, help="timed steps per variant per round")
+    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds (each measures every variant)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round (the fastest counts)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant before the first round")
     p.add_argument("--micro-rounds", type=int, default=15, help="rounds of the per-layer microbenchmark (0: skip)")
-    p.add_argument("--micro-reps", type=int, default=3, help="fwd+bwd repetitions per variant per micro round")
+    p.add_argument("--micro-reps", type=int, default=3, help="fwd+bwd per variant per micro round (fastest counts)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -115,31 +117,36 @@ def step_benchmark(args, device, dtype):
         "emoe-all": lambda: enable_emoe(model, layers="all"),
     }
 
-    def run(name, steps):
+    def run(name):
+        """One timed training step of one variant."""
         variants[name]()
         n_emoe = sum(isinstance(m, EMoEMLP) for m in model.modules())
         assert n_emoe == {"dense": 0, "emoe-paper": len(paper), "emoe-all": args.layers}[name], (name, n_emoe)
         sync(device)
         t0 = time.perf_counter()
-        for _ in range(steps):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         sync(device)
-        return (time.perf_counter() - t0) / steps
+        return time.perf_counter() - t0
 
     print(f"model: {args.layers} layers, hidden {args.hidden}, d_ff {args.ffn}, heads {args.heads}/{args.kv_heads}, "
           f"vocab {args.vocab}, {n_params / 1e6:.1f}M params, {args.dtype}; batch {args.batch} x seq {args.seq}; "
           f"EMoE N={args.experts} k={args.top_k}, paper layers {paper} ({len(paper)}/{args.layers}), all layers")
-    for name in variants:
-        run(name, args.warmup)
     names = list(variants)
+    for _ in range(args.warmup):
+        for name in names:
+            run(name)
     times = {name: [] for name in names}
     for r in range(args.rounds):
         order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
-        for name in order:
-            times[name].append(run(name, args.steps))
+        best = {name: float("inf") for name in names}
+        for _ in range(args.steps):
+            for name in order:
+                best[name] = min(best[name], run(name))
+        for name in names:
+            times[name].append(best[name])
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.1f} ms" for n in names),
               flush=True)
     ratios = {n: [t / d for t, d in zip(times[n], times["dense"])] for n in names[1:]}
@@ -157,24 +164,27 @@ def micro_benchmark(args, device, dtype):
     x = torch.randn(args.batch, args.seq, args.hidden, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn_like(x)
 
-    def run(module, reps):
+    def run(module):
         sync(device)
         t0 = time.perf_counter()
-        for _ in range(reps):
-            module(x).backward(grad_out)
+        module(x).backward(grad_out)
         sync(device)
         for p in dense.parameters():
             p.grad = None
         x.grad = None
-        return (time.perf_counter() - t0) / reps
+        return time.perf_counter() - t0
 
     modules = {"dense": dense, "emoe": emoe}
     for m in modules.values():
-        run(m, 1)
+        run(m)
     times = {"dense": [], "emoe": []}
     for r in range(args.micro_rounds):
-        for name in (["dense", "emoe"] if r % 2 == 0 else ["emoe", "dense"]):
-            times[name].append(run(modules[name], args.micro_reps))
+        best = {"dense": float("inf"), "emoe": float("inf")}
+        for _ in range(args.micro_reps):
+            for name in (["dense", "emoe"] if r % 2 == 0 else ["emoe", "dense"]):
+                best[name] = min(best[name], run(modules[name]))
+        for name in best:
+            times[name].append(best[name])
     return times, [e / d for e, d in zip(times["emoe"], times["dense"])]
 
 
@@ -188,7 +198,8 @@ def main(argv=None):
     print(f"device: {where}; torch {torch.__version__}")
 
     times, ratios, paper = step_benchmark(args, device, dtype)
-    print("\nstep time (forward + backward + AdamW), median over rounds (min, max):")
+    print(f"\nstep time (forward + backward + AdamW), fastest of {args.steps} per round; median over {args.rounds} "
+          f"rounds (min, max):")
     for name, ts in times.items():
         print(f"  {name:<11} {fmt([t * 1e3 for t in ts], ' ms')}")
     if args.micro_rounds > 0:

@@ -11,7 +11,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 CASES = {
     "step_overhead": (["--hidden", "64", "--ffn", "256", "--layers", "4", "--heads", "4", "--kv-heads", "2",
-                       "--vocab", "128", "--seq", "16", "--rounds", "2", "--micro-rounds", "2", "--micro-reps", "1",
+                       "--vocab", "128", "--seq", "16", "--rounds", "2", "--steps", "1", "--micro-rounds", "2", "--micro-reps", "1",
                        "--device", "cpu"], "emoe/dense step time: "),
     "clustering": (["--shapes", "tiny", "--cases", "random,structured", "--n-init", "1", "--max-iter", "5",
                     "--devices", "cpu"], "balanced k-means, tiny-shape layer (random weights) on cpu: "),
