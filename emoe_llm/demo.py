@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from emoe_llm.tiny import DATA_DIR, REPO_ROOT
+from emoe_llm.train.launch import launcher_executable
 
 DEFAULT_SUBJECTS = "abstract_algebra,anatomy,high_school_geography,marketing"
 
@@ -52,10 +53,10 @@ def _say(msg: str) -> None:
 def train_command(args, out: Path, emoe_dir: Path) -> list[str]:
     port = str(_free_port())
     if args.launcher == "deepspeed":
-        launch = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(args.nproc), "--master_port", port,
+        launch = [launcher_executable("deepspeed"), "--num_gpus", str(args.nproc), "--master_port", port,
                   "--module", "emoe_llm.train"]
     else:
-        launch = [shutil.which("torchrun") or "torchrun", "--nproc_per_node", str(args.nproc), "--master_port", port,
+        launch = [launcher_executable("torchrun"), "--nproc_per_node", str(args.nproc), "--master_port", port,
                   "-m", "emoe_llm.train"]
     overrides = [f"model.path={emoe_dir}", f"output_dir={out / 'train'}", "resume=none", f"model.mode={args.mode}",
                  f"data.sources.0.path={DATA_DIR / 'instruct' / 'alpaca_en_demo.json'}",
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     cmd = train_command(args, out, emoe_dir)
     _say("training: " + " ".join(cmd))
     log_path = out / "train.log"
+    t_start = time.perf_counter()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(tail), file=sys.stderr)
         _say(f"training failed (exit {rc}); full log: {log_path}")
         return rc or 1
-    t_train = time.perf_counter() - t0
+    t_train = time.perf_counter() - t_start
 
     # 4. export check: plain transformers vs the ZeRO-3 model's logits
     from transformers import AutoModelForCausalLM

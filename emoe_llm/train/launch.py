@@ -16,6 +16,7 @@ import shlex
 import shutil
 import socket
 import sys
+from pathlib import Path
 
 PASSTHROUGH = True
 
@@ -38,6 +39,13 @@ Everything else goes to the recipe (python -m emoe_llm.train):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:  # argv is passed through untouched (PASSTHROUGH)
     parser.usage = _LAUNCH_HELP
+
+
+def launcher_executable(name: str) -> str:
+    """``deepspeed`` / ``torchrun`` of *this* Python environment (``.venv/bin/emoe-llm`` may run without the venv on
+    PATH, e.g. from ``make demo``), else the one on PATH."""
+    sibling = Path(sys.executable).parent / name
+    return str(sibling) if sibling.exists() else (shutil.which(name) or name)
 
 
 def _free_port() -> int:
@@ -85,9 +93,9 @@ def build_command(argv: list[str]) -> list[str]:
     nproc = nproc or _default_nproc()
     port = port or _free_port()
     if launcher == "deepspeed":
-        exe = shutil.which("deepspeed") or "deepspeed"
+        exe = launcher_executable("deepspeed")
         return [exe, "--num_gpus", str(nproc), "--master_port", str(port), "--module", "emoe_llm.train", *rest]
-    exe = shutil.which("torchrun") or "torchrun"
+    exe = launcher_executable("torchrun")
     return [exe, "--nproc_per_node", str(nproc), "--master_port", str(port), "-m", "emoe_llm.train", *rest]
 
 
