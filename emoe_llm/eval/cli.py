@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="override the checkpoint's EMoE top-k (mode emoe)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=None, help="prompt budget in tokens (default: the model's)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:1")
+    parser.add_argument("--device", default="auto",
+                        help="auto (all visible GPUs via device_map=auto, else cpu) | cpu | cuda | cuda:1")
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                         help="auto: the checkpoint's dtype on GPU, fp32 on CPU")
     parser.add_argument("--output", default=None,
@@ -56,12 +57,16 @@ def load_for_eval(path: str, *, mode: str, device: str, dtype: str, top_k: int |
         mode = "emoe" if has_emoe else "dense"
     if mode == "emoe" and not has_emoe:
         raise ValueError(f"--mode emoe: {cfg_path} has no 'emoe' block (not a converted checkpoint); use --mode dense")
+    shard = device == "auto" and torch.cuda.device_count() > 1  # e.g. 30B in bf16 over several GPUs
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(dtype)
     if torch_dtype is None:
         torch_dtype = "auto" if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+    if shard:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map="auto")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
     if mode == "emoe":
         from emoe_llm.emoe import enable_emoe
 

@@ -123,10 +123,12 @@ def evaluate_mmlu(model, tokenizer, mmlu_dir: str | Path = "data/eval/mmlu", *, 
         wanted = [s.strip() for s in (subjects.split(",") if isinstance(subjects, str) else subjects) if s.strip()]
         unknown = sorted(set(wanted) - set(all_subjects))
         if unknown:
-            raise ValueError(f"unknown MMLU subject(s) {unknown} in {mmlu_dir}/{split}; known: {', '.join(all_subjects)}")
+            raise ValueError(
+                f"unknown MMLU subject(s) {unknown} in {mmlu_dir}/{split}; known: {', '.join(all_subjects)}"
+            )
         all_subjects = wanted
     categories = load_categories(mmlu_dir)
-    device = device or next(model.parameters()).device
+    device = device or model.get_input_embeddings().weight.device  # first device when sharded (device_map)
     if max_length is None:
         max_length = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     letter_ids = torch.tensor(answer_token_ids(tokenizer), device=device)
