@@ -47,3 +47,46 @@ def test_rotation_keeps_last_k_and_drops_older_incomplete(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path, complete_only=False)] == \
         ["step_00000006", "step_00000008", "step_00000009"]
     assert rotate_checkpoints(tmp_path, keep_last=0) == []  # 0 = keep all
+
+
+def test_export_shards_and_merges_lora(tmp_path):
+    """export_hf (single process): several safetensors shards + index, LoRA merged, loadable by plain transformers
+    with the same logits as the (peft) model that was exported."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from emoe_llm.emoe import apply_emoe
+    from emoe_llm.tiny import tiny_llama_config
+    from emoe_llm.train.checkpoint import export_hf, export_lora_adapter
+
+    torch.manual_seed(0)
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(tiny_llama_config())
+    apply_emoe(model, n_experts=16, top_k=4, layers="2,3")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # B starts at zero; make the merge matter
+    ids = torch.randint(0, 2048, (2, 17))
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    out = export_hf(model, tmp_path / "final", config=model.get_base_model().config, tokenizer=None, rank=0,
+                    max_shard_size="300KB")
+    export_lora_adapter(model, tmp_path / "final" / "adapter", rank=0)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert not any("lora" in k or "base_layer" in k for k in index["weight_map"])
+    assert not list(tmp_path.glob("*.tmp-export"))
+    from emoe_llm.emoe import load_emoe_model
+
+    loaded = load_emoe_model(out)  # plain AutoModelForCausalLM + the EMoE mask from config.json's 'emoe' block
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
