@@ -555,7 +555,7 @@ def main(argv=None) -> int:
         bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
     inject_at = int(os.environ.get(NAN_FAULT_ENV, "-1"))
     engine.train()
-    t_last, tokens_since = time.perf_counter(), 0.0
+    t_last, tokens_since, steps_since = time.perf_counter(), 0.0, 0
     exit_code = 0
     stopped = None
     last_eval = [-1, None]  # (step, result) of the latest held-out eval
@@ -586,6 +586,7 @@ def main(argv=None) -> int:
             step_in_epoch += 1
             tokens_seen += int(result["inputs"])
             tokens_since += result["inputs"]
+            steps_since += 1
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             record = None
@@ -596,7 +597,11 @@ def main(argv=None) -> int:
                           "loss": result["loss"], "lr": lr, "grad_norm": grad_norm,
                           "tokens_per_s": tokens_since / max(now - t_last, 1e-9), "target_tokens": result["targets"],
                           "tokens_seen": tokens_seen}
-                t_last, tokens_since = now, 0.0
+                record["step_time_s"] = round((now - t_last) / max(1, steps_since), 4)
+                if torch.cuda.is_available():
+                    record["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+                    torch.cuda.reset_peak_memory_stats()
+                t_last, tokens_since, steps_since = now, 0.0, 0
                 if cfg.model.mode == "emoe" and cfg.logging.expert_load:
                     load = gather_expert_load(engine.module, device)
                     if load:
