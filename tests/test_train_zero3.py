@@ -126,7 +126,7 @@ def test_emoe_loss_decreases_and_logs(emoe_run):
     share = float(log.split("ZeRO-3: rank 0 holds ")[1].split("%")[0])
     assert 45 <= share <= 55  # zero.Init: each of the 2 ranks holds half of the parameters
     # run dir, tensorboard, checkpoints (keep_last=2), COMPLETED
-    for f in ("config.yaml", "ds_config.json", "git.txt", "environment.json", "launches.jsonl"):
+    for f in ("config.yaml", "ds_config.json", "data_stats.json", "git.txt", "environment.json", "launches.jsonl"):
         assert (out / "run" / f).is_file(), f
     ds = json.loads((out / "run" / "ds_config.json").read_text())
     assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2 == ds["train_batch_size"]

@@ -525,6 +525,7 @@ def main(argv=None) -> int:
     dist.all_gather_object(hosts, socket.gethostname())
     if rank == 0:
         write_run_dir(output_dir, config_yaml=config_yaml, ds_config=ds_config, hosts=hosts, resumed_from=resume_from)
+        (output_dir / "run" / "data_stats.json").write_text(json.dumps(data_stats, indent=2, default=str))
     metrics = MetricsLogger(output_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard, resume_step=step)
     if resume_from is not None:
         metrics.log({"event": "resume", "step": step, "checkpoint": str(resume_from)})
