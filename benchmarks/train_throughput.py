@@ -27,6 +27,7 @@ import os
 import socket
 import statistics
 import time
+import warnings
 
 from pathlib import Path
 
@@ -171,6 +172,8 @@ def flops_per_token(model, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    # DeepSpeed calls the deprecated all_gather_into_tensor / reduce_scatter_tensor: one FutureWarning per step
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     init_single_process_env()
     import deepspeed
 
