@@ -81,8 +81,9 @@ class EMoEMLP(nn.Module):
             mask = self.expert_mask(gate_out)
             if self.training:
                 self._record_load(mask)
-            shape = hidden.shape
-            hidden = (hidden.view(*shape[:-1], self.n_experts, self.expert_size) * mask.unsqueeze(-1)).view(shape)
+            # In place: the product's backward keeps its inputs (act(g), up), not its output, so this is safe and
+            # saves one (tokens, d_ff) tensor per EMoE layer.
+            hidden.view(*hidden.shape[:-1], self.n_experts, self.expert_size).mul_(mask.unsqueeze(-1))
         return self.down_proj(hidden)
 
     def _record_load(self, mask: torch.Tensor) -> None:
