@@ -66,18 +66,7 @@ def iter_raw_rows(path: str, *, max_rows: int | None = None) -> Iterator[tuple[i
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if max_rows is not None and count >= max_rows:
-                    return
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    rec = DataError(f"{path}: line {i + 1}: not valid JSON ({e.msg} at column {e.colno})",
-                                    path=path, row=i)
-                count += 1
-                yield i, rec, True
+            yield from iter_jsonl_lines(path, f, max_rows)
     elif suffix == ".json":
         text = p.read_text(encoding="utf-8")
         try:
@@ -85,7 +74,7 @@ def iter_raw_rows(path: str, *, max_rows: int | None = None) -> Iterator[tuple[i
         except json.JSONDecodeError as e:
             # A .json file may also be JSON lines (LLaMA-Factory accepts both): try that before failing.
             if text.lstrip().startswith("{") and "\n" in text.strip():
-                yield from iter_raw_rows_jsonl_text(path, text, max_rows)
+                yield from iter_jsonl_lines(path, text.splitlines(), max_rows)
                 return
             raise DataError(f"{path}: line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})",
                             path=path, row=e.lineno - 1) from e
@@ -129,9 +118,10 @@ def iter_raw_rows(path: str, *, max_rows: int | None = None) -> Iterator[tuple[i
                         "or a datasets.save_to_disk directory", path=path)
 
 
-def iter_raw_rows_jsonl_text(path: str, text: str, max_rows: int | None):
+def iter_jsonl_lines(path: str, lines, max_rows: int | None):
+    """(line index, parsed record or a DataError naming the line, True) for each non-blank JSON line."""
     count = 0
-    for i, line in enumerate(text.splitlines()):
+    for i, line in enumerate(lines):
         if max_rows is not None and count >= max_rows:
             return
         if not line.strip():
