@@ -97,6 +97,17 @@ def _check_types(d: dict, where: str) -> None:
             raise ValueError(f"{where}.{key} must be a string, got {val!r}")
 
 
+def _check_keys(d: dict, cls, where: str, *, required: str) -> None:
+    """Unknown keys raise (typos must not pass silently), the required key must be there, values type-checked."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    if required not in d:
+        raise ValueError(f"{where}: missing required key `{required}`")
+    _check_types(d, where)
+
+
 def _source_from(item, where: str) -> DataSource:
     if isinstance(item, DataSource):
         return item
@@ -104,13 +115,7 @@ def _source_from(item, where: str) -> DataSource:
         return DataSource(path=item)
     if not isinstance(item, dict):
         raise ValueError(f"{where}: expected a path or a mapping with `path`, got {type(item).__name__}")
-    known = {f.name for f in dataclasses.fields(DataSource)}
-    unknown = sorted(set(item) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
-    if "path" not in item:
-        raise ValueError(f"{where}: missing required key `path`")
-    _check_types(item, where)
+    _check_keys(item, DataSource, where, required="path")
     return DataSource(**item)
 
 
@@ -121,13 +126,7 @@ def data_config_from_dict(d: dict) -> DataConfig:
     """
     if not isinstance(d, dict):
         raise ValueError(f"data: expected a mapping, got {type(d).__name__}")
-    known = {f.name for f in dataclasses.fields(DataConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"data: unknown key(s) {unknown}; allowed: {sorted(known)}")
-    if "sources" not in d:
-        raise ValueError("data: missing required key `sources`")
-    _check_types(d, "data")
+    _check_keys(d, DataConfig, "data", required="sources")
     kwargs = dict(d)
     for key in ("sources", "eval_sources"):
         items = kwargs.get(key) or []
