@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from emoe_llm.tiny import DATA_DIR
+from emoe_llm.fileio import atomic_write_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,9 +106,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_report(result))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out)
+        atomic_write_text(out, json.dumps(result, indent=2))
         print(f"wrote {out}")
     except OSError as e:
         print(f"emoe-llm eval: could not write {out}: {e} (use --output)", file=sys.stderr)

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..fileio import atomic_write_text
 from .config import (
     ConfigError,
     RecipeConfig,
@@ -376,9 +377,7 @@ def _read_completed(output_dir: Path) -> dict | None:
 
 
 def _write_completed(output_dir: Path, info: dict) -> None:
-    tmp = output_dir / f"COMPLETED.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(info) + "\n")
-    os.replace(tmp, output_dir / "COMPLETED")
+    atomic_write_text(output_dir / "COMPLETED", json.dumps(info) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from ..fileio import atomic_write_text
 
 LAUNCH_ENV_KEYS = (
     "SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
@@ -46,16 +47,16 @@ def write_run_dir(output_dir: Path, *, config_yaml: str, ds_config: dict, hosts:
 
     run = output_dir / "run"
     run.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run / "config.yaml", config_yaml)
-    _atomic_write(run / "ds_config.json", json.dumps(ds_config, indent=2))
+    atomic_write_text(run / "config.yaml", config_yaml)
+    atomic_write_text(run / "ds_config.json", json.dumps(ds_config, indent=2))
     src = Path(__file__).resolve().parents[2]
     rev = _git(["rev-parse", "HEAD"], src)
     status = _git(["status", "--porcelain"], src)
     diff = _git(["diff", "HEAD"], src)
-    _atomic_write(run / "git.txt", f"source: {src}\nrevision: {(rev or 'unknown (not a git checkout)').strip()}\n"
+    atomic_write_text(run / "git.txt", f"source: {src}\nrevision: {(rev or 'unknown (not a git checkout)').strip()}\n"
                   f"dirty: {bool(status and status.strip())}\n")
     if diff:
-        _atomic_write(run / "git.diff", diff)
+        atomic_write_text(run / "git.diff", diff)
     env = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -74,11 +75,11 @@ def write_run_dir(output_dir: Path, *, config_yaml: str, ds_config: dict, hosts:
             env[mod] = __import__(mod).__version__
         except Exception:
             pass
-    _atomic_write(run / "environment.json", json.dumps(env, indent=2))
+    atomic_write_text(run / "environment.json", json.dumps(env, indent=2))
     try:
         freeze = subprocess.run([sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True, timeout=60)
         if freeze.returncode == 0:
-            _atomic_write(run / "pip_freeze.txt", freeze.stdout)
+            atomic_write_text(run / "pip_freeze.txt", freeze.stdout)
     except (OSError, subprocess.TimeoutExpired):
         pass
     with open(run / "launches.jsonl", "a") as f:
@@ -89,10 +90,6 @@ def write_run_dir(output_dir: Path, *, config_yaml: str, ds_config: dict, hosts:
         }) + "\n")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class MetricsLogger:
