@@ -4,7 +4,7 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast
+.PHONY: setup demo test test-fast gpu-wheels
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV)
@@ -17,3 +17,7 @@ test: setup
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Wheels for scripts/gpu_check.sh on the GPU machine (no registry there): into .whl/ (gitignored), then checked.
+gpu-wheels: setup
+	$(VENV)/bin/python scripts/gpu_wheels.py fetch .whl
