@@ -28,6 +28,7 @@ Solvers (every inertia is recomputed the same way: squared distances of the norm
 
 The reference solvers run in a child process that is killed after --budget seconds (reported as such).
     python benchmarks/clustering.py --shapes tiny --cases random,structured      # smoke (seconds)
+    python benchmarks/clustering.py --shapes 30b --devices cuda --no-sklearn --no-kmc --json out.json   # GPU only
 
 The last line is the figure: seconds for one 30B-shape layer (target <= 20 s on 2 CPU cores) and its inertia
 relative to unconstrained k-means and to a random split.
@@ -43,6 +44,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench_json import add_json_args, print_config_and_exit, write_json
 from emoe_llm.emoe import balanced_kmeans, random_balanced_labels
 
 SHAPES = {  # name: (d_ff, hidden, n_experts)
@@ -78,11 +80,19 @@ def parse_args(argv=None):
                    "is killed")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
+    add_json_args(p)
     args = p.parse_args(argv)
     if args.devices == "auto":
         args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
         args.devices = args.devices.split(",")
+    for shape in args.shapes.split(","):
+        try:
+            shape_of(shape)
+        except ValueError:
+            p.error(f"--shapes: '{shape}' is neither one of {sorted(SHAPES)} nor N_ROWSxDIMxEXPERTS")
+    if args.print_config:
+        print_config_and_exit(args)
     return args
 
 
@@ -251,7 +261,7 @@ def main(argv=None):
                 kmc_on.append((sub, solve_all(args, sub, xs, k_sub, ps, with_sklearn=not args.no_sklearn,
                                               kmc_budget=args.budget)))
             for name, r in kmc_on:
-                kmc, ours = r["kmc"], r["ours@cpu"]
+                kmc, ours = r["kmc"], r[f"ours@{args.devices[0]}"]
                 if kmc.get("inertia") is not None:
                     kmc_lines.append(f"ours/k-means-constrained on {name}: inertia {ours['inertia'] / kmc['inertia']:.4f}"
                                      f", time {ours['seconds'] / kmc['seconds']:.4f} ({ours['seconds']:.2f} s vs "
@@ -262,22 +272,33 @@ def main(argv=None):
     headline_problem = "30b/random" if "30b/random" in results else next(iter(results))
     rows = results[headline_problem]
     shape, case = headline_problem.split("/")
+    main_dev = "cpu" if "cpu" in args.devices else args.devices[0]  # the device of the figure line
+    write_json(args.json, {
+        "benchmark": "clustering",
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "print_config")},
+        "shapes": {s: dict(zip(("rows", "dim", "experts"), shape_of(s))) for s in args.shapes.split(",")},
+        "results": {problem: {solver: {k: v for k, v in row.items() if k != "labels"} for solver, row in r.items()}
+                    for problem, r in results.items()},
+        "headline": {"problem": headline_problem, "device": main_dev,
+                     "seconds_per_layer": rows[f"ours@{main_dev}"]["seconds"]},
+        "kmc_comparison": kmc_lines,
+    }, main_dev if main_dev.startswith("cuda") else None)
     print()
     for line in kmc_lines:
         print(line)
     if KMeansConstrained is None and not args.no_kmc:
         print("k-means-constrained not installed: no comparison with the paper's solver in this run")
     for key, row in rows.items():
-        if key.startswith("ours@") and key != "ours@cpu":
+        if key.startswith("ours@") and key != f"ours@{main_dev}":
             print(f"balanced k-means, {shape}-shape layer ({case} weights) on {key[5:]}: {row['seconds']:.2f} s")
-    ours = rows["ours@cpu"]
+    ours = rows[f"ours@{main_dev}"]
     lower = f"{ours['vs_lower']:.4f}" if ours["vs_lower"] else "n/a (sklearn not run or killed at --budget)"
     structured = results.get(f"{shape}/structured")
     if structured:
-        o = structured["ours@cpu"]
+        o = structured[f"ours@{main_dev}"]
         print(f"balanced k-means, {shape}-shape layer (structured weights): inertia / planted {o['vs_planted']:.4f}, "
               f"ARI {fmt(o['ari'], '.3f')}")
-    print(f"balanced k-means, {shape}-shape layer ({case} weights) on cpu: {ours['seconds']:.2f} s"
+    print(f"balanced k-means, {shape}-shape layer ({case} weights) on {main_dev}: {ours['seconds']:.2f} s"
           f"{' [target <= 20 s]' if shape == '30b' else ''}; inertia / unconstrained k-means {lower}, "
           f"/ random split {ours['vs_upper']:.4f}")
 

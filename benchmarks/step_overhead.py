@@ -20,6 +20,7 @@ Then a per-FFN-layer microbenchmark: one LlamaMLP vs the EMoEMLP wrapping it, fo
     python benchmarks/step_overhead.py                      # CPU: small Llama (~20M params), fp32, ~1-2 minutes
     python benchmarks/step_overhead.py --preset 7b-slice    # CUDA: Llama-2-7B widths, 8 layers, seq 2048, bf16
     python benchmarks/step_overhead.py --rounds 2 --steps 1 --hidden 64 --ffn 256 --layers 4 --seq 32   # smoke
+    python benchmarks/step_overhead.py --preset 7b-slice --json results/step_overhead.json          # + JSON
 
 The last line is the figure: ``emoe/dense step time: R (min a, max b)`` for the paper layer set.
 """
@@ -34,6 +35,7 @@ import torch
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from bench_json import add_json_args, print_config_and_exit, write_json
 from emoe_llm.emoe import EMoEMLP, apply_emoe, disable_emoe, enable_emoe
 from emoe_llm.tiny import tiny_llama_config
 
@@ -62,12 +64,15 @@ def parse_args(argv=None):
     p.add_argument("--micro-reps", type=int, default=3, help="fwd+bwd per variant per micro round (fastest counts)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
+    add_json_args(p)
     args = p.parse_args(argv)
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    preset = PRESETS[args.preset or ("7b-slice" if args.device.startswith("cuda") else "small")]
-    for key, value in preset.items():
+    args.preset = args.preset or ("7b-slice" if args.device.startswith("cuda") else "small")
+    for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.print_config:
+        print_config_and_exit(args)
     return args
 
 
@@ -84,6 +89,11 @@ def paper_layers(n_layers: int) -> list[int]:
 
 def spread(xs):
     return statistics.median(xs), min(xs), max(xs)
+
+
+def summary(xs) -> dict:
+    med, lo, hi = spread(xs)
+    return {"median": med, "min": lo, "max": hi, "all": list(xs)}
 
 
 def fmt(xs, unit=""):
@@ -202,6 +212,7 @@ def main(argv=None):
           f"rounds (min, max):")
     for name, ts in times.items():
         print(f"  {name:<11} {fmt([t * 1e3 for t in ts], ' ms')}")
+    mtimes, mratios = None, None
     if args.micro_rounds > 0:
         mtimes, mratios = micro_benchmark(args, device, dtype)
         print(f"\nper-FFN-layer fwd+bwd ({args.batch}x{args.seq} tokens, {args.hidden}->{args.ffn}):")
@@ -213,6 +224,18 @@ def main(argv=None):
     # assuming equal layers and ignoring embedding/head time (so it slightly overstates the overhead).
     print(f"\nestimate for 2 EMoE layers of 32 (paper 7B setting): {1 + (all_med - 1) * 2 / 32:.4f}")
     print(f"emoe/dense step time, all {args.layers} layers EMoE: {fmt(ratios['emoe-all'])}")
+    write_json(args.json, {
+        "benchmark": "step_overhead",
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "print_config")},
+        "paper_layers": paper,
+        "step_ms": {name: [t * 1e3 for t in ts] for name, ts in times.items()},
+        "step_ratio": {name: summary(rs) for name, rs in ratios.items()},
+        "ffn_layer_ms": {name: [t * 1e3 for t in ts] for name, ts in mtimes.items()} if mtimes else None,
+        "ffn_layer_ratio": summary(mratios) if mratios else None,
+        "estimate_2_of_32_layers": 1 + (all_med - 1) * 2 / 32,
+        "target": 1.03,
+        "meets_target": statistics.median(ratios["emoe-paper"]) <= 1.03,
+    }, device)
     print(f"emoe/dense step time: {fmt(ratios['emoe-paper'])}  [layers {paper} of {args.layers}; target <= 1.03]")
 
 

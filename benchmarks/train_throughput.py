@@ -3,7 +3,8 @@
 A Llama with the real widths of Llama-3.2-1B or TinyLlama-1.1B (random init, no download), converted with
 ``apply_emoe`` (paper layer set: the last two even layers, N=64, k=16), trained with ``deepspeed.initialize``
 (ZeRO-3, bf16 on GPU) on random tokens, full sequence length. Dense and EMoE runs are interleaved round by round in
-one process on the same engine: the dense variant sets every EMoEMLP to k = N, which skips the mask and computes
+one process on the same engine, each step being the training recipe's own ``train_step`` (its loss normalisation,
+non-finite probe and fp32 cross-entropy included): the dense variant sets every EMoEMLP to k = N, which skips the mask and computes
 exactly the dense MLP (the wrapper adds one Python call per layer; swapping modules under a live ZeRO-3 engine would
 invalidate its prefetch trace instead).
 
@@ -15,6 +16,7 @@ Peak = dense bf16 tensor-core TFLOP/s from the table below (override with --peak
     python benchmarks/train_throughput.py                                    # 1 process; CPU: small defaults
     python benchmarks/train_throughput.py --preset llama-3.2-1b              # 1 GPU: 16 layers, seq 2048, bf16
     deepspeed --num_gpus 8 benchmarks/train_throughput.py --preset tinyllama-1.1b   # multi-GPU, one node
+    python benchmarks/train_throughput.py --peak-tflops 989 --extra-peak-tflops 790 --json out.json   # H200, + JSON
 
 The last lines are a short table and ``emoe/dense step time: R (min a, max b)``.
 """
@@ -32,6 +34,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from bench_json import add_json_args, print_config_and_exit, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {
@@ -67,7 +71,10 @@ def parse_args(argv=None):
     p.add_argument("--ds-config", default=str(REPO / "ds_configs" / "z3.json"),
                    help="the shipped ZeRO-3 config; 'auto' values are filled as the recipe does")
     p.add_argument("--peak-tflops", type=float, help="override the peak table (per device)")
+    p.add_argument("--extra-peak-tflops", type=float, help="also report MFU against this peak (e.g. the measured "
+                   "bf16 matmul rate, ~790 TFLOP/s on an H200, next to the 989 datasheet figure)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    add_json_args(p)
     args = p.parse_args(argv)
     defaults = dict(seq=(2048, 256), micro_batch=(4, 1), dtype=("bfloat16", "float32"), rounds=(5, 3), steps=(5, 2),
                     warmup=(2, 1))
@@ -76,6 +83,8 @@ def parse_args(argv=None):
             setattr(args, key, gpu if cuda else cpu)
     if args.layers is None:
         args.layers = PRESETS[args.preset]["layers"] if cuda else 2
+    if args.print_config:
+        print_config_and_exit(args)
     return args
 
 
@@ -178,6 +187,7 @@ def main(argv=None):
     import deepspeed
 
     from emoe_llm.emoe import emoe_modules
+    from emoe_llm.train.recipe import train_step
 
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
@@ -200,7 +210,8 @@ def main(argv=None):
     emoe = list(emoe_modules(engine.module))
 
     gen = torch.Generator().manual_seed(1 + rank)
-    ids = torch.randint(0, preset["vocab"], (args.micro_batch, args.seq), generator=gen).to(device)
+    ids = torch.randint(0, preset["vocab"], (args.micro_batch, args.seq), generator=gen)
+    batch = {"input_ids": ids, "labels": ids}  # the collator's shape: every token a target, no padding
     tokens_per_step = args.micro_batch * args.seq * world
 
     def set_variant(name):
@@ -217,10 +228,10 @@ def main(argv=None):
         set_variant(name)
         sync()
         t0 = time.perf_counter()
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
+        result = train_step(engine, [batch], device=device, world=world)
         sync()
+        if result["nonfinite"]:
+            raise SystemExit(f"non-finite loss in a {name} step: the throughput figures would be meaningless")
         return time.perf_counter() - t0
 
     peak, peak_src = peak_tflops(args, device)
@@ -256,6 +267,7 @@ def main(argv=None):
                                                           f"of {args.steps})" for n in names), flush=True)
 
     ratios = [e / d for e, d in zip(fastest["emoe"], fastest["dense"])]
+    results = {}
     log(f"\ntokens/s and MFU from the median of all {args.rounds * args.steps} timed steps per variant; the ratio "
         f"from each round's fastest steps")
     log(f"{'variant':<7} {'tokens/s':>10} {'tok/s/dev':>10} {'step ms (min-max)':>20} {'TFLOP/s/dev':>12} "
@@ -265,9 +277,30 @@ def main(argv=None):
         tps = tokens_per_step / med
         tflops = fpt * tps / world / 1e12
         mfu = f"{tflops / peak:.1%}" if peak else "n/a"
+        results[name] = {"tokens_per_s": tps, "tokens_per_s_per_device": tps / world, "step_ms_median": med * 1e3,
+                         "step_ms_all": [t * 1e3 for t in times[name]], "tflops_per_device": tflops,
+                         "mfu": tflops / peak if peak else None,
+                         "mfu_at_extra_peak": tflops / args.extra_peak_tflops if args.extra_peak_tflops else None,
+                         "peak_mem_gib": mem[name] / 2**30 if name in mem else None}
         mem_s = f"{mem[name] / 2**30:.1f} GiB" if name in mem else "-"
         log(f"{name:<7} {tps:>10.0f} {tps / world:>10.0f} {med * 1e3:>8.0f} ({min(times[name]) * 1e3:.0f}-"
             f"{max(times[name]) * 1e3:.0f}) {tflops:>12.2f} {mfu:>6} {mem_s:>9}")
+    if args.extra_peak_tflops:
+        log("MFU against --extra-peak-tflops %g: " % args.extra_peak_tflops + ", ".join(
+            f"{n} {r['mfu_at_extra_peak']:.1%}" for n, r in results.items()))
+    if rank == 0:
+        write_json(args.json, {
+            "benchmark": "train_throughput",
+            "settings": {k: v for k, v in vars(args).items() if k not in ("json", "print_config", "local_rank")},
+            "world_size": world, "dtype": args.dtype, "attention": model.config._attn_implementation,
+            "zero_stage": 3, "params": n_params, "matmul_params": n_matmul, "flops_per_token": fpt,
+            "emoe": {"n_experts": settings.n_experts, "top_k": settings.top_k, "layers": list(settings.layers)},
+            "peak_tflops": peak, "peak_source": peak_src, "extra_peak_tflops": args.extra_peak_tflops,
+            "variants": results,
+            "step_ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                           "all": ratios},
+            "mfu_target": 0.5,
+        }, device)
     log(f"emoe/dense step time: {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
