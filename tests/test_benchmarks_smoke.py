@@ -1,5 +1,8 @@
-"""The benchmark scripts run end to end at their tiniest settings and print their figure last (no timing asserted)."""
+"""The benchmark scripts run end to end at their tiniest settings and print their figure last (no timing asserted);
+their ``--json`` output holds what scripts/gpu_check.sh's summary reads."""
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +11,9 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+_spec = importlib.util.spec_from_file_location("gpu_check_report", BENCH.parent / "scripts" / "gpu_check_report.py")
+gpu_check_report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check_report)
 
 CASES = {
     "step_overhead": (["--hidden", "64", "--ffn", "256", "--layers", "4", "--heads", "4", "--kv-heads", "2",
@@ -21,8 +27,10 @@ CASES = {
 
 
 @pytest.mark.parametrize("script", sorted(CASES))
-def test_benchmark_script_runs_and_prints_its_figure_last(script):
+def test_benchmark_script_runs_and_prints_its_figure_last(script, tmp_path):
     args, last_line_prefix = CASES[script]
+    out = tmp_path / f"{script}.json"
+    args = [*args, "--json", str(out)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
     env.pop("RANK", None)  # train_throughput sets up its own 1-rank job
     proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), *args], capture_output=True, text=True,
@@ -33,3 +41,10 @@ def test_benchmark_script_runs_and_prints_its_figure_last(script):
     if "step time" in last_line_prefix:
         ratio = float(lines[-1][len(last_line_prefix):].split()[0])
         assert ratio > 0
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == script and data["environment"]["torch"] and data["environment"]["date_utc"]
+    figures = gpu_check_report.headline(script, data)  # what the GPU check's summary.json reports
+    if script == "clustering":
+        assert figures["seconds_per_layer"] > 0 and figures["device"] == "cpu"
+    else:
+        assert figures["emoe_dense_step_ratio"] == pytest.approx(ratio, abs=1e-3)
