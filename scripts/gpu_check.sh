@@ -85,8 +85,8 @@ TRAIN=("$PY" benchmarks/train_throughput.py --preset llama-3.2-1b --layers 16 --
        --json "$RESULTS/train_throughput.json")
 CLUSTER=("$PY" benchmarks/clustering.py --shapes 30b --cases "random,structured" --devices cuda --no-sklearn --no-kmc
          --n-init 3 --max-iter 30 --json "$RESULTS/clustering.json")
-# caps: 30 (install) + 150 + 90 + 130 + 60 = 460 s < 8 min, so a rerun fits in a 15-minute device budget
-CAP_PYTEST=150 CAP_STEP=90 CAP_TRAIN=130 CAP_CLUSTER=60
+# caps: ~20 (install) + 180 + 90 + 110 + 60 = 460 s < 8 min, so a rerun fits in a 15-minute device budget
+CAP_PYTEST=180 CAP_STEP=90 CAP_TRAIN=110 CAP_CLUSTER=60
 
 pip_install() {  # pip_install TARGET [extra pip args]: the carried wheels, no registry, no dependency resolution
   local target=$1
