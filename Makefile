@@ -1,10 +1,11 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up .venv, then convert + ZeRO-3 fine-tune (2 CPU ranks) + export + eval a tiny Llama
 #   make test   set up .venv, then run the whole test suite (incl. the slow DeepSpeed and Slurm tests)
+#   make smollm2  build (once) the real SmolLM2-135M-Instruct checkpoint in ${EMOE_LLM_CACHE:-~/.cache/emoe_llm}/models/
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast
+.PHONY: setup demo test test-fast smollm2
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV)
@@ -17,3 +18,6 @@ test: setup
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+smollm2: setup
+	PYTHON=$(VENV)/bin/python bash scripts/get_smollm2.sh
