@@ -1,8 +1,9 @@
 """The EMoE method: balanced clustering of MLP neurons, function-preserving permutation, avg-k top-k masking."""
 
-from .clustering import ClusterResult, balanced_kmeans, random_balanced_labels
+from .clustering import ClusterResult, balanced_kmeans, exact_balanced_assign, random_balanced_labels
 from .mlp import EMoEMLP
 from .model import (
+    CLUSTER_METHODS,
     apply_emoe,
     cluster_labels,
     decoder_layers,
@@ -24,7 +25,7 @@ from .settings import (
 )
 
 __all__ = [
-    "ClusterResult", "balanced_kmeans", "random_balanced_labels", "EMoEMLP", "apply_emoe", "cluster_labels",
+    "ClusterResult", "balanced_kmeans", "exact_balanced_assign", "CLUSTER_METHODS", "random_balanced_labels", "EMoEMLP", "apply_emoe", "cluster_labels",
     "decoder_layers", "disable_emoe", "emoe_modules", "enable_emoe", "load_emoe_model", "pop_expert_load",
     "expert_permutation", "permute_mlp_", "permute_mlp_tensors", "SUPPORTED_MODEL_TYPES", "EMoESettings",
     "parse_layer_spec", "validate_settings", "TRAINED_KEY", "trained_record", "resolve_eval_mode",

@@ -18,7 +18,8 @@ class EMoESettings:
     layers: decoder layers that run as EMoE at train time (0-indexed).
     permuted_layers: layers whose neurons were clustered and permuted (a superset of ``layers``); any of them can
         be switched to EMoE later without re-clustering.
-    seed / method: how the clusters were made ("kmeans" = balanced k-means on gate_proj keys, "random" = the
+    seed / method: how the clusters were made ("kmeans" = balanced k-means on gate_proj keys, "kmeans_exact" = the
+        same with the optimal balanced assignment in every step, "random" = the
         paper's random-split ablation).
     clustering: per-layer stats, {"28": {"inertia": ..., "iterations": ..., "seconds": ...}}.
     """
