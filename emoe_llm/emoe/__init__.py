@@ -3,7 +3,6 @@
 from .clustering import ClusterResult, balanced_kmeans, exact_balanced_assign, random_balanced_labels
 from .mlp import EMoEMLP
 from .model import (
-    CLUSTER_METHODS,
     apply_emoe,
     cluster_labels,
     decoder_layers,
@@ -15,6 +14,7 @@ from .model import (
 )
 from .permute import expert_permutation, permute_mlp_, permute_mlp_tensors
 from .settings import (
+    CLUSTER_METHODS,
     SUPPORTED_MODEL_TYPES,
     TRAINED_KEY,
     EMoESettings,

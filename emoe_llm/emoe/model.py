@@ -20,7 +20,7 @@ from torch import nn
 from .clustering import balanced_kmeans, random_balanced_labels
 from .mlp import EMoEMLP
 from .permute import expert_permutation, permute_mlp_
-from .settings import EMoESettings, parse_layer_spec, validate_settings
+from .settings import CLUSTER_METHODS, EMoESettings, parse_layer_spec, validate_settings
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -37,11 +37,6 @@ def _model_config(model: nn.Module):
     if config is None:
         raise TypeError(f"{type(model).__name__} has no .config; pass a transformers *ForCausalLM")
     return config
-
-
-# kmeans: balanced k-means with the fast assignment; kmeans_exact: with the optimal (min-cost-flow) assignment in
-# every Lloyd step, as k-means-constrained in the official code; random: the paper's random-split ablation.
-CLUSTER_METHODS = ("kmeans", "kmeans_exact", "random")
 
 
 def cluster_labels(

@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass, field
 # Decoders whose MLP is the Llama SwiGLU shape (gate_proj/up_proj/down_proj, act_fn).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 FORMAT_VERSION = 1
+# kmeans: balanced k-means with the fast assignment; kmeans_exact: with the optimal (min-cost-flow) assignment in
+# every Lloyd step, as k-means-constrained in the official code; random: the paper's random-split ablation.
+CLUSTER_METHODS = ("kmeans", "kmeans_exact", "random")
 
 
 @dataclass
