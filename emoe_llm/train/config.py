@@ -46,6 +46,9 @@ class ModelConfig:
     """auto (flash_attention_2 when installed on CUDA, else sdpa) | flash_attention_2 | sdpa | eager"""
     gradient_checkpointing: bool = True
     trust_remote_code: bool = False
+    load_dtype: str = "auto"
+    """auto: the fp32 master weights start from the model as built in the training precision (bf16-rounded) |
+    float32: from the checkpoint's stored values, as the official code (full fine-tuning, bf16/fp16 ZeRO-3)"""
 
 
 @dataclass
@@ -320,6 +323,11 @@ def validate_config(cfg: RecipeConfig, *, source: str = "config") -> None:
     if cfg.model.convert is not None and cfg.model.convert.get("method", "kmeans") not in CLUSTER_METHODS:
         errors.append(f"model.convert.method must be one of {'|'.join(CLUSTER_METHODS)}, "
                       f"got '{cfg.model.convert.get('method')}'")
+    if cfg.model.load_dtype not in ("auto", "float32"):
+        errors.append(f"model.load_dtype must be auto|float32, got '{cfg.model.load_dtype}'")
+    elif cfg.model.load_dtype == "float32" and cfg.lora.enabled:
+        errors.append("model.load_dtype=float32 sets the fp32 master weights of full fine-tuning; LoRA freezes the "
+                      "base weights, so use model.load_dtype=auto")
     if t.loss_norm not in ("token", "sequence"):
         errors.append(f"train.loss_norm must be token|sequence, got '{t.loss_norm}'")
     if t.lr_scheduler not in ("cosine", "linear", "constant"):

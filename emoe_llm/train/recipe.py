@@ -67,6 +67,7 @@ from .config import (
     resolve_batch,
 )
 from .loss import count_sequences, sequence_ce_sum
+from .master_weights import load_fp32_master
 from .runlog import MetricsLogger, write_run_dir
 
 IGNORE_INDEX = -100
@@ -535,6 +536,9 @@ def build_engine(cfg: RecipeConfig, ds_config: dict, *, dtype: torch.dtype, tota
     scheduler, warmup = build_scheduler(optimizer, cfg, total_steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
+    if cfg.model.load_dtype == "float32" and dtype != torch.float32 and keepalive is not None:
+        n = load_fp32_master(engine, model_path)
+        log0(f"fp32 master weights of {n} tensors set from {model_path} (model.load_dtype=float32)")
     params = list(engine.module.parameters())
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
