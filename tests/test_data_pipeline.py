@@ -183,3 +183,24 @@ def test_builtin_template_text_is_part_of_the_cache_key(tok, tmp_path, monkeypat
     monkeypatch.setitem(templates.BUILTIN, "alpaca", templates.ALPACA_MERGED_TEMPLATE)
     _, _, b = build_sft_datasets(_cfg(tmp_path, template="alpaca"), tok)
     assert not b["cache_hit"] and a["cache_key"] != b["cache_key"]
+
+
+def test_template_variation_is_opt_in_seeded_and_alpaca_only(tok, tmp_path):
+    from emoe_llm.data.templates import ALPACA_PREAMBLE_VARIANTS
+
+    def preambles(seed, variation=True):
+        ds, _, _ = build_sft_datasets(_cfg(tmp_path, template="alpaca", template_variation=variation, seed=seed), tok)
+        texts = [tok.decode(r["input_ids"]) for r in ds]
+        return [next(i for i, pair in enumerate(ALPACA_PREAMBLE_VARIANTS) if any(p in t for p in pair))
+                for t in texts], texts
+
+    plain, _ = preambles(0, variation=False)
+    assert set(plain) == {0}  # off by default: always the official preamble
+    a, texts = preambles(0)
+    assert len(set(a)) >= 3 and a == preambles(0)[0]  # several variants, the same for the same seed
+    assert preambles(1)[0] != a
+    for t in texts:  # the with-input variant exactly when the row has an `### Input:` block
+        has_input = "### Input:" in t
+        assert any(pair[int(has_input)] in t for pair in ALPACA_PREAMBLE_VARIANTS)
+    with pytest.raises(ValueError, match="template_variation varies the Alpaca preamble"):
+        _cfg(tmp_path, template="llama3", template_variation=True)

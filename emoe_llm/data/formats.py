@@ -6,6 +6,7 @@ file, the row (0-based index; ``line N`` is 1-based for .jsonl/.txt) and the fie
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -291,8 +292,18 @@ def normalize_record(rec, fmt: str, where: str, system_prompt: str | None = None
     return {"messages": messages}
 
 
+def _preamble_variant(rec_messages: list[dict], seed: int, where: str) -> dict:
+    """A system turn with one of the Alpaca preamble variants, picked by a hash of (seed, row)."""
+    from .templates import ALPACA_PREAMBLE_VARIANTS
+
+    pick = int.from_bytes(hashlib.sha256(f"{seed}:{where}".encode()).digest()[:8], "big") % len(ALPACA_PREAMBLE_VARIANTS)
+    has_input = bool(rec_messages[0].get("input"))
+    return {"role": "system", "content": ALPACA_PREAMBLE_VARIANTS[pick][int(has_input)]}
+
+
 def read_source(path: str, fmt: str = "auto", *, max_rows: int | None = None, skip_bad_rows: bool = False,
-                system_prompt: str | None = None, empty_response: str = "error") -> tuple[list[dict], str, dict]:
+                system_prompt: str | None = None, empty_response: str = "error",
+                variation_seed: int | None = None) -> tuple[list[dict], str, dict]:
     """Read and validate one source.
 
     Returns:
@@ -313,6 +324,9 @@ def read_source(path: str, fmt: str = "auto", *, max_rows: int | None = None, sk
                     raise rec
                 fmt = detect_format(path, rec)
             out = normalize_record(rec, fmt, where, system_prompt, allow_empty_response=empty_response == "eos")
+            if variation_seed is not None and fmt == "alpaca" and out is not None and \
+                    out["messages"][0]["role"] != "system":
+                out["messages"].insert(0, _preamble_variant(out["messages"], variation_seed, where))
             if empty_response == "eos" and out is not None and any(
                     m["role"] == "assistant" and not m["content"].strip() for m in out["messages"]):
                 report["empty_responses"] += 1

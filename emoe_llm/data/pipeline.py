@@ -78,7 +78,7 @@ def _cache_key(src: DataSource, cfg: DataConfig, tok_fp: str, template: dict) ->
         "v": PIPELINE_VERSION, "source": _source_identity(src.path), "format": src.format, "max_rows": src.max_rows,
         "tokenizer": tok_fp, "template": template, "max_seq_len": cfg.max_seq_len, "truncation": cfg.truncation,
         "train_on_prompt": cfg.train_on_prompt, "system_prompt": cfg.system_prompt, "skip_bad_rows": cfg.skip_bad_rows,
-        "empty_response": cfg.empty_response,
+        "empty_response": cfg.empty_response, "template_variation": cfg.seed if cfg.template_variation else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -116,7 +116,8 @@ def tokenize_source(src: DataSource, cfg: DataConfig, tokenizer, *, get_template
 
     t0 = time.time()
     records, fmt, report = read_source(src.path, src.format, max_rows=src.max_rows, skip_bad_rows=cfg.skip_bad_rows,
-                                       system_prompt=cfg.system_prompt, empty_response=cfg.empty_response)
+                                       system_prompt=cfg.system_prompt, empty_response=cfg.empty_response,
+                                       variation_seed=cfg.seed if cfg.template_variation else None)
     is_text = fmt == "text"
     template = None if is_text else get_template()
     raw = datasets.Dataset.from_list(records)

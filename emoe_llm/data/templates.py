@@ -22,6 +22,25 @@ ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired 
                          "context. Write a response that appropriately completes the request.")
 ALPACA_SYSTEM = ALPACA_PREAMBLE  # kept for importers
 
+# data.template_variation: (no-input, with-input) preambles, the first being the official pair. The official EMoE code
+# picks one of 12 prompt variants once per process with an unseeded random.choice; here every row gets one by a
+# seeded hash, so the choice is reproducible and the same on every rank.
+ALPACA_PREAMBLE_VARIANTS = (
+    (ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT),
+    ("Below is an instruction describing a task. Write a response that completes the request appropriately.",
+     "Below is an instruction describing a task, together with an input that gives more context. Write a response "
+     "that completes the request appropriately."),
+    ("The following is an instruction that describes a task. Write an appropriate response to the request.",
+     "The following is an instruction that describes a task, paired with further context in the input. Write an "
+     "appropriate response to the request."),
+    ("Here is a task instruction. Respond in a way that appropriately completes the request.",
+     "Here is a task instruction and an input with additional context. Respond in a way that appropriately "
+     "completes the request."),
+    ("Read the instruction below, then write a response that appropriately completes the request.",
+     "Read the instruction below and the input that provides context, then write a response that appropriately "
+     "completes the request."),
+)
+
 ALPACA_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
     "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}"
