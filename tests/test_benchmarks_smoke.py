@@ -33,3 +33,17 @@ def test_benchmark_script_runs_and_prints_its_figure_last(script):
     if "step time" in last_line_prefix:
         ratio = float(lines[-1][len(last_line_prefix):].split()[0])
         assert ratio > 0
+
+
+def test_clustering_real_weights_case_runs(tmp_path):
+    """--real on a checkpoint dir (a tiny one here; the SmolLM2 fixture in BENCHMARKS.md): fast vs exact vs random."""
+    from emoe_llm.tiny import save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny")
+    proc = subprocess.run([sys.executable, str(BENCH / "clustering.py"), "--real", str(ckpt), "--layers", "0,3",
+                           "--experts", "8", "--n-init", "1", "--max-iter", "3", "--no-kmc"], capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines[-1].startswith("ours (fast) / ours (exact assignment), real weights: mean ")
+    assert sum(" exact " in line for line in lines) == 2

@@ -12,7 +12,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from safetensors.torch import load_file
 
 from emoe_llm.train import recipe
-from emoe_llm.train.config import ConfigError, load_config
+from emoe_llm.train.config import ConfigError
 
 from test_train_recipe import recipe_config, single_rank  # noqa: F401  (module-scoped gloo group + tiny model)
 
