@@ -30,6 +30,13 @@ The reference solvers run in a child process that is killed after --budget secon
     python benchmarks/clustering.py --shapes tiny --cases random,structured      # smoke (seconds)
     python benchmarks/clustering.py --shapes 30b --devices cuda --no-sklearn --no-kmc --json out.json   # GPU only
 
+Real weights (--real): the gate_proj of several layers of a real HF checkpoint (default: the SmolLM2-135M-Instruct
+fixture, scripts/get_smollm2.sh), ours (fast assignment, the default) vs ours with --assign exact (the optimal
+balanced assignment in every Lloyd step, same seeds) vs k-means-constrained with the official settings
+(n_init 10, max_iter 300) vs a random split:
+
+    python benchmarks/clustering.py --real smollm2 --layers 0,10,20,29 --experts 16,64 --budget 300
+
 The last line is the figure: seconds for one 30B-shape layer (target <= 20 s on 2 CPU cores) and its inertia
 relative to unconstrained k-means and to a random split.
 """
@@ -81,6 +88,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
     add_json_args(p)
+    p.add_argument("--real", default=None, help="real-weights case: 'smollm2' (the fixture) or an HF checkpoint dir")
+    p.add_argument("--layers", default="0,10,20,29", help="--real: decoder layers whose gate_proj is clustered")
+    p.add_argument("--experts", default="16,64", help="--real: numbers of experts N")
+    p.add_argument("--kmc-n-init", type=int, default=10, help="--real: k-means-constrained restarts (official: 10)")
+    p.add_argument("--kmc-max-iter", type=int, default=300, help="--real: k-means-constrained iterations")
     args = p.parse_args(argv)
     if args.devices == "auto":
         args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -225,10 +237,67 @@ def solve_all(args, problem, x, n_clusters, planted, *, with_sklearn, kmc_budget
     return report(problem, out, refs, planted)
 
 
+def gate_proj(path, layer):
+    """One layer's gate_proj weight (fp32) from a safetensors HF checkpoint, read without loading the model."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    key = f"model.layers.{layer}.mlp.gate_proj.weight"
+    index = path / "model.safetensors.index.json"
+    file = json.loads(index.read_text())["weight_map"][key] if index.is_file() else "model.safetensors"
+    with safe_open(str(path / file), "pt") as f:
+        return f.get_tensor(key).float()
+
+
+def real_weights(args):
+    """ours (fast) vs ours (exact assignment) vs k-means-constrained vs random on real gate_proj weights."""
+    if args.real == "smollm2":
+        from emoe_llm.fixtures import smollm2_path
+
+        path = smollm2_path(download=False)
+    else:
+        path = args.real
+    print(f"real weights: {path}; ours n_init {args.n_init}, max_iter {args.max_iter}; k-means-constrained n_init "
+          f"{args.kmc_n_init}, max_iter {args.kmc_max_iter}"
+          + ("" if KMeansConstrained is not None and not args.no_kmc else " (NOT INSTALLED: rows skipped)"))
+    print(f"{'layer':>5} {'N':>4} {'solver':<8} {'seconds':>8} {'inertia':>11} {'/exact':>7} {'/random':>8}")
+    ratios = []
+    for layer in [int(v) for v in args.layers.split(",")]:
+        w = gate_proj(path, layer)
+        x_unit = F.normalize(w, dim=-1)
+        for n_clusters in [int(v) for v in args.experts.split(",")]:
+            rows = {}
+            for assign in ("fast", "exact"):
+                res = balanced_kmeans(w, n_clusters, seed=args.seed, n_init=args.n_init, max_iter=args.max_iter,
+                                      assign=assign)
+                rows[assign] = (res.seconds, inertia_of(x_unit, res.labels, n_clusters))
+            if KMeansConstrained is not None and not args.no_kmc:
+                labels, secs = run_capped("kmc", x_unit, n_clusters, n_init=args.kmc_n_init,
+                                          max_iter=args.kmc_max_iter, seed=args.seed, budget=args.budget)
+                rows["kmc"] = (secs, None if labels is None else inertia_of(x_unit, labels, n_clusters))
+            rand = inertia_of(x_unit, random_balanced_labels(w.shape[0], n_clusters, seed=args.seed), n_clusters)
+            rows["random"] = (None, rand)
+            exact = rows["exact"][1]
+            for key, (secs, inertia) in rows.items():
+                if inertia is None:
+                    print(f"{layer:>5} {n_clusters:>4} {key:<8} killed at --budget ({secs:.0f} s)")
+                    continue
+                print(f"{layer:>5} {n_clusters:>4} {key:<8} {fmt(secs, '8.2f')} {inertia:11.3f} "
+                      f"{inertia / exact:7.4f} {inertia / rand:8.4f}", flush=True)
+            ratios.append(rows["fast"][1] / exact)
+    print(f"\nours (fast) / ours (exact assignment), real weights: mean {sum(ratios) / len(ratios):.4f}, "
+          f"worst {max(ratios):.4f} over {len(ratios)} layer x N cases")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.real:
+        return real_weights(args)
     devs = ", ".join(torch.cuda.get_device_name(d) if d.startswith("cuda") else f"cpu ({torch.get_num_threads()} "
                      f"threads)" for d in args.devices)
     print(f"ours on: {devs}; n_init {args.n_init}, max_iter {args.max_iter}; torch {torch.__version__}")

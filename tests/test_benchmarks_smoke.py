@@ -48,3 +48,17 @@ def test_benchmark_script_runs_and_prints_its_figure_last(script, tmp_path):
         assert figures["seconds_per_layer"] > 0 and figures["device"] == "cpu"
     else:
         assert figures["emoe_dense_step_ratio"] == pytest.approx(ratio, abs=1e-3)
+
+
+def test_clustering_real_weights_case_runs(tmp_path):
+    """--real on a checkpoint dir (a tiny one here; the SmolLM2 fixture in BENCHMARKS.md): fast vs exact vs random."""
+    from emoe_llm.tiny import save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny")
+    proc = subprocess.run([sys.executable, str(BENCH / "clustering.py"), "--real", str(ckpt), "--layers", "0,3",
+                           "--experts", "8", "--n-init", "1", "--max-iter", "3", "--no-kmc"], capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines[-1].startswith("ours (fast) / ours (exact assignment), real weights: mean ")
+    assert sum(" exact " in line for line in lines) == 2

@@ -61,12 +61,13 @@ def _expected_turns(tok, template, messages):
     return [_norm(x) for x in out]
 
 
-@pytest.mark.parametrize("tok_name,template", [("llama2", "alpaca"), ("llama2", "llama2"), ("llama2", "auto"),
-                                               ("llama3", "auto"), ("llama3", "llama3")])
+@pytest.mark.parametrize("tok_name,template", [("llama2", "alpaca"), ("llama2", "alpaca_merged"), ("llama2", "llama2"),
+                                               ("llama2", "auto"), ("llama3", "auto"), ("llama3", "llama3")])
 def test_minus_100_exactly_on_prompt_tokens(tok_name, template, request):
     tok = request.getfixturevalue(tok_name)
     resolved_name, source = resolve_template(template, tok)
-    kind = {"tokenizer": "llama3", "alpaca": "alpaca", "llama2": "llama2", "llama3": "llama3"}[resolved_name]
+    kind = {"tokenizer": "llama3", "alpaca": "alpaca", "alpaca_merged": "alpaca", "llama2": "llama2",
+            "llama3": "llama3"}[resolved_name]
     for messages in _conversations():
         ids, labels = encode_conversation(tok, source, messages)
         assert len(ids) == len(labels) and labels[0] == IGNORE_INDEX
@@ -74,12 +75,18 @@ def test_minus_100_exactly_on_prompt_tokens(tok_name, template, request):
         assert ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id  # EOS appended and trained
         # Targets decode to exactly the assistant replies, one run per turn, in order.
         runs = [_norm(tok.decode(r)) for r in _target_runs(ids, labels)]
+        if resolved_name == "alpaca":
+            # the official prompt ends "### Response:" with no newline; SentencePiece may merge the ':' with the
+            # reply's first characters, and a token that straddles the boundary is one the model must generate
+            runs = [r[1:] if r.startswith(":") else r for r in runs]
         assert runs == _expected_turns(tok, kind, messages)
         # Everything else (the prompt side) decodes to the user/system text and the template scaffolding.
         prompt = tok.decode([i for i, lab in zip(ids, labels) if lab == IGNORE_INDEX])
         for m in messages:
             if m["role"] != "assistant":
-                assert _norm(m["content"]) in _norm(prompt)
+                parts = [m["instruction"], m["input"]] if resolved_name == "alpaca" and "instruction" in m else \
+                    [m["content"]]
+                assert all(_norm(p) in _norm(prompt) for p in parts)
         assert tok.bos_token_id == ids[0]
 
 
@@ -139,10 +146,40 @@ def test_template_errors_are_clear(llama2, tmp_path):
 
     with pytest.raises(TemplateError, match=r"template 'llama3' needs the special tokens \['<\|start_header_id\|>'"):
         resolve_template("llama3", llama2)
-    with pytest.raises(TemplateError, match="neither one of auto/alpaca/llama2/llama3 nor an existing file"):
+    with pytest.raises(TemplateError, match="neither one of auto/alpaca/alpaca_merged/llama2/llama3 nor an existing file"):
         resolve_template(str(tmp_path / "missing.jinja"), llama2)
     inconsistent = tmp_path / "bad.jinja"  # a trailer after the last turn breaks prefix consistency
     inconsistent.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}[END]")
     _, source = resolve_template(str(inconsistent), llama2)
     with pytest.raises(TemplateError, match="not prefix-consistent"):
         encode_conversation(llama2, source, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+
+
+STANFORD_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                  "Write a response that appropriately completes the request.\n\n"
+                  "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+STANFORD_NO_INPUT = ("Below is an instruction that describes a task. "
+                     "Write a response that appropriately completes the request.\n\n"
+                     "### Instruction:\n{instruction}\n\n### Response:")
+
+
+def test_alpaca_template_is_the_stanford_prompt_character_for_character(llama2, tmp_path):
+    """PROMPT_DICT of tatsu-lab/stanford_alpaca train.py (and the EMoE code); text = BOS + prompt + output + EOS."""
+    from emoe_llm.data.templates import render_with_target_spans
+
+    rows = [{"instruction": "Sum these.", "input": "1, 2", "output": "3"},
+            {"instruction": "Say hi.", "input": "", "output": "Hi!"}]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(rows))
+    records, _, _ = read_source(str(path))
+    _, source = resolve_template("alpaca", llama2)
+    for row, rec in zip(rows, records):
+        text, spans = render_with_target_spans(llama2, source, rec["messages"])
+        official = (STANFORD_INPUT if row["input"] else STANFORD_NO_INPUT).format_map(row)
+        assert text == llama2.bos_token + official + row["output"] + llama2.eos_token
+        assert text[spans[0][0]:spans[0][1]] == row["output"] + llama2.eos_token
+    # the earlier form stays available by name: input merged into the instruction, newline after Response:
+    _, merged = resolve_template("alpaca_merged", llama2)
+    text, _ = render_with_target_spans(llama2, merged, records[0]["messages"])
+    assert text == (llama2.bos_token + STANFORD_NO_INPUT.format(instruction="Sum these.\n\n1, 2") + "\n3"
+                    + llama2.eos_token)

@@ -148,3 +148,59 @@ def test_load_from_disk_dir_json_lines_in_json_and_system_prompt(tok, tmp_path):
     assert [s["examples"] for s in stats["sources"]] == [20, 5]
     texts = [tok.decode(r) for r in train["input_ids"]]
     assert all("<|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>" in t for t in texts)
+
+
+def test_empty_response_error_skip_eos_counted_and_keyed(tok, tmp_path):
+    """The original Alpaca file has rows with an empty output: error names the row, skip leaves them out, eos trains
+    an EOS-only target (the official code); the count lands in the stats and the option is part of the cache key."""
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"answer {i}"} for i in range(6)]
+    rows[2]["output"] = ""
+    rows[4]["output"] = ""
+    path = tmp_path / "alpaca_empty.json"
+    path.write_text(json.dumps(rows))
+    from emoe_llm.data import DataError
+
+    with pytest.raises(DataError, match=r"alpaca_empty.json: row 2: empty response in turn 1 \(output\); set "
+                                        r"data.empty_response"):
+        build_sft_datasets(_cfg(tmp_path, sources=[str(path)], template="alpaca"), tok)
+    skip, _, s_skip = build_sft_datasets(_cfg(tmp_path, sources=[str(path)], template="alpaca",
+                                              empty_response="skip"), tok)
+    eos, _, s_eos = build_sft_datasets(_cfg(tmp_path, sources=[str(path)], template="alpaca",
+                                            empty_response="eos"), tok)
+    assert len(skip) == 4 and len(eos) == 6
+    assert s_skip["empty_responses"] == s_eos["empty_responses"] == 2 and s_eos["empty_response"] == "eos"
+    assert not s_eos["cache_hit"]  # a different option is a different cache entry
+    eos_only = [r for r in eos if [x for x in r["labels"] if x != IGNORE_INDEX] == [tok.eos_token_id]]
+    assert len(eos_only) == 2  # the empty rows train exactly one target: EOS
+    with pytest.raises(ValueError, match="data.empty_response must be one of"):
+        _cfg(tmp_path, empty_response="drop")
+
+
+def test_builtin_template_text_is_part_of_the_cache_key(tok, tmp_path, monkeypatch):
+    from emoe_llm.data import templates
+
+    _, _, a = build_sft_datasets(_cfg(tmp_path, template="alpaca"), tok)
+    monkeypatch.setitem(templates.BUILTIN, "alpaca", templates.ALPACA_MERGED_TEMPLATE)
+    _, _, b = build_sft_datasets(_cfg(tmp_path, template="alpaca"), tok)
+    assert not b["cache_hit"] and a["cache_key"] != b["cache_key"]
+
+
+def test_template_variation_is_opt_in_seeded_and_alpaca_only(tok, tmp_path):
+    from emoe_llm.data.templates import ALPACA_PREAMBLE_VARIANTS
+
+    def preambles(seed, variation=True):
+        ds, _, _ = build_sft_datasets(_cfg(tmp_path, template="alpaca", template_variation=variation, seed=seed), tok)
+        texts = [tok.decode(r["input_ids"]) for r in ds]
+        return [next(i for i, pair in enumerate(ALPACA_PREAMBLE_VARIANTS) if any(p in t for p in pair))
+                for t in texts], texts
+
+    plain, _ = preambles(0, variation=False)
+    assert set(plain) == {0}  # off by default: always the official preamble
+    a, texts = preambles(0)
+    assert len(set(a)) >= 3 and a == preambles(0)[0]  # several variants, the same for the same seed
+    assert preambles(1)[0] != a
+    for t in texts:  # the with-input variant exactly when the row has an `### Input:` block
+        has_input = "### Input:" in t
+        assert any(pair[int(has_input)] in t for pair in ALPACA_PREAMBLE_VARIANTS)
+    with pytest.raises(ValueError, match="template_variation varies the Alpaca preamble"):
+        _cfg(tmp_path, template="llama3", template_variation=True)

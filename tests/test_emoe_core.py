@@ -280,3 +280,37 @@ def test_parse_layer_spec_forms():
     assert parse_layer_spec("-1,-3", 32) == [29, 31]
     assert parse_layer_spec([3, 1], 4) == [1, 3]
     assert parse_layer_spec("all", 3) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("n,n_clusters,d,seed", [(60, 6, 3, 0), (240, 12, 5, 1), (384, 32, 8, 2)])
+def test_exact_assignment_matches_linear_sum_assignment(n, n_clusters, d, seed):
+    """exact_balanced_assign is the optimal transportation solution: the same total cost as scipy's Hungarian solver
+    on the cost matrix with every column repeated n / N times (exact, but n x n); the fast rounds are not always."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    from emoe_llm.emoe import exact_balanced_assign
+    from emoe_llm.emoe.clustering import _balanced_assign
+
+    gen = torch.Generator().manual_seed(seed)
+    cost = torch.cdist(torch.randn(n, d, generator=gen), torch.randn(n_clusters, d, generator=gen)) ** 2
+    size = n // n_clusters
+    rows, cols = linear_sum_assignment(np.repeat(cost.double().numpy(), size, axis=1))
+    best = float(cost.double().numpy()[rows, cols // size].sum())
+    labels = exact_balanced_assign(cost, size)
+    assert torch.equal(torch.bincount(labels, minlength=n_clusters), torch.full((n_clusters,), size))
+    assert float(cost.double().gather(1, labels[:, None]).sum()) == pytest.approx(best, rel=1e-9)
+    fast = float(cost.double().gather(1, _balanced_assign(cost, size)[:, None]).sum())
+    assert fast >= best - 1e-9
+
+
+def test_kmeans_exact_method_is_balanced_and_no_worse_than_fast():
+    from emoe_llm.emoe import cluster_labels
+
+    points = torch.randn(512, 24, generator=torch.Generator().manual_seed(3))
+    fast_labels, fast = cluster_labels(points, 16, seed=0, method="kmeans", n_init=1, max_iter=10)
+    exact_labels, exact = cluster_labels(points, 16, seed=0, method="kmeans_exact", n_init=1, max_iter=10)
+    assert torch.equal(torch.bincount(exact_labels, minlength=16), torch.full((16,), 32))
+    assert exact["inertia"] <= fast["inertia"] * 1.01
+    with pytest.raises(ValueError, match="assign must be one of"):
+        balanced_kmeans(points, 16, assign="hungarian")

@@ -124,3 +124,47 @@ def test_zero_shot_on_the_dev_split(tiny):
     assert res["overall"]["n"] == 285 and len(res["subjects"]) == 57  # every shipped dev question
     assert res["settings"]["mean_shots_used"] == 0
     assert set(res["categories"]) == {"STEM", "humanities", "social sciences", "other (business, health, misc.)"}
+
+
+def test_eval_mode_follows_the_training_record():
+    from emoe_llm.emoe import resolve_eval_mode, trained_record
+
+    block = {"n_experts": 16, "top_k": 4, "layers": [2, 3]}
+    dense_run = {"emoe": block, "emoe_trained": trained_record("dense", block)}
+    emoe_run = {"emoe": {**block, "top_k": 2}, "emoe_trained": trained_record("emoe", {**block, "top_k": 2})}
+    assert resolve_eval_mode(dense_run)[0] == "dense"          # the dense baseline is scored dense
+    assert resolve_eval_mode(dense_run, "emoe")[0] == "emoe"   # ... unless asked (dense -> masked cell)
+    assert resolve_eval_mode(emoe_run)[0] == "emoe" and resolve_eval_mode(emoe_run, "dense")[0] == "dense"
+    assert emoe_run["emoe_trained"] == {"mode": "emoe", "lora": False, "n_experts": 16, "top_k": 2, "layers": [2, 3]}
+    assert resolve_eval_mode({"emoe": block})[0] == "emoe"     # converted, never trained
+    assert resolve_eval_mode({})[0] == "dense"
+    with pytest.raises(ValueError, match="'dense' or 'emoe'"):
+        trained_record("masked", block)
+
+
+def _eval_json(ckpt, out, *extra):
+    proc = subprocess.run(
+        [sys.executable, "-m", "emoe_llm.cli", "eval", str(ckpt), "--subjects", "abstract_algebra", "--limit", "4",
+         "--shots", "1", "--output", str(out), "--no-progress", *extra], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_dense_trained_export_evaluates_dense_by_default(tiny, tmp_path):
+    """A converted checkpoint marked as trained dense (what the recipe writes) is scored dense unless --mode emoe."""
+    import shutil
+
+    from emoe_llm.emoe import trained_record
+
+    ckpt = tmp_path / "final"
+    shutil.copytree(tiny["emoe"], ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["emoe_trained"] = trained_record("dense", cfg["emoe"])
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    dense, stdout = _eval_json(ckpt, tmp_path / "a.json")
+    assert dense["mode"] == "dense" and "trained dense" in dense["mode_source"] and "mode dense" in stdout
+    assert dense["trained"]["mode"] == "dense" and "top_k" not in dense
+    masked, _ = _eval_json(ckpt, tmp_path / "b.json", "--mode", "emoe")
+    assert masked["mode"] == "emoe" and masked["mode_source"] == "requested (--mode)"
+    assert masked["top_k"] == 4 and masked["layers"] == [2, 3]
+    assert masked["overall"]["mean_logprob_answer"] != pytest.approx(dense["overall"]["mean_logprob_answer"], abs=1e-6)

@@ -226,6 +226,31 @@ def test_dense_loss_decreases(dense_runs):
     assert json.loads((big / "final" / "config.json").read_text())["emoe"]  # still the converted checkpoint
 
 
+def _eval(final: Path, out: Path, *extra) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "emoe_llm.cli", "eval", str(final), "--subjects", "abstract_algebra",
+                           "--limit", "4", "--shots", "1", "--output", str(out), "--no-progress", *extra],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_dense_run_export_evaluates_dense_by_default(dense_runs, emoe_run, tmp_path):
+    """The dense baseline's export records how it was trained and `emoe-llm eval` scores it dense (not masked);
+    --mode emoe on the same export is the masked cell and differs; the EMoE run's export evaluates masked."""
+    big, _, _ = dense_runs
+    cfg = json.loads((big / "final" / "config.json").read_text())
+    assert cfg["emoe_trained"] == {"mode": "dense", "lora": False}
+    dense = _eval(big / "final", tmp_path / "dense.json")
+    assert dense["mode"] == "dense" and dense["trained"]["mode"] == "dense" and "trained dense" in dense["mode_source"]
+    masked = _eval(big / "final", tmp_path / "masked.json", "--mode", "emoe")
+    assert masked["mode"] == "emoe" and masked["top_k"] == 4 and masked["layers"] == [2, 3]
+    assert masked["overall"]["mean_logprob_answer"] != pytest.approx(dense["overall"]["mean_logprob_answer"], abs=1e-6)
+    out, _ = emoe_run
+    assert json.loads((out / "final" / "config.json").read_text())["emoe_trained"] == {
+        "mode": "emoe", "lora": False, "n_experts": 16, "top_k": 4, "layers": [2, 3]}
+    assert _eval(out / "final", tmp_path / "emoe.json")["mode"] == "emoe"
+
+
 def test_grad_accumulation_matches_one_big_batch(dense_runs):
     """Same rows per optimizer step, split 1x4 or 2x2 per rank: the loss is normalised by the step's global target
     tokens, so losses and gradient norms agree (packed rows carry different numbers of target tokens)."""

@@ -28,8 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="clustering seed (default 0)")
     parser.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default="keep",
                         help="output dtype of floating tensors (default keep)")
-    parser.add_argument("--method", choices=["kmeans", "random"], default="kmeans",
-                        help="kmeans = EMoE; random = the paper's random-split ablation")
+    parser.add_argument("--method", choices=["kmeans", "kmeans_exact", "random"], default="kmeans",
+                        help="kmeans = EMoE (fast balanced assignment); kmeans_exact = EMoE with the optimal balanced "
+                             "assignment in every step (as k-means-constrained; minutes per layer at 30B width); "
+                             "random = the paper's random-split ablation")
+    parser.add_argument("--assign", choices=["fast", "exact"], default=None,
+                        help="balanced assignment of k-means: exact = --method kmeans_exact (default fast)")
     parser.add_argument("--n-init", type=int, default=3, help="k-means restarts (default 3)")
     parser.add_argument("--max-iter", type=int, default=30, help="k-means iterations per restart (default 30)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST once the new one is complete")
@@ -45,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
 
     # Slurm sends SIGTERM at the time limit / on preemption: stop like Ctrl-C, keeping finished work for --resume.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    if args.assign == "exact":
+        if args.method == "random":
+            print("emoe-llm convert: error: --assign exact applies to k-means, not --method random", file=sys.stderr)
+            return 2
+        args.method = "kmeans_exact"
     try:
         summary = convert_checkpoint(
             args.src, args.dst, n_experts=args.experts, top_k=args.top_k, layers=args.layers,

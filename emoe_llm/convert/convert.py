@@ -84,8 +84,8 @@ def convert_checkpoint(
     _check_paths(src, dst, overwrite=overwrite)
     if dtype not in OUTPUT_DTYPES:
         raise ConversionError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got '{dtype}'")
-    if method not in ("kmeans", "random"):
-        raise ConversionError(f"method must be 'kmeans' or 'random', got '{method}'")
+    if method not in emoe.CLUSTER_METHODS:
+        raise ConversionError(f"method must be one of {', '.join(emoe.CLUSTER_METHODS)}, got '{method}'")
     _check_device(device)
     source = open_source(src, allow_pickle=allow_pickle)
     settings = _plan(source, n_experts=n_experts, top_k=top_k, layers=layers, all_layers=all_layers, seed=seed,

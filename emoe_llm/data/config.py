@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
-BUILTIN_TEMPLATES = ("auto", "alpaca", "llama2", "llama3")
+BUILTIN_TEMPLATES = ("auto", "alpaca", "alpaca_merged", "llama2", "llama3")
+EMPTY_RESPONSE = ("error", "skip", "eos")
 TRUNCATION = ("truncate", "drop")
 
 
@@ -38,7 +39,8 @@ class DataSource:
 class DataConfig:
     sources: list[DataSource]
     template: str = "auto"
-    """auto (the tokenizer's chat template if it has one, else alpaca) | alpaca | llama2 | llama3 | path to a .jinja file."""
+    """auto (the tokenizer's chat template if it has one, else alpaca) | alpaca (the official Stanford Alpaca prompt) |
+    alpaca_merged (emoe_llm's earlier form: input appended to the instruction) | llama2 | llama3 | a .jinja path."""
     max_seq_len: int = 512
     packing: bool = False
     """Pack documents into rows of exactly `max_seq_len` tokens (position_ids restart at 0 per document)."""
@@ -49,6 +51,12 @@ class DataConfig:
     eval_fraction: float = 0.0
     """Fraction of every source held out for evaluation (deterministic for a seed); ignored when eval_sources is set."""
     eval_sources: list[DataSource] = field(default_factory=list)
+    empty_response: str = "error"
+    """error | skip | eos: a row whose response is empty stops the run (error), is left out (skip), or is trained as
+    an EOS-only target (eos, what the official Stanford Alpaca / EMoE code does). Counted in data_stats.json."""
+    template_variation: bool = False
+    """alpaca template only, opt-in augmentation: each alpaca-format row gets one of the preamble variants in
+    templates.ALPACA_PREAMBLE_VARIANTS (the first is the official one), chosen by a hash of (seed, row)."""
     skip_bad_rows: bool = False
     """Skip (and count) malformed rows instead of stopping at the first one."""
     cache_dir: str | None = None
@@ -72,14 +80,19 @@ class DataConfig:
                              f"sizes); missing on {[s.path for s in self.sources if s.weight is None]}")
         if not (0.0 <= self.eval_fraction < 1.0):
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.empty_response not in EMPTY_RESPONSE:
+            raise ValueError(f"data.empty_response must be one of {EMPTY_RESPONSE}, got {self.empty_response!r}")
+        if self.template_variation and self.template != "alpaca":
+            raise ValueError(f"data.template_variation varies the Alpaca preamble: it needs template 'alpaca', "
+                             f"got {self.template!r}")
         if not isinstance(self.template, str) or not self.template:
             raise ValueError("data.template must be a non-empty string")
 
 
 _INT_FIELDS = {"max_seq_len", "seed", "num_proc", "max_rows"}
-_BOOL_FIELDS = {"packing", "train_on_prompt", "skip_bad_rows"}
+_BOOL_FIELDS = {"packing", "train_on_prompt", "skip_bad_rows", "template_variation"}
 _FLOAT_FIELDS = {"eval_fraction", "weight"}
-_STR_FIELDS = {"path", "format", "template", "truncation", "cache_dir", "system_prompt"}
+_STR_FIELDS = {"path", "format", "template", "truncation", "cache_dir", "system_prompt", "empty_response"}
 
 
 def _check_types(d: dict, where: str) -> None:

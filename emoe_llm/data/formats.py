@@ -6,6 +6,7 @@ file, the row (0-based index; ``line N`` is 1-based for .jsonl/.txt) and the fie
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -167,14 +168,16 @@ def _require_str(rec: dict, key: str, where: str, *, allow_empty: bool = True) -
     return val
 
 
+class EmptyResponse(DataError):
+    """A row whose response is empty (``data.empty_response`` decides: error, skip or train EOS-only)."""
+
+
 def _alpaca(rec: dict, where: str) -> list[dict]:
     instruction = _require_str(rec, "instruction", where, allow_empty=False)
     inp = rec.get("input") or ""
     if not isinstance(inp, str):
         raise DataError(f"{where}: field 'input' must be a string, got {type(inp).__name__}", field="input")
     output = _require_str(rec, "output", where)
-    if not output.strip():
-        raise DataError(f"{where}: empty response (field 'output')", field="output")
     user = f"{instruction}\n\n{inp}" if inp.strip() else instruction
     messages = []
     # LLaMA-Factory's optional `history`: earlier [instruction, response] pairs of the same conversation.
@@ -187,7 +190,10 @@ def _alpaca(rec: dict, where: str) -> list[dict]:
                             field=f"history[{j}]")
         messages += [{"role": "user", "content": pair[0], "_field": f"history[{j}][0]"},
                      {"role": "assistant", "content": pair[1], "_field": f"history[{j}][1]"}]
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output, "_field": "output"}]
+    # instruction/input stay separate for the official Alpaca prompt (which lays out an `### Input:` block; like
+    # stanford_alpaca, any non-empty input counts); other templates read `content`.
+    messages += [{"role": "user", "content": user, "instruction": instruction, "input": inp},
+                 {"role": "assistant", "content": output, "_field": "output"}]
     system = rec.get("system")
     if isinstance(system, str) and system.strip():
         messages.insert(0, {"role": "system", "content": system})
@@ -228,8 +234,9 @@ def _turns(rec: dict, where: str, list_key: str, role_key: str, content_key: str
     return messages
 
 
-def validate_conversation(messages: list[dict], where: str) -> list[dict]:
-    """Check the turn structure: [system], user, assistant, user, assistant, ...; ends with a non-empty assistant."""
+def validate_conversation(messages: list[dict], where: str, *, allow_empty_response: bool = False) -> list[dict]:
+    """Check the turn structure: [system], user, assistant, user, assistant, ...; ends with an assistant turn, and
+    (unless ``allow_empty_response``) every assistant turn is non-empty."""
     if not messages:
         raise DataError(f"{where}: empty conversation")
     start = 1 if messages[0]["role"] == "system" else 0
@@ -241,17 +248,20 @@ def validate_conversation(messages: list[dict], where: str) -> list[dict]:
             fld = m.get("_field", f"message {j}")
             raise DataError(f"{where}: turn {j} ({fld}) has role {m['role']!r} but {expected!r} was expected "
                             "(turns must alternate user/assistant after an optional leading system turn)", field=fld)
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and not m["content"].strip() and not allow_empty_response:
             fld = m.get("_field", f"message {j}")
-            raise DataError(f"{where}: empty response in turn {j} ({fld})", field=fld)
+            raise EmptyResponse(f"{where}: empty response in turn {j} ({fld}); set data.empty_response to 'eos' "
+                                "(train EOS-only, as the official Alpaca code) or 'skip'", field=fld)
     if messages[-1]["role"] != "assistant":
         fld = messages[-1].get("_field", f"message {len(messages) - 1}")
         raise DataError(f"{where}: conversation does not end with an assistant turn (last turn {fld} is "
                         f"{messages[-1]['role']!r})", field=fld)
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    keep = ("role", "content", "instruction", "input")
+    return [{k: m[k] for k in keep if k in m} for m in messages]
 
 
-def normalize_record(rec, fmt: str, where: str, system_prompt: str | None = None) -> dict | None:
+def normalize_record(rec, fmt: str, where: str, system_prompt: str | None = None, *,
+                     allow_empty_response: bool = False) -> dict | None:
     """One raw record -> ``{"messages": [...]}`` / ``{"text": ...}``, or None for rows filtered out on purpose."""
     if isinstance(rec, DataError):
         raise rec
@@ -276,22 +286,35 @@ def normalize_record(rec, fmt: str, where: str, system_prompt: str | None = None
         messages = _turns(rec, where, "messages", "role", "content", {r: r for r in ROLES})
     else:
         raise ValueError(f"unknown format {fmt!r}")
-    messages = validate_conversation(messages, where)
+    messages = validate_conversation(messages, where, allow_empty_response=allow_empty_response)
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return {"messages": messages}
 
 
+def _preamble_variant(rec_messages: list[dict], seed: int, where: str) -> dict:
+    """A system turn with one of the Alpaca preamble variants, picked by a hash of (seed, row)."""
+    from .templates import ALPACA_PREAMBLE_VARIANTS
+
+    pick = int.from_bytes(hashlib.sha256(f"{seed}:{where}".encode()).digest()[:8], "big") % len(ALPACA_PREAMBLE_VARIANTS)
+    has_input = bool(rec_messages[0].get("input"))
+    return {"role": "system", "content": ALPACA_PREAMBLE_VARIANTS[pick][int(has_input)]}
+
+
 def read_source(path: str, fmt: str = "auto", *, max_rows: int | None = None, skip_bad_rows: bool = False,
-                system_prompt: str | None = None) -> tuple[list[dict], str, dict]:
+                system_prompt: str | None = None, empty_response: str = "error",
+                variation_seed: int | None = None) -> tuple[list[dict], str, dict]:
     """Read and validate one source.
 
     Returns:
         records: normalised rows (all ``messages`` or all ``text``, plus ``where``: "file: row N" for messages),
         fmt: the resolved format,
-        report: ``{"rows_read", "skipped_bad_rows", "filtered_label_false", "bad_row_examples"}``.
+        report: ``{"rows_read", "skipped_bad_rows", "filtered_label_false", "empty_responses", "bad_row_examples"}``;
+            ``empty_responses`` counts rows with an empty response (trained EOS-only with ``empty_response="eos"``,
+            left out with "skip").
     """
-    records, report = [], {"rows_read": 0, "skipped_bad_rows": 0, "filtered_label_false": 0, "bad_row_examples": []}
+    records, report = [], {"rows_read": 0, "skipped_bad_rows": 0, "filtered_label_false": 0, "empty_responses": 0,
+                           "empty_response": empty_response, "bad_row_examples": []}
     for i, rec, line_based in iter_raw_rows(path, max_rows=max_rows):
         where = _where(path, i, line_based)
         report["rows_read"] += 1
@@ -300,8 +323,17 @@ def read_source(path: str, fmt: str = "auto", *, max_rows: int | None = None, sk
                 if isinstance(rec, DataError):
                     raise rec
                 fmt = detect_format(path, rec)
-            out = normalize_record(rec, fmt, where, system_prompt)
+            out = normalize_record(rec, fmt, where, system_prompt, allow_empty_response=empty_response == "eos")
+            if variation_seed is not None and fmt == "alpaca" and out is not None and \
+                    out["messages"][0]["role"] != "system":
+                out["messages"].insert(0, _preamble_variant(out["messages"], variation_seed, where))
+            if empty_response == "eos" and out is not None and any(
+                    m["role"] == "assistant" and not m["content"].strip() for m in out["messages"]):
+                report["empty_responses"] += 1
         except DataError as e:
+            if isinstance(e, EmptyResponse) and empty_response == "skip":
+                report["empty_responses"] += 1
+                continue
             if e.path is None:
                 e.path = path
             if e.row is None:

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages", "text"],
                         help="format of --source files")
     parser.add_argument("--tokenizer", help="tokenizer dir (default: the config's model.tokenizer or model.path)")
-    parser.add_argument("--template", help="auto | alpaca | llama2 | llama3 | path/to/template.jinja")
+    parser.add_argument("--template", help="auto | alpaca | alpaca_merged | llama2 | llama3 | path/to/template.jinja")
     parser.add_argument("--max-seq-len", type=int)
     parser.add_argument("--packing", action="store_true", default=None)
     parser.add_argument("--train-on-prompt", action="store_true", default=None)
@@ -82,7 +82,8 @@ def run(args) -> int:
         if args.validate_only:
             for src in cfg.sources + cfg.eval_sources:
                 records, fmt, report = read_source(src.path, src.format, max_rows=src.max_rows,
-                                                   skip_bad_rows=cfg.skip_bad_rows)
+                                                   skip_bad_rows=cfg.skip_bad_rows,
+                                                   empty_response=cfg.empty_response)
                 print(f"{src.path}: format={fmt} usable={len(records)} read={report['rows_read']} "
                       f"skipped_bad_rows={report['skipped_bad_rows']} filtered_label_false="
                       f"{report['filtered_label_false']}")

@@ -31,11 +31,11 @@ from .config import DataConfig, DataSource
 from .encode import DROPPED_NO_TARGET, DROPPED_TOO_LONG, IGNORE_INDEX, KEPT, TRUNCATED, encode_batch
 from .formats import read_source
 from .packing import pack_lengths, pack_rows
-from .templates import resolve_template
+from .templates import BUILTIN, resolve_template
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 1  # bump when encoding changes so stale caches are not reused
+PIPELINE_VERSION = 2  # bump when encoding changes so stale caches are not reused (2: official Alpaca prompt)
 
 
 def default_cache_dir() -> Path:
@@ -69,7 +69,8 @@ def _template_identity(cfg: DataConfig, tokenizer) -> dict:
     """What decides the template without resolving it (a text-only run must not need a chat template)."""
     p = Path(cfg.template)
     file_text = p.read_text(encoding="utf-8") if p.is_file() else None
-    return {"name": cfg.template, "file": file_text, "tokenizer_template": getattr(tokenizer, "chat_template", None)}
+    return {"name": cfg.template, "file": file_text, "builtin": BUILTIN.get(cfg.template),
+            "tokenizer_template": getattr(tokenizer, "chat_template", None)}
 
 
 def _cache_key(src: DataSource, cfg: DataConfig, tok_fp: str, template: dict) -> str:
@@ -77,6 +78,7 @@ def _cache_key(src: DataSource, cfg: DataConfig, tok_fp: str, template: dict) ->
         "v": PIPELINE_VERSION, "source": _source_identity(src.path), "format": src.format, "max_rows": src.max_rows,
         "tokenizer": tok_fp, "template": template, "max_seq_len": cfg.max_seq_len, "truncation": cfg.truncation,
         "train_on_prompt": cfg.train_on_prompt, "system_prompt": cfg.system_prompt, "skip_bad_rows": cfg.skip_bad_rows,
+        "empty_response": cfg.empty_response, "template_variation": cfg.seed if cfg.template_variation else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -114,7 +116,8 @@ def tokenize_source(src: DataSource, cfg: DataConfig, tokenizer, *, get_template
 
     t0 = time.time()
     records, fmt, report = read_source(src.path, src.format, max_rows=src.max_rows, skip_bad_rows=cfg.skip_bad_rows,
-                                       system_prompt=cfg.system_prompt)
+                                       system_prompt=cfg.system_prompt, empty_response=cfg.empty_response,
+                                       variation_seed=cfg.seed if cfg.template_variation else None)
     is_text = fmt == "text"
     template = None if is_text else get_template()
     raw = datasets.Dataset.from_list(records)
@@ -323,6 +326,8 @@ def build_sft_datasets(cfg: DataConfig, tokenizer):
             "dropped_no_target": sum(s["dropped_no_target"] for s in all_src),
             "skipped_bad_rows": sum(s["skipped_bad_rows"] for s in all_src),
             "filtered_label_false": sum(s["filtered_label_false"] for s in all_src),
+            "empty_response": cfg.empty_response,
+            "empty_responses": sum(s.get("empty_responses", 0) for s in all_src),
             "bad_row_examples": [e for s in all_src for e in s["bad_row_examples"]][:5],
             "packing": cfg.packing, "packing_efficiency": None if train_eff is None else round(train_eff, 4),
             "eval_rows": 0 if eval_ds is None else len(eval_ds),

@@ -11,13 +11,60 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+# The Stanford Alpaca prompt, character for character as PROMPT_DICT in tatsu-lab/stanford_alpaca train.py (also the
+# fixed template of the EMoE code, qiuzh20/EMoE moe_train.py): the "paired with an input" preamble and an
+# `### Input:` block when the row has a non-empty input, and the response follows "### Response:" directly (no
+# newline; the official target is f"{output}{eos}"). An alpaca-format row keeps its `instruction` / `input` on the
+# user message (formats.py), so this template can lay them out; other templates see ``content`` (instruction +
+# "\n\n" + input). Multi-turn rows (LLaMA-Factory's `history`) repeat the Instruction/Response blocks.
+ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                         "context. Write a response that appropriately completes the request.")
+ALPACA_SYSTEM = ALPACA_PREAMBLE  # kept for importers
 
-# Stanford Alpaca prompt (no-input variant; `input` is appended to the instruction), multi-turn by repetition.
+# data.template_variation: (no-input, with-input) preambles, the first being the official pair. The official EMoE code
+# picks one of 12 prompt variants once per process with an unseeded random.choice; here every row gets one by a
+# seeded hash, so the choice is reproducible and the same on every rank.
+ALPACA_PREAMBLE_VARIANTS = (
+    (ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT),
+    ("Below is an instruction describing a task. Write a response that completes the request appropriately.",
+     "Below is an instruction describing a task, together with an input that gives more context. Write a response "
+     "that completes the request appropriately."),
+    ("The following is an instruction that describes a task. Write an appropriate response to the request.",
+     "The following is an instruction that describes a task, paired with further context in the input. Write an "
+     "appropriate response to the request."),
+    ("Here is a task instruction. Respond in a way that appropriately completes the request.",
+     "Here is a task instruction and an input with additional context. Respond in a way that appropriately "
+     "completes the request."),
+    ("Read the instruction below, then write a response that appropriately completes the request.",
+     "Read the instruction below and the input that provides context, then write a response that appropriately "
+     "completes the request."),
+)
+
 ALPACA_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}"
+    "{% if loop_messages and loop_messages[0]['input'] is defined and loop_messages[0]['input'] %}"
+    "{% set system_message = '" + ALPACA_PREAMBLE_INPUT + "' %}"
+    "{% else %}{% set system_message = '" + ALPACA_PREAMBLE + "' %}{% endif %}{% endif %}"
+    "{{ bos_token or '' }}{{ system_message }}"
+    "{% for message in loop_messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if message['instruction'] is defined and message['instruction'] is string %}"
+    "{{ '\\n\\n### Instruction:\\n' + message['instruction'] }}"
+    "{% if message['input'] is defined and message['input'] %}{{ '\\n\\n### Input:\\n' + message['input'] }}{% endif %}"
+    "{% else %}{{ '\\n\\n### Instruction:\\n' + message['content'] }}{% endif %}"
+    "{{ '\\n\\n### Response:' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+# The form emoe_llm used before the official one: always the no-input preamble, the input appended to the instruction
+# (content), and a newline after "### Response:". Kept for runs that were trained with it.
+ALPACA_MERGED_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
     "{% set loop_messages = messages[1:] %}{% else %}"
-    "{% set system_message = '" + ALPACA_SYSTEM + "' %}{% set loop_messages = messages %}{% endif %}"
+    "{% set system_message = '" + ALPACA_PREAMBLE + "' %}{% set loop_messages = messages %}{% endif %}"
     "{{ bos_token or '' }}{{ system_message }}"
     "{% for message in loop_messages %}"
     "{% if message['role'] == 'user' %}{{ '\\n\\n### Instruction:\\n' + message['content'] + '\\n\\n### Response:\\n' }}"
@@ -49,7 +96,7 @@ LLAMA3_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
-BUILTIN = {"alpaca": ALPACA_TEMPLATE, "llama2": LLAMA2_TEMPLATE, "llama3": LLAMA3_TEMPLATE}
+BUILTIN = {"alpaca": ALPACA_TEMPLATE, "alpaca_merged": ALPACA_MERGED_TEMPLATE, "llama2": LLAMA2_TEMPLATE, "llama3": LLAMA3_TEMPLATE}
 # Tokens a built-in template writes literally; the tokenizer must know them as single tokens.
 _REQUIRED_TOKENS = {"llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")}
 
@@ -108,7 +155,7 @@ def render_with_target_spans(tokenizer, template: str, messages: list[dict]) -> 
             raise TemplateError(
                 "the chat template is not prefix-consistent: rendering the first "
                 f"{i} messages (with generation prompt) is not a prefix of rendering the first {i + 1}, so the "
-                "assistant tokens cannot be located; use a built-in template (alpaca/llama2/llama3) or fix the template")
+                "assistant tokens cannot be located; use a built-in template (alpaca/alpaca_merged/llama2/llama3) or fix the template")
         spans.append((len(prompt), len(upto)))
     eos = tokenizer.eos_token
     if eos and not full.endswith(eos):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 
+ASSIGN_METHODS = ("fast", "exact")
 _SEED_DIM = 128
 _ROW_CHUNK = 4096  # rows per temporary in the O(n*d) element-wise steps: bounds peak memory on 30B-wide layers
 
@@ -47,6 +48,7 @@ def balanced_kmeans(
     max_iter: int = 30,
     tol: float = 1e-4,
     normalize: bool = True,
+    assign: str = "fast",
     device: str | torch.device | None = None,
 ) -> ClusterResult:
     """Cluster ``points`` (n, d) into ``n_clusters`` groups of exactly n / n_clusters points.
@@ -59,6 +61,10 @@ def balanced_kmeans(
         max_iter: Lloyd iterations per restart.
         tol: stop a restart when the relative inertia improvement falls below this.
         normalize: L2-normalise rows first (EMoE does; cosine geometry).
+        assign: the balanced assignment step of every Lloyd iteration. "fast": vectorised proposal rounds (seconds
+            on a 30B layer; not always the optimal assignment). "exact": the optimal one (min-cost flow, as
+            k-means-constrained), by negative-cycle cancelling warm-started from the previous iteration; exact at
+            any size, but minutes per layer at 30B width (see BENCHMARKS.md).
         device: where to compute (default: the points' device).
 
     Returns:
@@ -70,6 +76,8 @@ def balanced_kmeans(
     n = points.shape[0]
     if n_clusters < 1 or n % n_clusters != 0:
         raise ValueError(f"n_clusters={n_clusters} must be >= 1 and divide the number of points {n}")
+    if assign not in ASSIGN_METHODS:
+        raise ValueError(f"assign must be one of {ASSIGN_METHODS}, got {assign!r}")
     if n_init < 1 or max_iter < 1:
         raise ValueError(f"n_init ({n_init}) and max_iter ({max_iter}) must be >= 1")
     device = torch.device(device) if device is not None else points.device
@@ -106,7 +114,12 @@ def balanced_kmeans(
         it = 0
         for it in range(1, max_iter + 1):
             cost = _sq_distances(x, sq_norms, centroids)
-            labels = _balanced_assign(cost, size)
+            proposal = _balanced_assign(cost, size)
+            if assign == "exact":  # warm start: the better of the proposals and the last iteration's labels
+                if labels is not None and _total(cost, labels) < _total(cost, proposal):
+                    proposal = labels
+                proposal, _ = refine_assignment(cost, proposal, size)
+            labels = proposal
             inertia = float(cost.gather(1, labels[:, None]).sum())
             centroids = _centroids(x, labels, n_clusters)
             if prev_inertia < float("inf") and prev_inertia - inertia <= tol * prev_inertia:
@@ -189,6 +202,94 @@ def _balanced_assign(cost: torch.Tensor, size: int) -> torch.Tensor:
         keep = torch.ones(pending.numel(), dtype=torch.bool, device=device)
         keep[winners] = False
         pending = pending[keep]
+    return labels
+
+
+def _total(cost: torch.Tensor, labels: torch.Tensor) -> float:
+    return float(cost.gather(1, labels[:, None]).double().sum())
+
+
+def _move_weights(cost: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w[a, b]: the cheapest change of cost from moving one member of cluster a to cluster b, and that member's row.
+
+    The rows of a balanced assignment grouped by cluster form an (N, size, N) block, so this is one O(n N) pass."""
+    n_clusters = cost.shape[1]
+    order = torch.argsort(labels, stable=True)
+    delta = cost[order] - cost[order].gather(1, labels[order][:, None])
+    w, idx = delta.view(n_clusters, size, n_clusters).min(dim=1)
+    rows = order.view(n_clusters, size).gather(1, idx)
+    return w, rows
+
+
+def _negative_cycle(w: torch.Tensor, tol: float) -> list[int] | None:
+    """A cycle of clusters a0 -> a1 -> ... -> a0 whose move weights sum below -tol (Bellman-Ford), or None."""
+    n_clusters = w.shape[0]
+    dist = torch.zeros(n_clusters, dtype=w.dtype, device=w.device)
+    pred = torch.full((n_clusters,), -1, dtype=torch.long, device=w.device)
+    changed = None
+    for _ in range(n_clusters + 1):
+        cand, arg = (dist[:, None] + w).min(dim=0)
+        improved = cand < dist - tol
+        if not bool(improved.any()):
+            return None
+        dist = torch.where(improved, cand, dist)
+        pred = torch.where(improved, arg, pred)
+        changed = int(improved.nonzero()[0])
+    node = changed
+    for _ in range(n_clusters):  # step back into the cycle
+        node = int(pred[node])
+    cycle, cur = [node], int(pred[node])
+    while cur != node:
+        cycle.append(cur)
+        cur = int(pred[cur])
+    cycle.reverse()  # pred points backwards along the edges
+    return cycle if float(sum(w[a, b] for a, b in zip(cycle, cycle[1:] + cycle[:1]))) < -tol else None
+
+
+def refine_assignment(cost: torch.Tensor, labels: torch.Tensor, size: int, *, max_rounds: int | None = None,
+                      tol: float = 1e-6) -> tuple[torch.Tensor, bool]:
+    """Improve a balanced assignment by cancelling negative cycles of moves until it is optimal (or ``max_rounds``).
+
+    A balanced assignment is optimal for the transportation problem exactly when no cycle of clusters a -> b -> ...
+    -> a exists along which moving one member each way lowers the cost (min-cost-flow optimality). Each round applies
+    every improving swap between disjoint cluster pairs, or, when there is none, the longer negative cycle Bellman-Ford
+    finds. Returns (labels, optimal); with ``max_rounds=None`` the result is an exact balanced assignment.
+    """
+    cost = cost.double()
+    labels = labels.clone()
+    rounds = 0
+    while max_rounds is None or rounds < max_rounds:
+        rounds += 1
+        w, rows = _move_weights(cost, labels, size)
+        pair = w + w.T
+        pair.fill_diagonal_(float("inf"))
+        neg = (pair < -tol).triu(1).nonzero()
+        if neg.numel():
+            vals = pair[neg[:, 0], neg[:, 1]]
+            used = set()
+            new_labels = labels.clone()
+            for a, b in neg[torch.argsort(vals)].tolist():  # most improving first, disjoint cluster pairs
+                if a in used or b in used:
+                    continue
+                used.update((a, b))
+                new_labels[rows[a, b]] = b
+                new_labels[rows[b, a]] = a
+            labels = new_labels
+            continue
+        cycle = _negative_cycle(w, tol)
+        if cycle is None:
+            return labels, True
+        moves = [(int(rows[a, b]), b) for a, b in zip(cycle, cycle[1:] + cycle[:1])]
+        for row, b in moves:
+            labels[row] = b
+    return labels, False
+
+
+def exact_balanced_assign(cost: torch.Tensor, size: int) -> torch.Tensor:
+    """The optimal balanced assignment (min total cost, every column exactly ``size`` rows): the fast proposal
+    rounds, then negative-cycle cancelling to optimality."""
+    labels, optimal = refine_assignment(cost, _balanced_assign(cost, size), size)
+    assert optimal
     return labels
 
 

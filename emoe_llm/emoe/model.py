@@ -20,7 +20,7 @@ from torch import nn
 from .clustering import balanced_kmeans, random_balanced_labels
 from .mlp import EMoEMLP
 from .permute import expert_permutation, permute_mlp_
-from .settings import EMoESettings, parse_layer_spec, validate_settings
+from .settings import CLUSTER_METHODS, EMoESettings, parse_layer_spec, validate_settings
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -50,12 +50,13 @@ def cluster_labels(
     device: str | torch.device | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Expert label of every neuron of one layer (from its gate_proj weight) and the clustering stats."""
-    if method == "kmeans":
-        result = balanced_kmeans(gate_weight, n_experts, seed=seed, n_init=n_init, max_iter=max_iter, device=device)
+    if method in ("kmeans", "kmeans_exact"):
+        result = balanced_kmeans(gate_weight, n_experts, seed=seed, n_init=n_init, max_iter=max_iter, device=device,
+                                 assign="exact" if method == "kmeans_exact" else "fast")
         return result.labels, result.stats()
     if method == "random":
         return random_balanced_labels(gate_weight.shape[0], n_experts, seed=seed), {"method": "random"}
-    raise ValueError(f"unknown clustering method '{method}' (expected 'kmeans' or 'random')")
+    raise ValueError(f"unknown clustering method '{method}' (expected one of {', '.join(CLUSTER_METHODS)})")
 
 
 @torch.no_grad()
@@ -80,7 +81,8 @@ def apply_emoe(
         layers: EMoE layers: a list of ints, "28,30", "START:EVERY" (paper style, "28:2") or "all".
         permute_layers: layers to cluster/permute (default: ``layers``); e.g. "all" as the official code does, so
             the EMoE layer set can be changed later without re-clustering. Must include ``layers``.
-        method: "kmeans" (EMoE) or "random" (the random-split ablation).
+        method: "kmeans" (EMoE), "kmeans_exact" (EMoE with the optimal balanced assignment, slower) or "random"
+            (the random-split ablation).
         device: where to run the clustering (e.g. "cuda"); weights stay where they are.
     """
     config = _model_config(model)

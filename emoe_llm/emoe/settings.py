@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass, field
 # Decoders whose MLP is the Llama SwiGLU shape (gate_proj/up_proj/down_proj, act_fn).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 FORMAT_VERSION = 1
+# kmeans: balanced k-means with the fast assignment; kmeans_exact: with the optimal (min-cost-flow) assignment in
+# every Lloyd step, as k-means-constrained in the official code; random: the paper's random-split ablation.
+CLUSTER_METHODS = ("kmeans", "kmeans_exact", "random")
 
 
 @dataclass
@@ -18,7 +21,8 @@ class EMoESettings:
     layers: decoder layers that run as EMoE at train time (0-indexed).
     permuted_layers: layers whose neurons were clustered and permuted (a superset of ``layers``); any of them can
         be switched to EMoE later without re-clustering.
-    seed / method: how the clusters were made ("kmeans" = balanced k-means on gate_proj keys, "random" = the
+    seed / method: how the clusters were made ("kmeans" = balanced k-means on gate_proj keys, "kmeans_exact" = the
+        same with the optimal balanced assignment in every step, "random" = the
         paper's random-split ablation).
     clustering: per-layer stats, {"28": {"inertia": ..., "iterations": ..., "seconds": ...}}.
     """
@@ -120,3 +124,36 @@ def validate_settings(
     for i in layers:
         if not 0 <= i < n_layers:
             raise ValueError(f"EMoE layer {i} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+
+
+# How a checkpoint was fine-tuned, written next to the ``emoe`` block of an exported config.json ("emoe_trained"), so
+# evaluation runs it the way it was trained unless told otherwise (a dense baseline must not be scored masked).
+TRAINED_KEY = "emoe_trained"
+
+
+def trained_record(mode: str, emoe_block: dict | None, *, lora: bool = False) -> dict:
+    """``{"mode": "dense"|"emoe", "lora": bool[, "n_experts", "top_k", "layers"]}`` for an exported run."""
+    if mode not in ("dense", "emoe"):
+        raise ValueError(f"training mode must be 'dense' or 'emoe', got {mode!r}")
+    record = {"mode": mode, "lora": bool(lora)}
+    if mode == "emoe":
+        settings = EMoESettings.from_dict(emoe_block or {})
+        record.update(n_experts=settings.n_experts, top_k=settings.top_k, layers=list(settings.layers))
+    return record
+
+
+def resolve_eval_mode(config: dict, requested: str = "auto") -> tuple[str, str]:
+    """(mode, why) for evaluating a checkpoint whose config.json is ``config``.
+
+    ``requested`` "dense"/"emoe" wins; "auto" follows the ``emoe_trained`` record of a trained export; a converted
+    checkpoint that was never trained here runs masked when it has an ``emoe`` block, else dense."""
+    if requested in ("dense", "emoe"):
+        return requested, "requested (--mode)"
+    if requested != "auto":
+        raise ValueError(f"mode must be auto, dense or emoe, got {requested!r}")
+    trained = config.get(TRAINED_KEY)
+    if isinstance(trained, dict) and trained.get("mode") in ("dense", "emoe"):
+        return trained["mode"], f"trained {trained['mode']} ({TRAINED_KEY} in config.json)"
+    if config.get("emoe"):
+        return "emoe", "converted checkpoint without a training record ('emoe' block in config.json)"
+    return "dense", "no 'emoe' block in config.json"

@@ -3,9 +3,17 @@
     emoe-llm eval runs/x/final --tasks mmlu --split val --shots 5
     emoe-llm eval runs/x/final --mode dense --subjects abstract_algebra,anatomy --limit 20 --output acc.json
 
-``--mode emoe`` runs the EMoE expert masking of a converted checkpoint (its config.json 'emoe' block); ``dense``
-runs the same weights as a plain dense model (the paper's "EMoE2LoRA" inference). ``auto``: emoe when the
-checkpoint has an 'emoe' block, else dense.
+``--mode auto`` (default) evaluates a trained export the way it was trained: the recipe records the training mode in
+config.json (``emoe_trained``: dense or emoe, N, k, layers), so a dense baseline is scored dense and an EMoE run masked.
+A converted checkpoint that was never trained here runs masked ('emoe' block), anything else dense. ``--mode emoe``
+/ ``--mode dense`` override it. The paper's four cells, one command each:
+
+    emoe-llm eval runs/llama2_7b_dense/final               # dense -> dense   (the baseline)
+    emoe-llm eval runs/llama2_7b_dense/final --mode emoe   # dense -> masked  (LoRA2EMoE-style: mask at test only)
+    emoe-llm eval runs/llama2_7b_emoe/final                # EMoE  -> masked  (EMoE)
+    emoe-llm eval runs/llama2_7b_emoe/final --mode dense   # EMoE  -> dense   (EMoE2LoRA-style: mask at train only)
+
+Every result JSON records the mode used, why (``mode_source``), the training record, and k / layers when masked.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from emoe_llm.emoe.settings import TRAINED_KEY, resolve_eval_mode
 from emoe_llm.tiny import DATA_DIR
 from emoe_llm.fileio import atomic_write_text
 
@@ -29,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shots", type=int, default=5, help="few-shot examples from dev/ (default 5)")
     parser.add_argument("--subjects", default=None, help="comma-separated subjects (default: all)")
     parser.add_argument("--limit", type=int, default=0, help="at most N questions per subject (0 = all)")
-    parser.add_argument("--mode", choices=("auto", "dense", "emoe"), default="auto")
+    parser.add_argument("--mode", choices=("auto", "dense", "emoe"), default="auto",
+                        help="auto (default): as the checkpoint was trained (config.json 'emoe_trained'); "
+                             "dense / emoe override it")
     parser.add_argument("--top-k", type=int, default=None, help="override the checkpoint's EMoE top-k (mode emoe)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=None, help="prompt budget in tokens (default: the model's)")
@@ -43,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_for_eval(path: str, *, mode: str, device: str, dtype: str, top_k: int | None = None):
-    """(model, tokenizer, resolved mode) -- plain transformers, EMoE masking added for mode emoe."""
+    """(model, tokenizer, info) -- plain transformers, EMoE masking added for mode emoe. ``info``: the resolved
+    ``mode``, ``mode_source``, the checkpoint's training record and, when masked, the ``top_k`` / ``layers`` used."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -52,9 +64,10 @@ def load_for_eval(path: str, *, mode: str, device: str, dtype: str, top_k: int |
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: expected an HF checkpoint dir")
-    has_emoe = bool(json.loads(cfg_path.read_text()).get("emoe"))
-    if mode == "auto":
-        mode = "emoe" if has_emoe else "dense"
+    config = json.loads(cfg_path.read_text())
+    has_emoe = bool(config.get("emoe"))
+    mode, source = resolve_eval_mode(config, mode)
+    info = {"mode": mode, "mode_source": source, "trained": config.get(TRAINED_KEY)}
     if mode == "emoe" and not has_emoe:
         raise ValueError(f"--mode emoe: {cfg_path} has no 'emoe' block (not a converted checkpoint); use --mode dense")
     shard = device == "auto" and torch.cuda.device_count() > 1  # e.g. 30B in bf16 over several GPUs
@@ -70,9 +83,10 @@ def load_for_eval(path: str, *, mode: str, device: str, dtype: str, top_k: int |
     if mode == "emoe":
         from emoe_llm.emoe import enable_emoe
 
-        enable_emoe(model, top_k=top_k)
+        settings = enable_emoe(model, top_k=top_k)
+        info.update(top_k=settings.top_k, n_experts=settings.n_experts, layers=list(settings.layers))
     tokenizer = load_tokenizer(path)
-    return model, tokenizer, mode
+    return model, tokenizer, info
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"emoe-llm eval: unknown task(s) {unknown}; available: mmlu", file=sys.stderr)
         return 2
     try:
-        model, tokenizer, mode = load_for_eval(args.checkpoint, mode=args.mode, device=args.device, dtype=args.dtype,
+        model, tokenizer, info = load_for_eval(args.checkpoint, mode=args.mode, device=args.device, dtype=args.dtype,
                                                top_k=args.top_k)
     except (FileNotFoundError, ValueError) as e:
         print(f"emoe-llm eval: {e}", file=sys.stderr)
@@ -98,11 +112,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"emoe-llm eval: {e}", file=sys.stderr)
         return 2
     result["checkpoint"] = str(Path(args.checkpoint).resolve())
-    result["mode"] = mode
+    result.update(info)
+    mode = info["mode"]
     result["seconds"] = round(time.perf_counter() - t0, 2)
     ckpt = Path(args.checkpoint).resolve()
     out = Path(args.output) if args.output else ckpt.parent / "eval" / f"{ckpt.name}_mmlu_{args.split}_{mode}.json"
-    print(f"MMLU {args.split}, {args.shots}-shot, mode {mode}: {args.checkpoint}")
+    print(f"MMLU {args.split}, {args.shots}-shot, mode {mode} ({info['mode_source']}): {args.checkpoint}")
     print(format_report(result))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -154,6 +154,7 @@ def evaluate_mmlu(model, tokenizer, mmlu_dir: str | Path = "data/eval/mmlu", *, 
     model.eval()
     correct: dict[str, int] = {}
     count: dict[str, int] = {}
+    logp_right = 0.0
     order = sorted(range(len(items)), key=lambda i: -len(items[i][1]))  # length-sorted batches: less padding
     bar = None
     if progress:
@@ -173,6 +174,9 @@ def evaluate_mmlu(model, tokenizer, mmlu_dir: str | Path = "data/eval/mmlu", *, 
                     position_ids=position_ids.to(device), use_cache=False, logits_to_keep=1)
         logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, letter_ids]
         pred = logp.argmax(-1).tolist()
+        # log-prob of the right letter among A-D: a continuous score that shows small model differences
+        answer = torch.tensor([it[2] for it in chunk], device=logp.device)
+        logp_right += torch.log_softmax(logp, dim=-1).gather(1, answer[:, None]).sum().item()
         for it, p in zip(chunk, pred):
             count[it[0]] = count.get(it[0], 0) + 1
             correct[it[0]] = correct.get(it[0], 0) + int(p == it[2])
@@ -190,7 +194,8 @@ def evaluate_mmlu(model, tokenizer, mmlu_dir: str | Path = "data/eval/mmlu", *, 
         c[1] += r["n"]
     n = sum(count.values())
     return {
-        "overall": {"acc": sum(correct.values()) / n if n else math.nan, "n": n},
+        "overall": {"acc": sum(correct.values()) / n if n else math.nan, "n": n,
+                    "mean_logprob_answer": logp_right / n if n else math.nan},
         "categories": {c: {"acc": v[0] / v[1], "n": v[1]} for c, v in sorted(by_cat.items())},
         "subjects": by_subject,
         "settings": {"mmlu_dir": str(mmlu_dir), "split": split, "shots": shots, "limit": limit,

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from ..emoe.settings import CLUSTER_METHODS
+
 
 class ConfigError(ValueError):
     """A bad recipe: names the file/key and what was expected."""
@@ -44,6 +46,9 @@ class ModelConfig:
     """auto (flash_attention_2 when installed on CUDA, else sdpa) | flash_attention_2 | sdpa | eager"""
     gradient_checkpointing: bool = True
     trust_remote_code: bool = False
+    load_dtype: str = "auto"
+    """auto: the fp32 master weights start from the model as built in the training precision (bf16-rounded) |
+    float32: from the checkpoint's stored values, as the official code (full fine-tuning, bf16/fp16 ZeRO-3)"""
 
 
 @dataclass
@@ -57,6 +62,9 @@ class TrainConfig:
     """sequences per optimizer step over all ranks; 0 = micro_batch_size x grad_accum x world_size"""
     grad_accum: int = 0
     """micro-batches per optimizer step; 0 = derived from global_batch_size"""
+    loss_norm: str = "token"
+    """token: summed token losses / the step's target tokens (long answers weigh more) | sequence: each sequence's
+    mean token loss, averaged over the step's sequences (the official HF-Trainer recipe; exact under packing)"""
     lr: float = 2e-5
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
@@ -312,6 +320,16 @@ def validate_config(cfg: RecipeConfig, *, source: str = "config") -> None:
             errors.append(f"model.convert: unknown key(s) {sorted(unknown)}")
         if missing:
             errors.append(f"model.convert: missing {sorted(missing)}")
+    if cfg.model.convert is not None and cfg.model.convert.get("method", "kmeans") not in CLUSTER_METHODS:
+        errors.append(f"model.convert.method must be one of {'|'.join(CLUSTER_METHODS)}, "
+                      f"got '{cfg.model.convert.get('method')}'")
+    if cfg.model.load_dtype not in ("auto", "float32"):
+        errors.append(f"model.load_dtype must be auto|float32, got '{cfg.model.load_dtype}'")
+    elif cfg.model.load_dtype == "float32" and cfg.lora.enabled:
+        errors.append("model.load_dtype=float32 sets the fp32 master weights of full fine-tuning; LoRA freezes the "
+                      "base weights, so use model.load_dtype=auto")
+    if t.loss_norm not in ("token", "sequence"):
+        errors.append(f"train.loss_norm must be token|sequence, got '{t.loss_norm}'")
     if t.lr_scheduler not in ("cosine", "linear", "constant"):
         errors.append(f"train.lr_scheduler must be cosine|linear|constant, got '{t.lr_scheduler}'")
     if t.micro_batch_size < 1:

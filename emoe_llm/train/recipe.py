@@ -51,7 +51,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from ..convert import convert_checkpoint
 from ..data import SFTCollator, build_sft_datasets, data_config_from_dict, load_tokenizer
-from ..emoe import enable_emoe, pop_expert_load
+from ..emoe import TRAINED_KEY, enable_emoe, pop_expert_load, trained_record
 from ..fileio import atomic_write_text
 from . import checkpoint
 from .config import (
@@ -66,6 +66,8 @@ from .config import (
     load_ds_config,
     resolve_batch,
 )
+from .loss import count_sequences, sequence_ce_sum
+from .master_weights import load_fp32_master
 from .runlog import MetricsLogger, write_run_dir
 
 IGNORE_INDEX = -100
@@ -281,29 +283,39 @@ def model_inputs(batch: dict, device) -> dict:
             if k in MODEL_INPUT_KEYS}
 
 
-def train_step(engine, micro_batches: list[dict], *, device, world: int) -> dict:
+def train_step(engine, micro_batches: list[dict], *, device, world: int, loss_norm: str = "token") -> dict:
     """Forward/backward ``grad_accum`` micro-batches and take one optimizer step (DeepSpeed steps at the boundary).
 
-    Returns {"loss", "targets", "inputs", "nonfinite"}. With ``nonfinite`` the step was abandoned *before* any
+    ``loss_norm``: "token" divides the summed token losses by the step's target tokens over all ranks; "sequence"
+    averages each sequence's mean token loss over the step's sequences (the official recipe; loss.py). Returns
+    {"loss", "targets", "inputs", "sequences", "nonfinite"}. With ``nonfinite`` the step was abandoned *before* any
     backward of the bad micro-batch and before the optimizer step: the weights are those of the previous step."""
     counts = torch.tensor([sum(count_targets(b) for b in micro_batches),
-                           sum(count_inputs(b) for b in micro_batches)], dtype=torch.float64, device=device)
+                           sum(count_inputs(b) for b in micro_batches),
+                           sum(count_sequences(b) for b in micro_batches) if loss_norm == "sequence" else 0],
+                          dtype=torch.float64, device=device)
     dist.all_reduce(counts)
     n_targets = max(1.0, counts[0].item())
+    denom = n_targets if loss_norm == "token" else max(1.0, counts[2].item())
+    info = {"targets": n_targets, "inputs": counts[1].item(), "sequences": counts[2].item()}
     loss_sum = 0.0
     for batch in micro_batches:
         out = engine(**model_inputs(batch, device), use_cache=False)
-        ce = token_ce_sum(out.logits, batch["labels"].to(device))
+        labels = batch["labels"].to(device)
+        if loss_norm == "token":
+            ce = token_ce_sum(out.logits, labels)
+        else:
+            ce = sequence_ce_sum(out.logits, labels, batch["position_ids"].to(device))
         # One tiny collective per micro-batch: every rank learns whether any rank went non-finite before anyone
         # runs backward, so all ranks skip it together (no ZeRO-3 hang) and the weights stay good.
         probe = torch.stack([ce.detach().double(), (~torch.isfinite(ce.detach())).double()])
         dist.all_reduce(probe)
         if probe[1].item() > 0:
-            return {"loss": float("nan"), "targets": n_targets, "inputs": counts[1].item(), "nonfinite": True}
+            return {"loss": float("nan"), **info, "nonfinite": True}
         loss_sum += probe[0].item()
-        engine.backward(ce * (world / n_targets), scale_wrt_gas=False)
+        engine.backward(ce * (world / denom), scale_wrt_gas=False)
         engine.step()
-    return {"loss": loss_sum / n_targets, "targets": n_targets, "inputs": counts[1].item(), "nonfinite": False}
+    return {"loss": loss_sum / denom, **info, "nonfinite": False}
 
 
 @torch.no_grad()
@@ -524,6 +536,9 @@ def build_engine(cfg: RecipeConfig, ds_config: dict, *, dtype: torch.dtype, tota
     scheduler, warmup = build_scheduler(optimizer, cfg, total_steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
+    if cfg.model.load_dtype == "float32" and dtype != torch.float32 and keepalive is not None:
+        n = load_fp32_master(engine, model_path)
+        log0(f"fp32 master weights of {n} tensors set from {model_path} (model.load_dtype=float32)")
     params = list(engine.module.parameters())
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
@@ -610,6 +625,7 @@ def fit(run: Run, state: TrainState) -> str:
                 batches = epoch_batches(run, state)
             lr = run.scheduler.get_last_lr()[0]
             result = train_step(run.engine, [next(batches) for _ in range(run.accum)], device=run.device,
+                                loss_norm=run.cfg.train.loss_norm,
                                 world=run.world)
             grad_norm = run.engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -782,6 +798,9 @@ def export(run: Run) -> Path | None:
     hf_config = (base.get_base_model() if hasattr(base, "get_base_model") else base).config
     hf_config.use_cache = True
     hf_config.dtype = run.dtype
+    # how this run was trained, so `emoe-llm eval` scores it the same way by default (a dense baseline dense)
+    setattr(hf_config, TRAINED_KEY, trained_record(run.cfg.model.mode, getattr(hf_config, "emoe", None),
+                                                   lora=run.cfg.lora.enabled))
     final = checkpoint.export_hf(run.engine, run.output_dir / "final", config=hf_config, tokenizer=run.tokenizer,
                                  rank=run.rank, max_shard_size=run.cfg.train.export_max_shard_size, lora_merge=True)
     if run.cfg.lora.enabled:
