@@ -35,7 +35,7 @@ from .templates import resolve_template
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 1  # bump when encoding changes so stale caches are not reused
+PIPELINE_VERSION = 2  # bump when encoding changes so stale caches are not reused
 
 
 def default_cache_dir() -> Path:
