@@ -69,8 +69,7 @@ def train_command(args, out: Path, emoe_dir: Path) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from emoe_llm.convert import convert_checkpoint
-    from emoe_llm.tiny import save_tiny_checkpoint
+    from emoe_llm.tiny import build_demo_model
 
     t0 = time.perf_counter()
     out = Path(args.output).resolve()
@@ -80,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     # 1-2. tiny model + EMoE conversion
-    save_tiny_checkpoint(dense_dir, tokenizer_dir=DATA_DIR / "tokenizers" / "tiny_llama3_style")
-    summary = convert_checkpoint(dense_dir, emoe_dir, n_experts=16, top_k=4, layers="2,3", seed=0, progress=False)
+    summary = build_demo_model(emoe_dir)
     _say(f"built {dense_dir} and converted it to EMoE (16 experts, top-4, layers 2,3) in {summary['seconds']:.1f}s "
          f"-> {emoe_dir}")
 
