@@ -150,6 +150,12 @@ def run(args: argparse.Namespace) -> int:
           f"({len(mmlu['subjects'])} subjects; random tiny model => chance level)")
     print(format_report(mmlu))
     print(f"  run dir         {train_dir}  (metrics.jsonl, tb/, run/, checkpoints/, final/)")
+    try:
+        from emoe_llm.eval.plot_run import plot_run
+
+        print(f"  plots           {', '.join(str(p) for p in plot_run(train_dir))}")
+    except ImportError as e:  # matplotlib is an optional extra
+        print(f"  plots           skipped: {e}")
     print("=" * 78)
     ok = d_mode < 1e-3 and d_dense < 1e-3 and last["loss"] < first["loss"]
     if not ok:

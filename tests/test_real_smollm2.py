@@ -193,3 +193,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_probe_early_layers_cost_far_more_than_late_ones(smollm2, tmp_path):
+    """The shape of the issue's figures: masking layer 0 hurts a real model far more than masking layer 26."""
+    out = tmp_path / "probe"
+    proc = _cli("probe", smollm2, "--experts", 16, "--layers", "0,26", "--ks", 4, "--tokens", 96, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "probe.json").read_text())
+    dnll = {r["layer"]: r["by_k"]["4"]["dnll"] for r in res["per_layer"]}
+    assert dnll[0] > 1.0 and dnll[0] > 10 * max(dnll[26], 0.01), dnll
+    assert 1.0 < res["dense_nll"] < 3.0  # a pretrained model on instruction data
+    assert (out / "probe.png").read_bytes()[:4] == b"\x89PNG"
