@@ -330,17 +330,20 @@ def plot_probe(result: dict, path: Path) -> None:
 
     plt = pyplot()
     import numpy as np
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import LogNorm, Normalize
 
     ks = result["ks"]
     layers = [r["layer"] for r in result["per_layer"]]
     dnll = np.array([[r["by_k"][str(k)]["dnll"] for k in ks] for r in result["per_layer"]])
     load = np.array([[r["by_k"][str(k)]["load_max_over_mean"] for k in ks] for r in result["per_layer"]])
-    fig, axes = plt.subplots(1, 2, figsize=(3.2 + 1.4 * len(ks), 1.2 + 0.28 * len(layers)), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(4.4 + 1.4 * len(ks), 1.6 + 0.28 * len(layers)), squeeze=False)
+    n = result["n_experts"]
     panels = [(axes[0][0], np.clip(dnll, 1e-3, None), "dNLL (nats), only this layer masked", "viridis", True),
-              (axes[0][1], load, "expert load max/mean (1 = balanced)", "magma", False)]
+              (axes[0][1], load, f"expert load max/mean\n(1 = balanced, N/k = one expert on every token)", "magma",
+               False)]
     for ax, data, title, cmap, log in panels:
-        im = ax.imshow(data, aspect="auto", cmap=cmap, norm=LogNorm() if log else None, origin="lower")
+        norm = LogNorm() if log else Normalize(vmin=1.0, vmax=max(n / min(ks), float(data.max())))
+        im = ax.imshow(data, aspect="auto", cmap=cmap, norm=norm, origin="lower")
         ax.set_xticks(range(len(ks)), [f"k={k}" for k in ks])
         ax.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
         ax.set_ylabel("layer")
@@ -348,13 +351,14 @@ def plot_probe(result: dict, path: Path) -> None:
         raw = dnll if log else load
         for y in range(len(layers)):
             for x in range(len(ks)):
+                bright = norm(data[y, x]) > 0.6  # light cells get dark text
                 ax.text(x, y, f"{raw[y, x]:.2f}" if log else f"{raw[y, x]:.1f}", ha="center", va="center",
-                        fontsize=6, color="w")
+                        fontsize=6, color="k" if bright else "w")
         fig.colorbar(im, ax=ax, shrink=0.8)
     rec = result["recommendation"]
-    fig.suptitle(f"EMoE probe: {Path(result['checkpoint']).name}, N={result['n_experts']}, dense NLL "
-                 f"{result['dense_nll']:.3f} on {result['response_tokens']} tokens; recommended (k={rec['k']}, "
-                 f"dNLL<={rec['budget']}): {rec['layers'] or 'none'}", fontsize=9)
+    fig.suptitle(f"EMoE probe: {Path(result['checkpoint']).name}, N={n}, dense NLL {result['dense_nll']:.3f} on "
+                 f"{result['response_tokens']} tokens\nrecommended for dNLL <= {rec['budget']} at k={rec['k']}: "
+                 f"layers {rec['layers'] or 'none'}", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
