@@ -17,6 +17,8 @@ SUBCOMMANDS = {
     "data": ("emoe_llm.data.inspect", "validate instruction data and show tokenized examples with the masked parts"),
     "train": ("emoe_llm.train.launch", "fine-tune (dense or EMoE) with DeepSpeed ZeRO-3 (wraps the deepspeed launcher)"),
     "eval": ("emoe_llm.eval.cli", "evaluate an HF checkpoint (MMLU 5-shot from local CSVs, held-out loss)"),
+    "probe": ("emoe_llm.eval.probe", "forward-only: dNLL of masking each layer at each k, expert load, clustering quality"),
+    "plot": ("emoe_llm.eval.plot_run", "PNGs of a training run from its metrics.jsonl (loss, lr, tokens/s, expert load)"),
     "demo": ("emoe_llm.demo", "the whole pipeline on a tiny embedded Llama on CPU: convert, ZeRO-3 train, export, eval"),
 }
 

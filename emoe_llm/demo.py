@@ -69,8 +69,7 @@ def train_command(args, out: Path, emoe_dir: Path) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from emoe_llm.convert import convert_checkpoint
-    from emoe_llm.tiny import save_tiny_checkpoint
+    from emoe_llm.tiny import build_demo_model
 
     t0 = time.perf_counter()
     out = Path(args.output).resolve()
@@ -80,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     # 1-2. tiny model + EMoE conversion
-    save_tiny_checkpoint(dense_dir, tokenizer_dir=DATA_DIR / "tokenizers" / "tiny_llama3_style")
-    summary = convert_checkpoint(dense_dir, emoe_dir, n_experts=16, top_k=4, layers="2,3", seed=0, progress=False)
+    summary = build_demo_model(emoe_dir)
     _say(f"built {dense_dir} and converted it to EMoE (16 experts, top-4, layers 2,3) in {summary['seconds']:.1f}s "
          f"-> {emoe_dir}")
 
@@ -152,6 +150,12 @@ def run(args: argparse.Namespace) -> int:
           f"({len(mmlu['subjects'])} subjects; random tiny model => chance level)")
     print(format_report(mmlu))
     print(f"  run dir         {train_dir}  (metrics.jsonl, tb/, run/, checkpoints/, final/)")
+    try:
+        from emoe_llm.eval.plot_run import plot_run
+
+        print(f"  plots           {', '.join(str(p) for p in plot_run(train_dir))}")
+    except ImportError as e:  # matplotlib is an optional extra
+        print(f"  plots           skipped: {e}")
     print("=" * 78)
     ok = d_mode < 1e-3 and d_dense < 1e-3 and last["loss"] < first["loss"]
     if not ok:

@@ -68,3 +68,26 @@ def save_tiny_checkpoint(
             if f.is_file() and not f.name.endswith((".md", ".txt")):
                 shutil.copy2(f, path / f.name)
     return path
+
+
+def build_demo_model(emoe_dir: str | os.PathLike, *, seed: int = 0) -> dict:
+    """The demo's model: the tiny random Llama with the shipped 2k-vocab tokenizer (``tiny_dense`` beside
+    ``emoe_dir``), converted to EMoE (16 experts, top-4, layers 2,3) at ``emoe_dir``. Returns the conversion summary.
+
+    Both directories appear complete or not at all (built under temporary names, then renamed)."""
+    import tempfile
+
+    from emoe_llm.convert import convert_checkpoint
+
+    emoe_dir = Path(emoe_dir)
+    dense_dir = emoe_dir.parent / "tiny_dense"
+    emoe_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tiny_build.", dir=emoe_dir.parent) as tmp:
+        dense_tmp = save_tiny_checkpoint(Path(tmp) / "dense", tokenizer_dir=DATA_DIR / "tokenizers" / "tiny_llama3_style",
+                                         seed=seed)
+        summary = convert_checkpoint(dense_tmp, emoe_dir, n_experts=16, top_k=4, layers="2,3", seed=0,
+                                     overwrite=True, progress=False)
+        if not (dense_dir / "config.json").is_file():
+            shutil.rmtree(dense_dir, ignore_errors=True)
+            os.rename(dense_tmp, dense_dir)
+    return summary

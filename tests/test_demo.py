@@ -20,6 +20,8 @@ def test_demo_end_to_end(tmp_path):
     assert "converted it to EMoE" in text and "ZeRO-3, 2 CPU ranks" in text
     assert "max |logit diff| vs the ZeRO-3 model: 0.00e+00 emoe, 0.00e+00 dense" in text
     assert "MMLU val 5-shot" in text and "on 6 questions" in text
+    assert f"plots           {out / 'train' / 'plots' / 'training.png'}" in text
+    assert (out / "train" / "plots" / "expert_load.png").is_file()
     final = out / "train" / "final"
     assert (out / "train" / "COMPLETED").is_file() and (final / "model.safetensors").is_file()
     assert json.loads((final / "config.json").read_text())["emoe"]["top_k"] == 4

@@ -121,3 +121,44 @@ def test_launch_command():
     with pytest.raises(SystemExit, match="--config"):
         build_command(["--nproc", "2"])
     assert math.isfinite(int(build_command(["--config", "c"])[4]))
+
+
+def test_bare_train_args_use_the_tiny_demo_recipe():
+    args = parse_args([])
+    assert args.config == str(TINY) and args.ds_config == str(REPO / "ds_configs" / "z3.json")
+    cfg = load_config(args.config)
+    assert cfg.model.build_tiny_if_missing and cfg.model.path == "runs/demo/tiny_emoe"
+
+
+def test_a_command_line_model_path_is_never_built(tmp_path):
+    from emoe_llm.train.recipe import load_recipe
+
+    cfg, _ = load_recipe(parse_args([f"model.path={tmp_path / 'typo'}"]))
+    assert cfg.model.build_tiny_if_missing is False
+    cfg, _ = load_recipe(parse_args(["train.lr=1e-4"]))
+    assert cfg.model.build_tiny_if_missing is True
+
+
+@pytest.mark.parametrize("requested, on_cpu, json_prec, want, note", [
+    ("auto", True, "bf16", "fp32", "running in fp32 instead"),  # z3.json on a CPU-only machine
+    ("auto", True, "fp16", "fp32", "running in fp32 instead"),
+    ("auto", False, "bf16", "bf16", None),                      # GPUs keep the JSON's precision
+    ("auto", True, "fp32", "fp32", None),
+    ("bf16", True, "bf16", "bf16", None),                       # the explicit override keeps bf16 on CPU
+    ("fp32", False, "bf16", "fp32", "overrides"),
+    ("bf16", False, "fp32", "bf16", "overrides"),
+])
+def test_precision_fits_the_device(requested, on_cpu, json_prec, want, note):
+    from emoe_llm.train.config import ds_precision, resolve_precision
+
+    ds = {"zero_optimization": {"stage": 3}}
+    if json_prec != "fp32":
+        ds[json_prec] = {"enabled": True}
+    out, msg = resolve_precision(ds, requested, on_cpu=on_cpu)
+    assert ds_precision(out) == want and ds[json_prec if json_prec != "fp32" else "zero_optimization"]  # copy
+    assert (msg is None) if note is None else (note in msg)
+
+
+def test_precision_key_is_checked():
+    with pytest.raises(ConfigError, match="train.precision must be auto"):
+        load_config(TINY, ["train.precision=bf32"])

@@ -35,7 +35,7 @@ from .templates import BUILTIN, resolve_template
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 2  # bump when encoding changes so stale caches are not reused (2: official Alpaca prompt)
+PIPELINE_VERSION = 3  # bump when encoding changes so stale caches are not reused (2: official Alpaca prompt; 3: ChatML replies end at their EOS)
 
 
 def default_cache_dir() -> Path:

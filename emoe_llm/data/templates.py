@@ -158,7 +158,12 @@ def render_with_target_spans(tokenizer, template: str, messages: list[dict]) -> 
                 "assistant tokens cannot be located; use a built-in template (alpaca/alpaca_merged/llama2/llama3) or fix the template")
         spans.append((len(prompt), len(upto)))
     eos = tokenizer.eos_token
-    if eos and not full.endswith(eos):
+    if eos:
+        # ChatML-style templates end a turn with EOS + "\n" (SmolLM2, Qwen-style with <|im_end|> as EOS): the turn
+        # is learnt up to and including EOS; the newline after it belongs to the layout, not to the reply, and a
+        # text that already ends with EOS + whitespace needs no second EOS.
+        spans = [(s, s + len(full[s:e].rstrip())) if full[s:e].rstrip().endswith(eos) else (s, e) for s, e in spans]
+    if eos and not full.rstrip().endswith(eos):
         full += eos
         if spans and spans[-1][1] == len(full) - len(eos):
             spans[-1] = (spans[-1][0], len(full))

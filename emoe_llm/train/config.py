@@ -49,10 +49,17 @@ class ModelConfig:
     load_dtype: str = "auto"
     """auto: the fp32 master weights start from the model as built in the training precision (bf16-rounded) |
     float32: from the checkpoint's stored values, as the official code (full fine-tuning, bf16/fp16 ZeRO-3)"""
+    build_tiny_if_missing: bool = False
+    """the demo recipes: when `path` does not exist, build the embedded tiny model there first (what `emoe-llm demo`
+    builds: a random 4-layer Llama converted to EMoE), so the recipe runs on a fresh checkout. Only for the recipe's
+    own path: a model.path given on the command line must exist"""
 
 
 @dataclass
 class TrainConfig:
+    precision: str = "auto"
+    """auto: the DeepSpeed JSON's bf16/fp16 on GPUs, fp32 on a machine without CUDA (bf16 matmuls are ~100x slower
+    than fp32 on CPUs) | bf16 | fp16 | fp32: this precision whatever the JSON and the device say"""
     epochs: int = 3
     max_steps: int = 0
     """> 0: stop after this many optimizer steps (overrides epochs)"""
@@ -330,6 +337,8 @@ def validate_config(cfg: RecipeConfig, *, source: str = "config") -> None:
                       "base weights, so use model.load_dtype=auto")
     if t.loss_norm not in ("token", "sequence"):
         errors.append(f"train.loss_norm must be token|sequence, got '{t.loss_norm}'")
+    if t.precision not in ("auto", "bf16", "fp16", "fp32"):
+        errors.append(f"train.precision must be auto|bf16|fp16|fp32, got '{t.precision}'")
     if t.lr_scheduler not in ("cosine", "linear", "constant"):
         errors.append(f"train.lr_scheduler must be cosine|linear|constant, got '{t.lr_scheduler}'")
     if t.micro_batch_size < 1:
@@ -475,6 +484,28 @@ def ds_precision(ds: dict) -> str:
     if ds.get("fp16", {}).get("enabled"):
         return "fp16"
     return "fp32"
+
+
+def resolve_precision(ds: dict, requested: str, *, on_cpu: bool) -> tuple[dict, str | None]:
+    """Make the DS dict's bf16/fp16 blocks say the precision this run uses; returns (ds, a note to log or None).
+
+    ``auto`` keeps the JSON's choice on GPUs; on a CPU-only machine a bf16/fp16 JSON (z3.json is bf16, for
+    GPUs) runs in fp32. An explicit ``bf16``/``fp16``/``fp32`` wins everywhere."""
+    ds = json.loads(json.dumps(ds))
+    in_json = ds_precision(ds)
+    if requested == "auto":
+        if not on_cpu or in_json == "fp32":
+            return ds, None
+        target = "fp32"
+        note = (f"no CUDA on this machine: the DeepSpeed config asks for {in_json}, running in fp32 instead "
+                f"({in_json} matmuls are ~100x slower than fp32 on CPUs); train.precision={in_json} keeps {in_json}")
+    else:
+        target = requested
+        note = None if requested == in_json else f"train.precision={requested} overrides the DeepSpeed config's {in_json}"
+    for prec in ("bf16", "fp16"):
+        if prec == target or prec in ds:
+            ds.setdefault(prec, {})["enabled"] = prec == target
+    return ds, note
 
 
 def ds_zero_stage(ds: dict) -> int:

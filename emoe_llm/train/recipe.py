@@ -65,6 +65,7 @@ from .config import (
     load_config,
     load_ds_config,
     resolve_batch,
+    resolve_precision,
 )
 from .loss import count_sequences, sequence_ce_sum
 from .master_weights import load_fp32_master
@@ -72,6 +73,7 @@ from .runlog import MetricsLogger, write_run_dir
 
 IGNORE_INDEX = -100
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "z3.json"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"  # the tiny CPU demo recipe
 NONFINITE_EXIT = 3  # exit code of a run stopped by a non-finite loss or gradient norm
 
 
@@ -86,7 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="EMoE / dense fine-tuning with DeepSpeed ZeRO-3. Extra arguments are key=value recipe overrides "
         "(dots for nesting: train.lr=1e-5 model.mode=dense).",
     )
-    p.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help="recipe YAML (configs/*.yaml); default: configs/tiny_cpu.yaml, the tiny CPU demo recipe")
     p.add_argument("--ds_config", "--deepspeed", dest="ds_config", default=str(DEFAULT_DS_CONFIG),
                    help="DeepSpeed JSON (ZeRO stage, offload, precision); default: the repo's ds_configs/z3.json")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -495,6 +498,16 @@ def prepare_output_dir(cfg: RecipeConfig, *, rank: int) -> Path:
     return output_dir
 
 
+def ensure_tiny_model(path: Path, *, rank: int) -> None:
+    """Collective. The demo recipes on a fresh checkout: rank 0 builds the embedded tiny EMoE model at ``path``."""
+    if rank == 0 and not (path / "config.json").is_file():
+        from ..tiny import build_demo_model
+
+        log0(f"{path} not found: building the embedded tiny model there (model.build_tiny_if_missing)")
+        build_demo_model(path)
+    dist.barrier()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -572,7 +585,12 @@ def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) 
     rank, world, device = init_distributed(cfg, local_rank)
     output_dir = prepare_output_dir(cfg, rank=rank)
     stop = StopRequest(output_dir / "STOP")
+    if cfg.model.build_tiny_if_missing:
+        ensure_tiny_model(Path(cfg.model.path), rank=rank)
     ds_config = fill_ds_config(ds_config, cfg, world_size=world)
+    ds_config, note = resolve_precision(ds_config, cfg.train.precision, on_cpu=device.type == "cpu")
+    if note:
+        log0(note)
     micro, accum, global_bs = resolve_batch(cfg, world)
     precision = ds_precision(ds_config)
     seed_everything(cfg.seed)
@@ -811,6 +829,8 @@ def export(run: Run) -> Path | None:
 def load_recipe(args: argparse.Namespace) -> tuple[RecipeConfig, dict]:
     """The recipe and the DeepSpeed JSON, checked before any process group exists."""
     cfg = load_config(args.config, args.overrides)
+    if any(o.partition("=")[0].strip() == "model.path" for o in args.overrides):
+        cfg.model.build_tiny_if_missing = False  # a model.path typed on the command line must exist, not be built
     check_runnable(cfg)
     return cfg, load_ds_config(args.ds_config)
 
