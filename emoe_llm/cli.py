@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "data": ("emoe_llm.data.inspect", "validate instruction data and show tokenized examples with the masked parts"),
     "train": ("emoe_llm.train.launch", "fine-tune (dense or EMoE) with DeepSpeed ZeRO-3 (wraps the deepspeed launcher)"),
     "eval": ("emoe_llm.eval.cli", "evaluate an HF checkpoint (MMLU 5-shot from local CSVs, held-out loss)"),
+    "plan": ("emoe_llm.plan", "per-GPU memory, fit, largest micro batch and step time of a job before you sbatch it"),
     "demo": ("emoe_llm.demo", "the whole pipeline on a tiny embedded Llama on CPU: convert, ZeRO-3 train, export, eval"),
 }
 
