@@ -282,16 +282,16 @@ def normalize_record(rec, fmt: str, where: str, system_prompt: str | None = None
     return {"messages": messages}
 
 
-def read_source(path: str, fmt: str = "auto", *, max_rows: int | None = None, skip_bad_rows: bool = False,
-                system_prompt: str | None = None) -> tuple[list[dict], str, dict]:
-    """Read and validate one source.
+def iter_records(path: str, fmt: str = "auto", *, report: dict, max_rows: int | None = None,
+                 skip_bad_rows: bool = False, system_prompt: str | None = None) -> Iterator[dict]:
+    """Read and validate one source row by row: yields normalised records (plus ``where``: "file: row N") and fills
+    ``report`` (``rows_read``, ``skipped_bad_rows``, ``filtered_label_false``, ``bad_row_examples``, ``format``).
 
-    Returns:
-        records: normalised rows (all ``messages`` or all ``text``, plus ``where``: "file: row N" for messages),
-        fmt: the resolved format,
-        report: ``{"rows_read", "skipped_bad_rows", "filtered_label_false", "bad_row_examples"}``.
+    Nothing is kept in memory, so this feeds ``datasets.Dataset.from_generator`` for files larger than RAM.
     """
-    records, report = [], {"rows_read": 0, "skipped_bad_rows": 0, "filtered_label_false": 0, "bad_row_examples": []}
+    report.update({"rows_read": 0, "skipped_bad_rows": 0, "filtered_label_false": 0, "bad_row_examples": [],
+                   "format": fmt})
+    kept = 0
     for i, rec, line_based in iter_raw_rows(path, max_rows=max_rows):
         where = _where(path, i, line_based)
         report["rows_read"] += 1
@@ -299,7 +299,7 @@ def read_source(path: str, fmt: str = "auto", *, max_rows: int | None = None, sk
             if fmt == "auto":
                 if isinstance(rec, DataError):
                     raise rec
-                fmt = detect_format(path, rec)
+                fmt = report["format"] = detect_format(path, rec)
             out = normalize_record(rec, fmt, where, system_prompt)
         except DataError as e:
             if e.path is None:
@@ -316,10 +316,25 @@ def read_source(path: str, fmt: str = "auto", *, max_rows: int | None = None, sk
             report["filtered_label_false"] += 1
             continue
         out["where"] = where  # carried along so tokenization errors can name the row too
-        records.append(out)
-    if not records:
+        kept += 1
+        yield out
+    if not kept:
         raise DataError(f"{path}: no usable rows (read {report['rows_read']}, skipped {report['skipped_bad_rows']} bad, "
                         f"{report['filtered_label_false']} with label=false)", path=path)
-    if fmt == "auto":
-        fmt = "text"
-    return records, fmt, report
+    if report["format"] == "auto":
+        report["format"] = "text"
+
+
+def read_source(path: str, fmt: str = "auto", *, max_rows: int | None = None, skip_bad_rows: bool = False,
+                system_prompt: str | None = None) -> tuple[list[dict], str, dict]:
+    """Read and validate one source into a list (small files, inspection; training streams with ``iter_records``).
+
+    Returns:
+        records: normalised rows (all ``messages`` or all ``text``, plus ``where``: "file: row N" for messages),
+        fmt: the resolved format,
+        report: ``{"rows_read", "skipped_bad_rows", "filtered_label_false", "bad_row_examples"}``.
+    """
+    report: dict = {}
+    records = list(iter_records(path, fmt, report=report, max_rows=max_rows, skip_bad_rows=skip_bad_rows,
+                                system_prompt=system_prompt))
+    return records, report.pop("format"), report
