@@ -3,7 +3,7 @@
     python benchmarks/data_memory.py                  # a 2 GB alpaca-style .jsonl in /tmp (deleted afterwards)
     python benchmarks/data_memory.py --size-gb 0.05   # quick look
 
-The file is generated (seeded random words; instruction ~40 words, response ~250), then `emoe-llm data` reads,
+The file is generated (seeded random words; alpaca: instruction ~40 words + response ~250; text: ~290 words), then `emoe-llm data` reads,
 validates, tokenizes (cached), shuffles and packs it exactly as training does. Peak RSS is ru_maxrss of the command's
 processes (the largest single one: with data.num_proc > 1 the tokenizer workers are separate processes). The last
 line prints peak RSS as a fraction of the file size and rows/s.
@@ -27,7 +27,7 @@ PEAK_RSS = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]).
             "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, 'RC', r)")
 
 
-def write_jsonl(path: Path, size_bytes: int, seed: int = 0) -> int:
+def write_jsonl(path: Path, size_bytes: int, fmt: str, seed: int = 0) -> int:
     rng = random.Random(seed)
     words = [rng.choice("abcdefghijklmnopqrstuvwxyz") * rng.randint(1, 3) + w for w in
              "the model data train expert layer token batch node memory time loss step rank shard".split()
@@ -36,8 +36,11 @@ def write_jsonl(path: Path, size_bytes: int, seed: int = 0) -> int:
     with open(path, "w", encoding="utf-8") as f:
         block = []
         while written < size_bytes:
-            rec = {"instruction": " ".join(rng.choices(words, k=40)), "input": "",
-                   "output": " ".join(rng.choices(words, k=250))}
+            if fmt == "alpaca":
+                rec = {"instruction": " ".join(rng.choices(words, k=40)), "input": "",
+                       "output": " ".join(rng.choices(words, k=250))}
+            else:
+                rec = {"text": " ".join(rng.choices(words, k=290))}
             line = json.dumps(rec) + "\n"
             block.append(line)
             written += len(line)
@@ -54,6 +57,8 @@ def main() -> int:
     ap.add_argument("--size-gb", type=float, default=2.0)
     ap.add_argument("--dir", default="/tmp", help="where the file and the cache go (needs ~3x the size free)")
     ap.add_argument("--tokenizer", default=str(REPO / "data" / "tokenizers" / "tiny_llama3_style"))
+    ap.add_argument("--format", default="alpaca", choices=["alpaca", "text"],
+                    help="alpaca rows (chat template, prompt masking) or plain-text rows (cheaper to tokenize)")
     ap.add_argument("--max-seq-len", type=int, default=1024)
     args = ap.parse_args()
 
@@ -65,7 +70,7 @@ def main() -> int:
     try:
         src = work / "big.jsonl"
         t0 = time.time()
-        rows = write_jsonl(src, size)
+        rows = write_jsonl(src, size, args.format)
         file_bytes = src.stat().st_size
         print(f"wrote {src}: {file_bytes / 1e9:.2f} GB, {rows} rows in {time.time() - t0:.0f} s", flush=True)
         cmd = [sys.executable, "-m", "emoe_llm.cli", "data", "--source", str(src), "--tokenizer", args.tokenizer,
