@@ -93,6 +93,7 @@ class Setup:
     nodes: int = 1
     gpus_per_node: int = 8
     gpu_mem_gb: float = 80.0
+    cpu_mem_gb: float = 0.0  # per node; 0 = not checked
     peak_tflops: float = 312.0
     micro_batch: int = 1
     seq_len: int = 2048
@@ -296,6 +297,10 @@ def make_plan(shape: ModelShape, s: Setup) -> Plan:
     plan.usable_bytes = int(s.gpu_mem_gb * GiB * (1 - s.margin))
     plan.fits = plan.total_bytes <= plan.usable_bytes
     plan.cpu_per_node_bytes = cpu
+    if s.cpu_mem_gb and (s.offload_optimizer or s.offload_param) and cpu > s.cpu_mem_gb * GiB * (1 - s.margin):
+        plan.fits = False
+        plan.notes.append(f"offload needs {cpu / GiB:.0f} GiB of CPU memory per node, more than "
+                          f"{s.cpu_mem_gb:g} GiB: use more nodes")
     # largest micro batch: activations grow linearly with it
     fixed_total = sum(fixed.values())
     per_sample = sum(activation_bytes(shape, s, 1).values())
@@ -317,7 +322,7 @@ def make_plan(shape: ModelShape, s: Setup) -> Plan:
     plan.step_time_s = plan.flops_per_step / (s.world * s.peak_tflops * 1e12 * plan.mfu)
     plan.tokens_per_s = tokens_per_step / plan.step_time_s
     plan.wall_time_s = plan.step_time_s * s.steps if s.steps else 0.0
-    if not plan.fits:
+    if not plan.fits and not plan.notes:
         plan.notes.append(_advice(plan, s))
     return plan
 
@@ -400,6 +405,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu", default="a100-80gb", choices=sorted(GPUS), help="peak TFLOPS and memory preset")
     parser.add_argument("--gpu-mem-gb", type=float, help="memory per GPU in GiB (default: from --gpu)")
+    parser.add_argument("--cpu-mem-gb", type=float, default=0.0,
+                        help="CPU memory per node in GiB, checked for offload (default: not checked)")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak per GPU (default: from --gpu)")
     parser.add_argument("--mfu", type=float, help=f"model FLOPs utilisation (default: measured, else {ASSUMED_MFU})")
     parser.add_argument("--micro-batch", type=int, help="override train.micro_batch_size")
@@ -416,7 +423,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _setup(args, nodes: int) -> tuple[ModelShape, Setup]:
     gpu_tflops, gpu_mem = GPUS[args.gpu]
     s = Setup(nodes=nodes, gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem_gb or gpu_mem,
-              peak_tflops=args.peak_tflops or gpu_tflops, margin=args.margin, mfu=args.mfu,
+              peak_tflops=args.peak_tflops or gpu_tflops, margin=args.margin, cpu_mem_gb=args.cpu_mem_gb, mfu=args.mfu,
               runtime_overhead_gb=args.runtime_overhead_gb)
     if args.micro_batch:
         s.micro_batch = args.micro_batch
@@ -456,19 +463,23 @@ def run(args) -> int:
     try:
         if args.table:
             counts = [int(x) for x in args.table.split(",") if x.strip()]
-            print("| nodes x GPUs | per GPU (GiB) | fits | max micro | s/step | tokens/s |")
-            print("|---|---|---|---|---|---|")
+            print("| nodes x GPUs | per GPU (GiB) | fits | max micro | CPU/node offload (GiB) | s/step | tokens/s | "
+                  "recipe wall time |")
+            print("|---|---|---|---|---|---|---|---|")
             worst = 0
             for n in counts:
                 try:
                     shape, s = _setup(args, n)
                 except PlanError as e:  # e.g. the global batch does not split over this many GPUs
-                    print(f"| {n} x {args.gpus_per_node} | - | no | - | - | - |  {e}")
+                    print(f"| {n} x {args.gpus_per_node} | - | no | - | - | - | - | - |  {e}")
                     worst = 1
                     continue
                 p = make_plan(shape, s)
                 print(f"| {n} x {s.gpus_per_node} | {p.total_bytes / GiB:.1f} | {'yes' if p.fits else 'no'} | "
-                      f"{p.max_micro_batch} | {p.step_time_s:.2f} | {p.tokens_per_s:,.0f} |")
+                      f"{p.max_micro_batch} | "
+                      f"{p.cpu_per_node_bytes / GiB if s.offload_optimizer or s.offload_param else 0:.0f} | "
+                      f"{p.step_time_s:.2f} | {p.tokens_per_s:,.0f} | "
+                      f"{f'{p.wall_time_s / 3600:.1f} h' if p.wall_time_s else '-'} |")
                 worst = worst or (0 if p.fits else 1)
             return worst
         shape, s = _setup(args, args.nodes)

@@ -109,3 +109,13 @@ def test_cli_exit_codes_and_recipe(capsys, tmp_path):
     # 8 nodes: the recipe's global batch 128 cannot be split as micro 4 x 64 GPUs: said in the row, not a crash
     assert main(["--model", "llama-7b", "--config", "configs/llama2_7b_emoe.yaml", "--table", "4,8"]) == 1
     assert "not divisible" in capsys.readouterr().out
+
+
+def test_offload_checks_cpu_memory_per_node():
+    shape = load_shape("llama-30b")
+    one = make_plan(shape, Setup(nodes=1, gpus_per_node=8, offload_optimizer=True, offload_param=True,
+                                 cpu_mem_gb=512))
+    assert not one.fits and "CPU memory per node" in one.notes[0]
+    eight = make_plan(shape, Setup(nodes=8, gpus_per_node=8, offload_optimizer=True, offload_param=True,
+                                   cpu_mem_gb=512))
+    assert eight.fits and eight.cpu_per_node_bytes == pytest.approx(one.cpu_per_node_bytes / 8, rel=1e-6)
