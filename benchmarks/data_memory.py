@@ -3,8 +3,8 @@
     python benchmarks/data_memory.py                  # a 2 GB alpaca-style .jsonl in /tmp (deleted afterwards)
     python benchmarks/data_memory.py --size-gb 0.05   # quick look
 
-The file is generated (seeded random words; alpaca: instruction ~40 words + response ~250; text: ~290 words), then `emoe-llm data` reads,
-validates, tokenizes (cached), shuffles and packs it exactly as training does. Peak RSS is ru_maxrss of the command's
+The file is generated (seeded random words; alpaca: instruction ~40 words + response ~250; text: ~290 words), then
+`emoe-llm data` reads, validates, tokenizes (cached), shuffles and packs it exactly as training does. Peak RSS is ru_maxrss of the command's
 processes (the largest single one: with data.num_proc > 1 the tokenizer workers are separate processes). The last
 line prints peak RSS as a fraction of the file size and rows/s.
 """
@@ -85,7 +85,8 @@ def main() -> int:
             sys.exit(f"emoe-llm data failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
         peak = int(tail[-1].split()[1]) * 1024
         stats = json.loads(out.stdout[out.stdout.index("{"):out.stdout.rindex("}") + 1])
-        print(f"machine: {os.uname().nodename}, {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        print(f"machine: {os.uname().nodename}, {os.cpu_count()} CPUs; {when}")
         print(f"documents {stats['documents']}, packed rows {stats['rows']}, tokens {stats['tokens']}, "
               f"wall {wall:.0f} s")
         print(f"peak RSS {peak / 2**30:.2f} GiB = {peak / file_bytes:.3f} x the {file_bytes / 1e9:.2f} GB file; "

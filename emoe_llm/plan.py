@@ -423,8 +423,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _setup(args, nodes: int) -> tuple[ModelShape, Setup]:
     gpu_tflops, gpu_mem = GPUS[args.gpu]
     s = Setup(nodes=nodes, gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem_gb or gpu_mem,
-              peak_tflops=args.peak_tflops or gpu_tflops, margin=args.margin, cpu_mem_gb=args.cpu_mem_gb, mfu=args.mfu,
-              runtime_overhead_gb=args.runtime_overhead_gb)
+              peak_tflops=args.peak_tflops or gpu_tflops, margin=args.margin, cpu_mem_gb=args.cpu_mem_gb,
+              mfu=args.mfu, runtime_overhead_gb=args.runtime_overhead_gb)
     if args.micro_batch:
         s.micro_batch = args.micro_batch
     if args.seq_len:

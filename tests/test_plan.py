@@ -90,7 +90,8 @@ def test_step_time_from_flops_and_mfu():
     flops = tokens * (6 * shape.n_params() + 12 * 32 * 4096 * 1024)
     assert p.flops_per_step == pytest.approx(flops)
     assert p.step_time_s == pytest.approx(flops / (8 * 1000e12 * 0.5))
-    assert p.tokens_per_s == pytest.approx(tokens / p.step_time_s) and p.wall_time_s == pytest.approx(10 * p.step_time_s)
+    assert p.tokens_per_s == pytest.approx(tokens / p.step_time_s)
+    assert p.wall_time_s == pytest.approx(10 * p.step_time_s)
 
 
 def test_cli_exit_codes_and_recipe(capsys, tmp_path):

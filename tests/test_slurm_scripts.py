@@ -168,7 +168,8 @@ def test_snapshot_resolves_the_recipe_for_the_allocation(tmp_path):
     assert bad.returncode == 2 and "not divisible" in bad.stderr, bad.stdout + bad.stderr
 
 
-@pytest.mark.parametrize("gpu_mib,nodes,fits", [(40960, "1", False), (81920, "4", True)], ids=["40GB-1node", "80GB-4nodes"])
+@pytest.mark.parametrize("gpu_mib,nodes,fits", [(40960, "1", False), (81920, "4", True)],
+                         ids=["40GB-1node", "80GB-4nodes"])
 def test_preflight_stops_a_job_that_cannot_fit(tmp_path, gpu_mib, nodes, fits):
     """emoe_preflight (called by emoe_snapshot): `emoe-llm plan` for the allocation with the GPU memory nvidia-smi
     reports; a 30B ZeRO-3 job on one node of 40 GB GPUs stops with one message, on 4 nodes of 80 GB it goes on."""
