@@ -37,6 +37,8 @@ tokenizer = emoe_llm.data.load_tokenizer(os.environ["TOKENIZER"])
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
 deepspeed.init_distributed(dist_backend="gloo")
 dist.barrier()
+import resource
+print("SELF_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # not its children (a JIT op build)
 """
 
 
@@ -77,6 +79,7 @@ def training_peak_rss_gib(cmd: list[str], env: dict, log: Path, marker: str = "M
                 rss = 0
             if not state["loaded"] and marker in log.read_text(errors="replace"):
                 state["loaded"] = True
+                state["at_load"] = rss
             if state["loaded"]:
                 state["peak"] = max(state["peak"], rss)
             time.sleep(0.1)
@@ -92,6 +95,8 @@ def training_peak_rss_gib(cmd: list[str], env: dict, log: Path, marker: str = "M
     line = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("PEAK_RSS_KB")][-1].split()
     if line[3] != "0":
         sys.exit(f"command failed (rc {line[3]}): {' '.join(cmd)}; log: {log}")
+    print(f"RSS of the busiest rank when the engine was built (before step 1): {state.get('at_load', 0) / 2**30:.3f} "
+          f"GiB")
     return int(line[1]) / 2**20, state["peak"] / 2**30
 
 
@@ -119,7 +124,9 @@ def main() -> int:
     (work / "ds.json").write_text(json.dumps(ds))
 
     env["TOKENIZER"] = model
-    baseline = peak_rss_gib([sys.executable, "-c", BASELINE], env, work / "baseline.log")
+    out = subprocess.run([sys.executable, "-c", BASELINE], env=env, capture_output=True, text=True)
+    (work / "baseline.log").write_text(out.stdout + out.stderr)
+    baseline = int([ln for ln in out.stdout.splitlines() if ln.startswith("SELF_RSS_KB")][-1].split()[1]) / 2**20
     overrides = [f"model.path={model}", f"output_dir={work / 'run'}", "resume=none", "model.mode=emoe",
                  f"model.convert={{n_experts: {args.experts}, top_k: {args.top_k}, layers: '{args.layers}'}}",
                  f"data.sources.0.path={REPO / 'data' / 'instruct' / 'alpaca_en_demo.json'}",

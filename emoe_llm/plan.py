@@ -108,6 +108,7 @@ class Setup:
     lora_targets: tuple = ("q_proj", "v_proj")
     reduce_bucket: int = 0  # elements; 0 = hidden^2 (the recipe's "auto")
     prefetch_bucket: int = 0  # elements; 0 = 0.9 hidden^2
+    max_live_parameters: int = int(1e9)  # ZeRO-3 stage3_max_live_parameters (DeepSpeed's default)
     runtime_overhead_gb: float = GPU_RUNTIME_OVERHEAD_GB
     margin: float = 0.10
     mfu: float | None = None
@@ -290,6 +291,11 @@ def make_plan(shape: ModelShape, s: Setup) -> Plan:
     states, cpu, source = model_states(shape, s, trainable)
     fixed = dict(states)
     fixed["communication buckets"] = comm_buffers(shape, s)
+    if s.zero_stage == 3:
+        # ZeRO-3 keeps up to stage3_max_live_parameters gathered (with a large stage3_max_reuse_distance, the ones
+        # the backward pass will use again stay gathered after the forward): an upper bound, in the model dtype.
+        fixed["ZeRO-3 live parameters"] = (2 if s.precision in ("bf16", "fp16") else 4) * min(
+            s.max_live_parameters, P)
     fixed["runtime overhead"] = int(s.runtime_overhead_gb * GiB)
     plan = Plan(model=shape.name, n_params=P, trainable_params=trainable, world=s.world, model_states_source=source)
     plan.per_gpu = {**fixed, **activation_bytes(shape, s, s.micro_batch)}
@@ -382,7 +388,8 @@ def setup_from_recipe(args, s: Setup) -> tuple[Setup, str | None, dict | None]:
         s.offload_param = (zero.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
         s.precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get(
             "enabled") else "fp32"
-        for key, attr in (("reduce_bucket_size", "reduce_bucket"), ("stage3_prefetch_bucket_size", "prefetch_bucket")):
+        for key, attr in (("reduce_bucket_size", "reduce_bucket"), ("stage3_prefetch_bucket_size", "prefetch_bucket"),
+                          ("stage3_max_live_parameters", "max_live_parameters")):
             if isinstance(zero.get(key), (int, float)):
                 setattr(s, attr, int(zero[key]))
     return s, model_path, emoe
