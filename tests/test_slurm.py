@@ -234,8 +234,7 @@ def test_stopped_on_two_nodes_finishes_on_one(cluster, models, reference, tmp_pa
     )
     log = log_of(log_pattern)
     assert proc.returncode == 0, f"sbatch --wait exit {proc.returncode}\n{proc.stderr}\n{log[-6000:]}"
-    assert "1 node(s)" in log and f"universal checkpoint, 2 -> 1 ranks" in log, log[-6000:]
-    assert (out / "checkpoints" / f"step_{stop[0]:08d}" / "universal" / "zero").is_dir()
+    assert "1 node(s)" in log and "universal checkpoint, 2 -> 1 ranks" in log, log[-6000:]
     records = read_metrics(out / "metrics.jsonl")
     losses = step_losses(records)
     assert [s for s, _ in losses] == list(range(1, MAX_STEPS + 1)), [s for s, _ in losses]  # none lost or repeated
