@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "eval": ("emoe_llm.eval.cli", "evaluate an HF checkpoint (MMLU 5-shot from local CSVs, held-out loss)"),
     "probe": ("emoe_llm.eval.probe", "forward-only: dNLL of masking each layer at each k, expert load, clustering quality"),
     "plot": ("emoe_llm.eval.plot_run", "PNGs of a training run from its metrics.jsonl (loss, lr, tokens/s, expert load)"),
+    "plan": ("emoe_llm.plan", "per-GPU memory, fit, largest micro batch and step time of a job before you sbatch it"),
     "demo": ("emoe_llm.demo", "the whole pipeline on a tiny embedded Llama on CPU: convert, ZeRO-3 train, export, eval"),
 }
 

@@ -147,6 +147,29 @@ open(f"{out}/config.yaml", "w").write(dump_config(cfg))
 open(f"{out}/ds_config.json", "w").write(json.dumps(filled, indent=2) + "\n")
 EOF
   emoe_log "run snapshot: $d"
+  emoe_preflight "$recipe" "$ds" "$@"
+}
+
+# emoe_preflight RECIPE DS_CONFIG OVERRIDE...  -- `emoe-llm plan` for this allocation (nodes x GPUs x the smallest
+# GPU's memory): stops the job with one message when it cannot fit, before any node loads the model. PLAN_ARGS adds
+# plan options (e.g. "--gpu h100-80gb --mfu 0.45"); PREFLIGHT=0 skips it. CPU-only allocations are not checked.
+emoe_preflight() {
+  local recipe=$1 ds=$2; shift 2
+  [ "${PREFLIGHT:-1}" != 0 ] || return 0
+  local mem rc=0 out=$OUTPUT_DIR/run/plan.txt plan_args=()
+  command -v nvidia-smi >/dev/null || { emoe_log "preflight skipped: no GPU on the batch host"; return 0; }
+  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | sort -n | head -n 1) || true
+  [ -n "$mem" ] || { emoe_log "preflight skipped: nvidia-smi reports no GPU"; return 0; }
+  read -r -a plan_args <<< "${PLAN_ARGS:-}"
+  emoe-llm plan --config "$recipe" --ds-config "$ds" --nodes "$NNODES" --gpus-per-node "$NPROC_PER_NODE" \
+    --gpu-mem-gb "$((mem / 1024))" "${plan_args[@]}" "$@" > "$out" 2>&1 || rc=$?
+  case $rc in
+    0) emoe_log "preflight: fits ($(grep -m1 '  total' "$out" | tr -s ' ') per GPU; plan: $out)" ;;
+    1) cat "$out" >&2
+       emoe_die "preflight: this job does not fit on $NNODES node(s) x $NPROC_PER_NODE GPU(s) of $((mem / 1024)) GiB:" \
+         "$(tail -n 1 "$out") (plan: $out; PREFLIGHT=0 runs it anyway)" ;;
+    *) emoe_log "warning: preflight could not plan this job (see $out); continuing" ;;
+  esac
 }
 
 # emoe_convert SRC DST EXPERTS TOP_K LAYERS [extra convert args...]  -- skipped when DST verifies against SRC.

@@ -23,6 +23,7 @@ CASES = {
                     "--devices", "cpu"], "balanced k-means, tiny-shape layer (random weights) on cpu: "),
     "train_throughput": (["--preset", "tiny", "--layers", "2", "--seq", "16", "--rounds", "1", "--steps", "1",
                           "--warmup", "1", "--experts", "8", "--top-k", "2"], "emoe/dense step time: "),
+    "data_memory": (["--size-gb", "0.001", "--max-seq-len", "256"], "peak private memory "),
 }
 
 

@@ -204,3 +204,32 @@ def test_template_variation_is_opt_in_seeded_and_alpaca_only(tok, tmp_path):
         assert any(pair[int(has_input)] in t for pair in ALPACA_PREAMBLE_VARIANTS)
     with pytest.raises(ValueError, match="template_variation varies the Alpaca preamble"):
         _cfg(tmp_path, template="llama3", template_variation=True)
+def test_sources_stream_through_arrow_not_python_lists(tok, tmp_path, monkeypatch):
+    """Data larger than RAM: the pipeline reads sources row by row into a memory-mapped Arrow table
+    (Dataset.from_generator), never through read_source's in-memory list, and keeps every stat."""
+    import emoe_llm.data.formats as formats
+
+    def no_lists(*a, **k):
+        raise AssertionError("the pipeline must stream sources, not read them into a list")
+
+    monkeypatch.setattr(formats, "read_source", no_lists)
+    path = tmp_path / "rows.jsonl"
+    rows = [{"instruction": f"say {i}", "output": f"number {i} " * (1 + i % 7)} for i in range(2500)]
+    rows.insert(1234, {"instruction": "x", "output": 5})  # bad row, skipped and counted
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    train, _, stats = build_sft_datasets(_cfg(tmp_path, sources=[str(path)], skip_bad_rows=True), tok)
+    assert stats["skipped_bad_rows"] == 1 and "line 1235" in stats["bad_row_examples"][0]
+    assert stats["documents"] == 2500 and len(train) == 2500
+    assert train.cache_files and all(f["filename"].endswith(".arrow") for f in train.cache_files)  # memory-mapped
+    src = stats["sources"][0]
+    assert src["rows_read"] == 2501 and src["format"] == "alpaca"
+
+
+def test_a_bad_row_fails_the_pipeline_naming_file_and_line(tok, tmp_path):
+    from emoe_llm.data import DataError
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + '{"instruction": "a"}\n')
+    with pytest.raises(DataError, match=r"rows.jsonl: line 2: missing field 'output'"):
+        build_sft_datasets(_cfg(tmp_path, sources=[str(path)]), tok)
+    assert not list((tmp_path / "cache" / "tokenized").glob("*/stats.json"))  # nothing half-written is cached

@@ -197,3 +197,50 @@ def test_preemption_requeue_resume(cluster, models, reference, tmp_path):
         for step, loss in losses:
             assert loss == pytest.approx(reference["losses"][step], rel=1e-5), f"step {step} (stops at {stops})"
     print(f"stopped at steps {stops}, requeued twice, resumed: {MAX_STEPS} steps in {elapsed:.0f} s (job {job_id})")
+
+
+def test_stopped_on_two_nodes_finishes_on_one(cluster, models, reference, tmp_path):
+    """A job stopped on 2 nodes (STOP file: checkpoint, no requeue) is submitted again with --nodes=1 and finishes:
+    resume=auto sees the world-size change, converts the checkpoint to DeepSpeed's universal format once and
+    continues with the same global batch and data position (micro 2 x accum 4 x 1 rank instead of x accum 2 x 2)."""
+    out = tmp_path / "run"
+    log_pattern = tmp_path / "slurm-*.out"
+    stdout = tmp_path / "sbatch.out"
+    with open(stdout, "w") as f:
+        sbatch = subprocess.Popen(
+            ["sbatch", "--wait", "--parsable", f"--output={tmp_path}/slurm-%j.out", "slurm/local_cpu.sh",
+             f"train.max_steps={MAX_STEPS}"],
+            stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=cluster.env(**job_env(models, out)),
+        )
+    try:
+        deadline = time.time() + 300
+        while not any(s >= 2 for s, _ in step_losses(read_metrics(out / "metrics.jsonl"))):
+            assert sbatch.poll() is None, f"job ended early:\n{log_of(log_pattern)[-6000:]}"
+            assert time.time() < deadline, f"no step 2 after 300 s:\n{log_of(log_pattern)[-6000:]}"
+            time.sleep(0.2)
+        (out / "STOP").touch()
+        assert sbatch.wait(timeout=300) == 0, log_of(log_pattern)[-6000:]
+    finally:
+        if sbatch.poll() is None:
+            sbatch.kill()
+    records = read_metrics(out / "metrics.jsonl")
+    stop = [r["step"] for r in records if r.get("event") == "preempted"]
+    assert len(stop) == 1 and stop[0] < MAX_STEPS and not (out / "COMPLETED").exists()
+
+    proc = cluster.run(
+        ["sbatch", "--wait", "--parsable", "--nodes=1", f"--output={tmp_path}/slurm-%j.out", "slurm/local_cpu.sh",
+         f"train.max_steps={MAX_STEPS}"],
+        timeout=600, check=False, **job_env(models, out), NPROC_PER_NODE="1",
+    )
+    log = log_of(log_pattern)
+    assert proc.returncode == 0, f"sbatch --wait exit {proc.returncode}\n{proc.stderr}\n{log[-6000:]}"
+    assert "1 node(s)" in log and "universal checkpoint, 2 -> 1 ranks" in log, log[-6000:]
+    records = read_metrics(out / "metrics.jsonl")
+    losses = step_losses(records)
+    assert [s for s, _ in losses] == list(range(1, MAX_STEPS + 1)), [s for s, _ in losses]  # none lost or repeated
+    assert json.loads((out / "COMPLETED").read_text())["step"] == MAX_STEPS
+    state = json.loads((out / "checkpoints" / f"step_{MAX_STEPS:08d}" / "trainer_state.json").read_text())
+    assert state["world_size"] == 1 and state["global_batch_size"] == 8
+    if "losses" in reference:  # the uninterrupted 2-node run: the first resumed step sees the same weights + samples
+        step, loss = losses[stop[0]]
+        assert loss == pytest.approx(reference["losses"][step], rel=2e-2), (step, loss, reference["losses"][step])

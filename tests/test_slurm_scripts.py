@@ -166,3 +166,32 @@ def test_snapshot_resolves_the_recipe_for_the_allocation(tmp_path):
     bad = source_common(tmp_path, env, "emoe_snapshot configs/llama2_7b_emoe.yaml ds_configs/z3.json "
                                        "train.global_batch_size=100")
     assert bad.returncode == 2 and "not divisible" in bad.stderr, bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize("gpu_mib,nodes,fits", [(40960, "1", False), (81920, "4", True)],
+                         ids=["40GB-1node", "80GB-4nodes"])
+def test_preflight_stops_a_job_that_cannot_fit(tmp_path, gpu_mib, nodes, fits):
+    """emoe_preflight (called by emoe_snapshot): `emoe-llm plan` for the allocation with the GPU memory nvidia-smi
+    reports; a 30B ZeRO-3 job on one node of 40 GB GPUs stops with one message, on 4 nodes of 80 GB it goes on."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text(f"#!/bin/sh\nfor i in 1 2 3 4 5 6 7 8; do echo {gpu_mib}; done\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    script = f"""set -euo pipefail
+OUTPUT_DIR={tmp_path}/out
+source {SLURM_DIR}/common.sh
+PLAN_ARGS="--model llama-30b"
+emoe_preflight configs/llama30b_emoe.yaml ds_configs/z3.json
+echo PREFLIGHT_PASSED
+"""
+    env = clean_env(SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_ID="42", SLURM_JOB_NUM_NODES=nodes, MASTER_ADDR="node-a",
+                    SLURM_GPUS_PER_NODE="8", SLURM_CPUS_ON_NODE="64")
+    env["PATH"] = f"{fake}:{env['PATH']}"
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    if fits:
+        assert proc.returncode == 0 and "PREFLIGHT_PASSED" in proc.stdout, proc.stdout + proc.stderr
+        assert "preflight: fits" in proc.stdout
+    else:
+        assert proc.returncode == 2 and "PREFLIGHT_PASSED" not in proc.stdout
+        assert "does not fit on 1 node(s) x 8 GPU(s) of 40 GiB" in proc.stderr
+    assert (tmp_path / "out" / "run" / "plan.txt").is_file()

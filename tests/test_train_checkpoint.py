@@ -17,24 +17,39 @@ def make_ckpt(out, step, *, complete=True, world=2):
 
 
 def test_auto_picks_latest_complete(tmp_path):
-    assert find_resume_checkpoint("auto", tmp_path, world_size=2) is None
+    assert find_resume_checkpoint("auto", tmp_path) is None
     make_ckpt(tmp_path, 4)
     good = make_ckpt(tmp_path, 8)
     make_ckpt(tmp_path, 12, complete=False)  # killed while saving: never resumed from
-    assert find_resume_checkpoint("auto", tmp_path, world_size=2) == good
-    assert find_resume_checkpoint("none", tmp_path, world_size=2) is None
-    assert find_resume_checkpoint(str(tmp_path / "checkpoints" / "step_00000004"), tmp_path, world_size=2).name == \
+    assert find_resume_checkpoint("auto", tmp_path) == good
+    assert find_resume_checkpoint("none", tmp_path) is None
+    assert find_resume_checkpoint(str(tmp_path / "checkpoints" / "step_00000004"), tmp_path).name == \
         "step_00000004"
     with pytest.raises(FileNotFoundError, match="killed while saving"):
-        find_resume_checkpoint(str(tmp_path / "checkpoints" / "step_00000012"), tmp_path, world_size=2)
+        find_resume_checkpoint(str(tmp_path / "checkpoints" / "step_00000012"), tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        find_resume_checkpoint(str(tmp_path / "nope"), tmp_path, world_size=2)
+        find_resume_checkpoint(str(tmp_path / "nope"), tmp_path)
 
 
-def test_world_size_change_is_a_clear_error(tmp_path):
+def test_world_size_change_resumes_through_the_universal_format(tmp_path):
+    """A checkpoint of another world size is found (no longer refused); the recipe then loads its universal form and
+    keeps the saved global batch when the recipe does not fix one."""
+    from emoe_llm.train.config import load_config
+    from emoe_llm.train.recipe import elastic_resume
+
     make_ckpt(tmp_path, 4, world=16)
-    with pytest.raises(RuntimeError, match="saved with 16 ranks but this run has 8"):
-        find_resume_checkpoint("auto", tmp_path, world_size=8)
+    assert find_resume_checkpoint("auto", tmp_path).name == "step_00000004"
+    state = tmp_path / "checkpoints" / "step_00000004" / "trainer_state.json"
+    state.write_text(json.dumps({"step": 4, "world_size": 16, "global_batch_size": 64}))
+    cfg = load_config("configs/tiny_cpu.yaml", [f"output_dir={tmp_path}", "train.global_batch_size=0",
+                                                "train.grad_accum=2"])
+    ds = {}
+    ckpt, elastic = elastic_resume(cfg, ds, world=8)
+    assert elastic and ds["checkpoint"] == {"load_universal": True}
+    assert (cfg.train.global_batch_size, cfg.train.grad_accum) == (64, 0)  # 2 x 4 x 8: accum re-derived = 4
+    same = load_config("configs/tiny_cpu.yaml", [f"output_dir={tmp_path}"])
+    ds = {}
+    assert elastic_resume(same, ds, world=16) == (ckpt, False) and ds == {}
 
 
 def test_rotation_keeps_last_k_and_drops_older_incomplete(tmp_path):

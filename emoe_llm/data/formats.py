@@ -301,20 +301,19 @@ def _preamble_variant(rec_messages: list[dict], seed: int, where: str) -> dict:
     return {"role": "system", "content": ALPACA_PREAMBLE_VARIANTS[pick][int(has_input)]}
 
 
-def read_source(path: str, fmt: str = "auto", *, max_rows: int | None = None, skip_bad_rows: bool = False,
-                system_prompt: str | None = None, empty_response: str = "error",
-                variation_seed: int | None = None) -> tuple[list[dict], str, dict]:
-    """Read and validate one source.
+def iter_records(path: str, fmt: str = "auto", *, report: dict, max_rows: int | None = None,
+                 skip_bad_rows: bool = False, system_prompt: str | None = None, empty_response: str = "error",
+                 variation_seed: int | None = None) -> Iterator[dict]:
+    """Read and validate one source row by row: yields normalised records (plus ``where``: "file: row N") and fills
+    ``report`` (``rows_read``, ``skipped_bad_rows``, ``filtered_label_false``, ``empty_responses``,
+    ``bad_row_examples``, ``format``). ``empty_responses`` counts rows with an empty response (trained EOS-only with
+    ``empty_response="eos"``, left out with "skip").
 
-    Returns:
-        records: normalised rows (all ``messages`` or all ``text``, plus ``where``: "file: row N" for messages),
-        fmt: the resolved format,
-        report: ``{"rows_read", "skipped_bad_rows", "filtered_label_false", "empty_responses", "bad_row_examples"}``;
-            ``empty_responses`` counts rows with an empty response (trained EOS-only with ``empty_response="eos"``,
-            left out with "skip").
+    Nothing is kept in memory, so this feeds ``datasets.Dataset.from_generator`` for files larger than RAM.
     """
-    records, report = [], {"rows_read": 0, "skipped_bad_rows": 0, "filtered_label_false": 0, "empty_responses": 0,
-                           "empty_response": empty_response, "bad_row_examples": []}
+    report.update({"rows_read": 0, "skipped_bad_rows": 0, "filtered_label_false": 0, "empty_responses": 0,
+                   "empty_response": empty_response, "bad_row_examples": [], "format": fmt})
+    kept = 0
     for i, rec, line_based in iter_raw_rows(path, max_rows=max_rows):
         where = _where(path, i, line_based)
         report["rows_read"] += 1
@@ -322,7 +321,7 @@ def read_source(path: str, fmt: str = "auto", *, max_rows: int | None = None, sk
             if fmt == "auto":
                 if isinstance(rec, DataError):
                     raise rec
-                fmt = detect_format(path, rec)
+                fmt = report["format"] = detect_format(path, rec)
             out = normalize_record(rec, fmt, where, system_prompt, allow_empty_response=empty_response == "eos")
             if variation_seed is not None and fmt == "alpaca" and out is not None and \
                     out["messages"][0]["role"] != "system":
@@ -348,10 +347,18 @@ def read_source(path: str, fmt: str = "auto", *, max_rows: int | None = None, sk
             report["filtered_label_false"] += 1
             continue
         out["where"] = where  # carried along so tokenization errors can name the row too
-        records.append(out)
-    if not records:
+        kept += 1
+        yield out
+    if not kept:
         raise DataError(f"{path}: no usable rows (read {report['rows_read']}, skipped {report['skipped_bad_rows']} bad, "
                         f"{report['filtered_label_false']} with label=false)", path=path)
-    if fmt == "auto":
-        fmt = "text"
-    return records, fmt, report
+    if report["format"] == "auto":
+        report["format"] = "text"
+
+
+def read_source(path: str, fmt: str = "auto", **options) -> tuple[list[dict], str, dict]:
+    """Read and validate one source into a list (small files, inspection; training streams with ``iter_records``,
+    which takes the same keyword options). Returns (records, resolved format, report)."""
+    report: dict = {}
+    records = list(iter_records(path, fmt, report=report, **options))
+    return records, report.pop("format"), report

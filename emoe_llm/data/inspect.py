@@ -70,7 +70,7 @@ def render_masked(tokenizer, input_ids: list[int], labels: list[int]) -> str:
 
 def run(args) -> int:
     from .config import data_config_from_dict
-    from .formats import DataError, read_source
+    from .formats import DataError, iter_records
 
     try:
         data, tokenizer_path = _data_section(args)
@@ -81,10 +81,11 @@ def run(args) -> int:
     try:
         if args.validate_only:
             for src in cfg.sources + cfg.eval_sources:
-                records, fmt, report = read_source(src.path, src.format, max_rows=src.max_rows,
-                                                   skip_bad_rows=cfg.skip_bad_rows,
-                                                   empty_response=cfg.empty_response)
-                print(f"{src.path}: format={fmt} usable={len(records)} read={report['rows_read']} "
+                report: dict = {}
+                usable = sum(1 for _ in iter_records(src.path, src.format, report=report, max_rows=src.max_rows,
+                                                     skip_bad_rows=cfg.skip_bad_rows,
+                                                     empty_response=cfg.empty_response))  # streamed: any file size
+                print(f"{src.path}: format={report['format']} usable={usable} read={report['rows_read']} "
                       f"skipped_bad_rows={report['skipped_bad_rows']} filtered_label_false="
                       f"{report['filtered_label_false']}")
                 for msg in report["bad_row_examples"]:

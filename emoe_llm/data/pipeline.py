@@ -29,13 +29,15 @@ import numpy as np
 
 from .config import DataConfig, DataSource
 from .encode import DROPPED_NO_TARGET, DROPPED_TOO_LONG, IGNORE_INDEX, KEPT, TRUNCATED, encode_batch
-from .formats import read_source
+from .formats import DataError, iter_records
 from .packing import pack_lengths, pack_rows
 from .templates import BUILTIN, resolve_template
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 3  # bump when encoding changes so stale caches are not reused (2: official Alpaca prompt; 3: ChatML replies end at their EOS)
+PIPELINE_VERSION = 4  # bump when encoding or the cache layout changes so stale caches are not reused
+# (2: official Alpaca prompt; 3: ChatML replies end at their EOS; 4: sources streamed into Arrow)
+WRITER_BATCH = 1000  # rows per Arrow record batch while streaming a source to disk
 
 
 def default_cache_dir() -> Path:
@@ -115,21 +117,61 @@ def tokenize_source(src: DataSource, cfg: DataConfig, tokenizer, *, get_template
         return datasets.load_from_disk(str(entry / "dataset")), stats
 
     t0 = time.time()
-    records, fmt, report = read_source(src.path, src.format, max_rows=src.max_rows, skip_bad_rows=cfg.skip_bad_rows,
-                                       system_prompt=cfg.system_prompt, empty_response=cfg.empty_response,
-                                       variation_seed=cfg.seed if cfg.template_variation else None)
-    is_text = fmt == "text"
-    template = None if is_text else get_template()
-    raw = datasets.Dataset.from_list(records)
-    del records
-    enc = raw.map(
-        encode_batch, batched=True, batch_size=256, remove_columns=raw.column_names, num_proc=cfg.num_proc,
-        fn_kwargs=dict(tokenizer=tokenizer, template=template, is_text=is_text, train_on_prompt=cfg.train_on_prompt,
-                       max_seq_len=cfg.max_seq_len, truncation=cfg.truncation),
-        desc=f"tokenizing {Path(src.path).name}",
-    )
-    status = np.asarray(enc["status"])
-    lengths = np.asarray(enc["length"])
+    (cache_dir / "tokenized").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=key + ".work-", dir=cache_dir / "tokenized") as work:
+        raw, fmt, report = stream_source(src, cfg, Path(work))
+        is_text = fmt == "text"
+        template = None if is_text else get_template()
+        enc = raw.map(
+            encode_batch, batched=True, batch_size=256, remove_columns=raw.column_names, num_proc=cfg.num_proc,
+            fn_kwargs=dict(tokenizer=tokenizer, template=template, is_text=is_text,
+                           train_on_prompt=cfg.train_on_prompt, max_seq_len=cfg.max_seq_len,
+                           truncation=cfg.truncation),
+            desc=f"tokenizing {Path(src.path).name}", cache_file_name=str(Path(work) / "encoded.arrow"),
+        )
+        stats, enc = _encode_stats(src, fmt, report, raw, enc, cfg, t0)
+        _atomic_save({"dataset": enc}, stats, entry)
+    stats["cache_hit"] = False
+    return datasets.load_from_disk(str(entry / "dataset")), stats
+
+
+def _source_rows(path, fmt, report_file, **options):
+    """Generator for ``Dataset.from_generator``: validated rows; the read report goes to ``report_file`` at the end
+    (the generator may run in a worker, so it cannot hand back a dict)."""
+    report: dict = {}
+    yield from iter_records(path, fmt, report=report, **options)
+    Path(report_file).write_text(json.dumps(report))
+
+
+def stream_source(src: DataSource, cfg: DataConfig, work: Path):
+    """One source read row by row into a memory-mapped Arrow table under ``work`` (never a Python list, so files
+    larger than RAM work). Returns (dataset, format, read report). A bad row raises the reader's DataError."""
+    import datasets
+
+    report_file = work / "read_report.json"
+    try:
+        raw = datasets.Dataset.from_generator(
+            _source_rows, cache_dir=str(work / "raw"), writer_batch_size=WRITER_BATCH, keep_in_memory=False,
+            gen_kwargs=dict(path=src.path, fmt=src.format, report_file=str(report_file), max_rows=src.max_rows,
+                            skip_bad_rows=cfg.skip_bad_rows, system_prompt=cfg.system_prompt,
+                            empty_response=cfg.empty_response,
+                            variation_seed=cfg.seed if cfg.template_variation else None))
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+    report = json.loads(report_file.read_text())
+    return raw, report.pop("format"), report
+
+
+def _encode_stats(src, fmt, report, raw, enc, cfg, t0):
+    """Stats of one encoded source, and the source with dropped rows filtered out."""
+    table = enc.data
+    status = table.column("status").to_numpy()
+    lengths = table.column("length").to_numpy()
     stats = {
         "path": src.path, "format": fmt, **report,
         "examples": int(len(raw)),
@@ -146,9 +188,7 @@ def tokenize_source(src: DataSource, cfg: DataConfig, tokenizer, *, get_template
         raise ValueError(f"{src.path}: every row was dropped (max_seq_len={cfg.max_seq_len}, "
                          f"truncation={cfg.truncation!r}): {stats['dropped_too_long']} too long, "
                          f"{stats['dropped_no_target']} without any target token after truncation")
-    _atomic_save({"dataset": enc}, stats, entry)
-    stats["cache_hit"] = False
-    return datasets.load_from_disk(str(entry / "dataset")), stats
+    return stats, enc
 
 
 def _split(ds, fraction: float, seed: int):
@@ -177,17 +217,25 @@ def _take(ds, count: int, rng: np.random.Generator):
     return ds if idx is None else ds.select(idx, keep_in_memory=True)  # an indices mapping only
 
 
+def _arrow_batches(ds, column: str, batch_size: int = 10_000):
+    """One column in record batches: bounded memory even through a shuffle/select indices mapping (taking the whole
+    column at once would materialise every token of the dataset in RAM)."""
+    for batch in ds.select_columns([column]).with_format("arrow").iter(batch_size=batch_size):
+        yield batch[column]
+
+
 def _list_lengths(ds, column: str = "input_ids") -> np.ndarray:
     import pyarrow.compute as pc
 
-    return pc.list_value_length(ds.with_format("arrow")[column]).to_numpy()
+    parts = [pc.list_value_length(col).to_numpy() for col in _arrow_batches(ds, column)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def _count_targets(ds) -> int:
     import pyarrow.compute as pc
 
-    flat = pc.list_flatten(ds.with_format("arrow")["labels"])
-    return int(pc.sum(pc.not_equal(flat, IGNORE_INDEX)).as_py() or 0)
+    return sum(int(pc.sum(pc.not_equal(pc.list_flatten(col), IGNORE_INDEX)).as_py() or 0)
+               for col in _arrow_batches(ds, "labels"))
 
 
 def _with_positions(batch: dict) -> dict:

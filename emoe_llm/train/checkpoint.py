@@ -10,7 +10,12 @@ Layout under ``output_dir``:
     final/                            consolidated safetensors + config.json (with the 'emoe' block) + tokenizer
     COMPLETED                         written by rank 0 only after final/ is complete
 
-Resume needs the same data-parallel world size (a DeepSpeed ZeRO limitation); ``find_resume_checkpoint`` checks it.
+        universal/                    the same checkpoint in DeepSpeed's universal format, made once (atomically) the
+                                      first time it is resumed at another world size (``universal_checkpoint``)
+
+ZeRO shards only load at the data-parallel world size they were saved with; at another one the run resumes through
+DeepSpeed's universal checkpoint (``ds_to_universal`` + ``checkpoint.load_universal``), which re-partitions the
+weights and the optimizer states for the new world size.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ def read_trainer_state(ckpt: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def find_resume_checkpoint(resume: str, output_dir: str | os.PathLike, *, world_size: int) -> Path | None:
+def find_resume_checkpoint(resume: str, output_dir: str | os.PathLike) -> Path | None:
     """resume: 'auto' -> the latest complete checkpoint in output_dir (or None); 'none' -> None; else a path."""
     if resume == "none":
         return None
@@ -79,14 +84,37 @@ def find_resume_checkpoint(resume: str, output_dir: str | os.PathLike, *, world_
             raise FileNotFoundError(f"resume: checkpoint dir '{resume}' does not exist")
     if ckpt is None:
         return None
-    state = read_trainer_state(ckpt)
-    if state.get("world_size") != world_size:
-        raise RuntimeError(
-            f"{ckpt} was saved with {state.get('world_size')} ranks but this run has {world_size}: DeepSpeed ZeRO "
-            f"optimizer shards only load at the same data-parallel world size. Relaunch with {state.get('world_size')} "
-            f"ranks, or start a new run (resume=none, model.path=<an exported final/ dir>)"
-        )
+    read_trainer_state(ckpt)  # a complete checkpoint, or a clear error
     return ckpt
+
+
+UNIVERSAL_DIR = "universal"
+
+
+def universal_checkpoint(ckpt: Path, *, rank: int, workers: int = 1) -> Path:
+    """Collective. ``ckpt`` in DeepSpeed's universal format (``ckpt/universal``), converted once by rank 0 with
+    ``deepspeed.checkpoint.ds_to_universal`` into a temp dir that is renamed into place, so a run killed while
+    converting leaves no half checkpoint and the next resume converts again. The source files are not modified."""
+    out = ckpt / UNIVERSAL_DIR
+    if rank == 0 and not (out / "zero" / "optimizer_state.pt").is_file():
+        import subprocess
+        import sys
+
+        tmp = ckpt / f".{UNIVERSAL_DIR}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+               "--output_folder", str(tmp), "--num_extract_workers", str(workers), "--num_merge_workers",
+               str(workers)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not (tmp / "zero" / "optimizer_state.pt").is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"converting {ckpt} to a universal checkpoint failed ({' '.join(cmd)}):\n"
+                               f"{(proc.stdout + proc.stderr)[-3000:]}")
+        (ckpt / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer file; we pass the tag
+        shutil.rmtree(out, ignore_errors=True)
+        os.rename(tmp, out)
+    dist.barrier()
+    return out
 
 
 def rng_state() -> dict:
@@ -122,11 +150,15 @@ def save_checkpoint(engine, output_dir, *, step: int, trainer_state: dict, confi
     return path
 
 
-def load_checkpoint(engine, ckpt: Path) -> dict:
-    """Collective. Restores module / optimizer / scheduler (DeepSpeed) and this rank's RNG; returns trainer_state."""
+def load_checkpoint(engine, ckpt: Path, *, universal: bool = False) -> dict:
+    """Collective. Restores module / optimizer / scheduler (DeepSpeed) and this rank's RNG; returns trainer_state.
+
+    ``universal``: load ``ckpt/universal`` (see ``universal_checkpoint``); the engine must have been built with
+    ``checkpoint.load_universal`` in its config."""
     state = read_trainer_state(ckpt)
+    load_dir, tag = (ckpt, UNIVERSAL_DIR) if universal else (ckpt.parent, ckpt.name)
     load_path, _ = engine.load_checkpoint(
-        str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")

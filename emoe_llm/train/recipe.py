@@ -563,20 +563,43 @@ def build_engine(cfg: RecipeConfig, ds_config: dict, *, dtype: torch.dtype, tota
     return engine, scheduler, keepalive
 
 
-def resume(engine, cfg: RecipeConfig, state: TrainState) -> Path | None:
-    """Collective. Restore weights, optimizer, scheduler and RNG from the checkpoint ``cfg.resume`` names (or the
-    latest one), and the data position into ``state``. Returns the checkpoint, or None for a fresh start."""
-    ckpt = checkpoint.find_resume_checkpoint(cfg.resume, cfg.output_dir, world_size=state.world_size)
+def elastic_resume(cfg: RecipeConfig, ds_config: dict, *, world: int) -> tuple[Path | None, bool]:
+    """Before the engine exists: the checkpoint to resume from, and whether it was saved at another world size. If
+    so, the engine is told to load DeepSpeed's universal format (converted in ``resume``) and, when the recipe does
+    not fix the global batch, the saved one is kept (micro x accum x world re-derived), so the data position (the
+    samples consumed: step x global batch of one seeded order) and the LR schedule carry over unchanged."""
+    ckpt = checkpoint.find_resume_checkpoint(cfg.resume, cfg.output_dir)
+    if ckpt is None:
+        return None, False
+    saved = checkpoint.read_trainer_state(ckpt)
+    if saved.get("world_size", world) == world:
+        return ckpt, False
+    if not cfg.train.global_batch_size and saved.get("global_batch_size"):
+        cfg.train.global_batch_size, cfg.train.grad_accum = int(saved["global_batch_size"]), 0
+    ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    log0(f"{ckpt} was saved with {saved.get('world_size')} ranks, this run has {world}: resuming through DeepSpeed's "
+         f"universal checkpoint, global batch {cfg.train.global_batch_size or saved.get('global_batch_size')}")
+    return ckpt, True
+
+
+def resume(engine, ckpt: Path | None, state: TrainState, *, elastic: bool, rank: int) -> Path | None:
+    """Collective. Restore weights, optimizer, scheduler and RNG from ``ckpt`` (converted to the universal format
+    first when ``elastic``), and the data position into ``state``. Returns the checkpoint, or None for a fresh start."""
     if ckpt is None:
         return None
-    saved = checkpoint.load_checkpoint(engine, ckpt)
-    if saved.get("steps_per_epoch") not in (None, state.steps_per_epoch):
-        raise RuntimeError(f"{ckpt}: saved with {saved['steps_per_epoch']} steps/epoch, this run has "
-                           f"{state.steps_per_epoch}; the data or batch size changed, so the data position is invalid")
+    if elastic:
+        checkpoint.universal_checkpoint(ckpt, rank=rank)
+    saved = checkpoint.load_checkpoint(engine, ckpt, universal=elastic)
+    for key in ("global_batch_size", "steps_per_epoch"):
+        if saved.get(key) not in (None, getattr(state, key)):
+            raise RuntimeError(f"{ckpt}: saved with {key} {saved[key]}, this run has {getattr(state, key)}; the "
+                               f"data or batch size changed, so the data position is invalid (set "
+                               f"train.global_batch_size={saved[key] if key == 'global_batch_size' else '...'})")
     saved = TrainState.from_dict(saved)
     state.step, state.epoch, state.step_in_epoch = saved.step, saved.epoch, saved.step_in_epoch
     state.tokens_seen = saved.tokens_seen
-    log0(f"resumed from {ckpt}: step {state.step}, epoch {state.epoch}, step-in-epoch {state.step_in_epoch}")
+    log0(f"resumed from {ckpt}: step {state.step}, epoch {state.epoch}, step-in-epoch {state.step_in_epoch}"
+         + (f" (universal checkpoint, {saved.world_size} -> {state.world_size} ranks)" if elastic else ""))
     return ckpt
 
 
@@ -587,6 +610,7 @@ def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) 
     stop = StopRequest(output_dir / "STOP")
     if cfg.model.build_tiny_if_missing:
         ensure_tiny_model(Path(cfg.model.path), rank=rank)
+    ckpt, elastic = elastic_resume(cfg, ds_config, world=world)
     ds_config = fill_ds_config(ds_config, cfg, world_size=world)
     ds_config, note = resolve_precision(ds_config, cfg.train.precision, on_cpu=device.type == "cpu")
     if note:
@@ -606,7 +630,7 @@ def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) 
                        global_batch_size=global_bs, seed=cfg.seed)
     engine, scheduler, keepalive = build_engine(cfg, ds_config, dtype=DTYPES[precision], total_steps=total_steps,
                                                 rank=rank)
-    resumed_from = resume(engine, cfg, state)
+    resumed_from = resume(engine, ckpt, state, elastic=elastic, rank=rank)
 
     hosts = [None] * world
     dist.all_gather_object(hosts, socket.gethostname())

@@ -1,0 +1,511 @@
+"""``emoe-llm plan``: will this job fit, how fast will it go, and how many nodes? Answered before you sbatch.
+
+    emoe-llm plan --model llama-30b --nodes 4 --gpus-per-node 8 --gpu-mem-gb 80 \\
+        --config configs/llama30b_emoe.yaml --ds-config ds_configs/z3.json
+    emoe-llm plan --config configs/llama2_7b_emoe.yaml --table 1,2,4,8     # one row per node count
+
+Per GPU it adds up:
+  * model states (16-bit params, gradients, fp32 master + Adam moments) per ZeRO stage and offload. For a 16-bit
+    full fine-tune these come from DeepSpeed's own estimators (``estimate_zero3_model_states_mem_needs``,
+    ``estimate_zero2_model_states_mem_needs``); fp32 (CPU) and LoRA runs, which those do not cover, use the same
+    byte counts with fp32 or frozen-base terms;
+  * activations for micro batch x seq len, with or without gradient checkpointing (one decoder layer's activations
+    are live during its recomputation), plus the logits and the fp32 cross-entropy on them;
+  * the EMoE mask's extra: a saved (tokens, N) 0/1 mask per EMoE layer and, in 16-bit runs, one transient fp32 copy of
+    the (tokens, d_ff) gate output for the expert scores (emoe_llm/emoe/mlp.py); nothing of size (tokens, d_ff) is kept;
+  * ZeRO-3 communication buckets and a fixed runtime overhead (CUDA context, NCCL buffers, allocator slack).
+It then says whether that fits with a margin, the largest micro batch that fits, CPU memory per node for offload,
+and step time / tokens/s from the model FLOPs (6 N per token, 8 N with recomputation, plus attention) at an MFU
+figure: the one measured in BENCHMARKS.md (a ``plan-mfu: 0.xx`` line) when there is one, else a stated assumption.
+
+Exit status: 0 = fits, 1 = does not fit (the message says what to change), 2 = usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+GiB = 2**30
+
+# Llama-family shapes (config.json values of the public checkpoints).
+PRESETS = {
+    "llama-7b": dict(hidden=4096, ffn=11008, layers=32, heads=32, kv_heads=32, vocab=32000),
+    "llama-13b": dict(hidden=5120, ffn=13824, layers=40, heads=40, kv_heads=40, vocab=32000),
+    "llama-30b": dict(hidden=6656, ffn=17920, layers=60, heads=52, kv_heads=52, vocab=32000),
+    "llama-65b": dict(hidden=8192, ffn=22016, layers=80, heads=64, kv_heads=64, vocab=32000),
+    "llama-3-8b": dict(hidden=4096, ffn=14336, layers=32, heads=32, kv_heads=8, vocab=128256),
+}
+# The paper's EMoE settings for the presets (README): 7B-class N=64 on 2 layers, 30B N=256.
+PRESET_EMOE = {"llama-30b": (256, 2), "llama-65b": (256, 2)}
+
+# Dense bf16 tensor-core peak per GPU (vendor datasheets), and memory.
+GPUS = {
+    "a100-40gb": (312.0, 40), "a100-80gb": (312.0, 80), "h100-80gb": (989.0, 80), "h200": (989.0, 141),
+    "l40s": (362.0, 48), "cpu": (1.0, 0),
+}
+ASSUMED_MFU = 0.40  # a typical ZeRO-3 bf16 fine-tune figure on A100/H100; stated in the output when used
+GPU_RUNTIME_OVERHEAD_GB = 2.0  # CUDA context + NCCL buffers + allocator slack (stated assumption)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class PlanError(ValueError):
+    """A bad plan request: names the option/file and what was expected."""
+
+
+@dataclass
+class ModelShape:
+    name: str
+    hidden: int
+    ffn: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool = False
+    emoe_layers: int = 0
+    n_experts: int = 0
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+    def layer_params(self) -> int:
+        h, kv = self.hidden, self.kv_dim
+        return 2 * h * h + 2 * h * kv + 3 * h * self.ffn + 2 * h
+
+    def n_params(self) -> int:
+        emb = self.vocab * self.hidden
+        return emb * (1 if self.tied else 2) + self.layers * self.layer_params() + self.hidden
+
+    def largest_layer_params(self) -> int:
+        """Largest single module (DeepSpeed's 'largest layer'): the embedding / lm_head, or an MLP projection."""
+        return max(self.vocab * self.hidden, self.hidden * self.ffn)
+
+
+@dataclass
+class Setup:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_mem_gb: float = 80.0
+    cpu_mem_gb: float = 0.0  # per node; 0 = not checked
+    peak_tflops: float = 312.0
+    micro_batch: int = 1
+    seq_len: int = 2048
+    grad_accum: int = 1
+    gradient_checkpointing: bool = True
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    lora: bool = False
+    lora_r: int = 8
+    lora_targets: tuple = ("q_proj", "v_proj")
+    reduce_bucket: int = 0  # elements; 0 = hidden^2 (the recipe's "auto")
+    prefetch_bucket: int = 0  # elements; 0 = 0.9 hidden^2
+    max_live_parameters: int = int(1e9)  # ZeRO-3 stage3_max_live_parameters (DeepSpeed's default)
+    runtime_overhead_gb: float = GPU_RUNTIME_OVERHEAD_GB
+    margin: float = 0.10
+    mfu: float | None = None
+    steps: int = 0  # total optimizer steps of the recipe (0 = unknown)
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass
+class Plan:
+    model: str
+    n_params: int
+    trainable_params: int
+    world: int
+    per_gpu: dict = field(default_factory=dict)  # component -> bytes
+    model_states_source: str = ""
+    total_bytes: int = 0
+    usable_bytes: int = 0
+    fits: bool = False
+    max_micro_batch: int = 0
+    cpu_per_node_bytes: int = 0
+    flops_per_step: float = 0.0
+    mfu: float = 0.0
+    mfu_source: str = ""
+    step_time_s: float = 0.0
+    tokens_per_s: float = 0.0
+    wall_time_s: float = 0.0
+    notes: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# model shape
+
+
+def shape_from_config(config: dict, *, name: str = "config.json", emoe: dict | None = None) -> ModelShape:
+    try:
+        heads = int(config["num_attention_heads"])
+        shape = ModelShape(
+            name=name, hidden=int(config["hidden_size"]), ffn=int(config["intermediate_size"]),
+            layers=int(config["num_hidden_layers"]), heads=heads,
+            kv_heads=int(config.get("num_key_value_heads") or heads), vocab=int(config["vocab_size"]),
+            tied=bool(config.get("tie_word_embeddings", False)))
+    except KeyError as e:
+        raise PlanError(f"{name}: missing {e.args[0]!r} (expected a Llama-family config.json)") from None
+    block = emoe or config.get("emoe")
+    if block:
+        layers = block.get("layers", [])
+        shape.emoe_layers = len(layers) if isinstance(layers, (list, tuple)) else len(str(layers).split(","))
+        shape.n_experts = int(block.get("n_experts", 0))
+    return shape
+
+
+def load_shape(model: str, *, emoe_override: dict | None = None) -> ModelShape:
+    """A preset name, a config.json, or a checkpoint dir holding one."""
+    if model in PRESETS:
+        shape = ModelShape(name=model, **PRESETS[model])
+        n, layers = PRESET_EMOE.get(model, (64, 2))
+        if emoe_override is not False:
+            shape.n_experts, shape.emoe_layers = n, layers
+        return shape
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise PlanError(f"--model {model}: not a preset ({', '.join(PRESETS)}) and no config.json there")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{path}: not valid JSON: {e}") from None
+    return shape_from_config(config, name=str(path), emoe=emoe_override or None)
+
+
+def lora_params(shape: ModelShape, r: int, targets) -> int:
+    dims = {"q_proj": (shape.hidden, shape.hidden), "k_proj": (shape.hidden, shape.kv_dim),
+            "v_proj": (shape.hidden, shape.kv_dim), "o_proj": (shape.hidden, shape.hidden),
+            "gate_proj": (shape.hidden, shape.ffn), "up_proj": (shape.hidden, shape.ffn),
+            "down_proj": (shape.ffn, shape.hidden)}
+    return shape.layers * sum(r * (dims[t][0] + dims[t][1]) for t in targets if t in dims)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# memory
+
+
+def model_states(shape: ModelShape, s: Setup, trainable: int) -> tuple[dict, int, str]:
+    """Per-GPU bytes of params / grads / optimizer states, and CPU bytes per node (offload). Returns
+    (components, cpu_per_node, source)."""
+    P, W, n = shape.n_params(), s.world, s.gpus_per_node
+    largest = shape.largest_layer_params()
+    a = 2 if s.precision in ("bf16", "fp16") else 4
+    mixed = a == 2
+    full = not s.lora
+    if mixed and full and s.zero_stage in (1, 2, 3):
+        # DeepSpeed's own estimators (16-bit mixed precision, Adam, additional_buffer_factor 1.5 for CPU).
+        if s.zero_stage == 3:
+            from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+            cpu, gpu, gather = estimate_zero3_model_states_mem_needs(
+                P, largest, num_gpus_per_node=n, num_nodes=s.nodes, cpu_offload=s.offload_optimizer or s.offload_param,
+                cpu_offload_params=s.offload_param, zero_init=True)
+            parts = {"model states (ZeRO-3 partitions)": gpu - gather, "gathered layer (ZeRO-3)": gather}
+            return parts, cpu, "deepspeed estimate_zero3_model_states_mem_needs"
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        cpu, gpu = estimate_zero2_model_states_mem_needs(P, num_gpus_per_node=n, num_nodes=s.nodes,
+                                                         cpu_offload=s.offload_optimizer)
+        return {f"model states (ZeRO-{s.zero_stage})": gpu}, cpu, "deepspeed estimate_zero2_model_states_mem_needs"
+    # The same byte counts for what those estimators leave out: fp32 training (no master copy: 4 param + 4 grad +
+    # 8 Adam) and LoRA (frozen base params in the model dtype; only adapter params carry grads and Adam states).
+    base = P if full else P + trainable
+    opt_bytes = (4 + 8 + 4) if mixed else 8  # master + moments + fp32 grads | moments
+    shard = lambda x, stage: x / W if s.zero_stage >= stage else x  # noqa: E731
+    params = shard(a * base, 3)
+    grads = shard(a * trainable if mixed else 4 * trainable, 2)
+    opt = shard(opt_bytes * trainable, 1)
+    cpu = 0
+    if s.offload_optimizer:
+        cpu += opt * n * 1.5
+        opt = 0
+    if s.offload_param and s.zero_stage == 3:
+        cpu += params * n * 1.5
+        params = 0
+    parts = {"parameters": params, "gradients": grads, "optimizer states": opt}
+    if s.zero_stage == 3:
+        parts["gathered layer (ZeRO-3)"] = (a + (a if full else 0)) * largest
+    return {k: int(v) for k, v in parts.items()}, int(cpu), "emoe_llm.plan byte counts (fp32 or LoRA)"
+
+
+def activation_bytes(shape: ModelShape, s: Setup, micro: int) -> dict:
+    """Activation memory of one micro batch, forward + backward, SDPA/flash attention (no seq^2 term)."""
+    a = 2 if s.precision in ("bf16", "fp16") else 4
+    tok = micro * s.seq_len
+    h, kv, f = shape.hidden, shape.kv_dim, shape.ffn
+    # Saved for backward per token in one decoder layer: attention (norm in/out, q k v, rotated q k, attention out,
+    # o_proj in) + MLP (norm in/out, gate out, up out, act(gate), masked product = down_proj input); RMSNorm keeps an
+    # fp32 copy of its input in 16-bit runs.
+    per_token_layer = a * (7 * h + 3 * kv + 4 * f) + (2 * 4 * h if a < 4 else 0)
+    layer = tok * per_token_layer
+    if s.gradient_checkpointing:
+        layers = shape.layers * tok * a * h + layer  # layer inputs kept, one layer recomputed at a time
+    else:
+        layers = shape.layers * layer
+    # logits (model dtype), the fp32 shifted copy for the loss, log-softmax saved, and its gradient
+    logits = tok * shape.vocab * (a + 12)
+    out = {"activations (decoder layers)": layers, "logits + cross-entropy": logits}
+    if shape.emoe_layers and shape.n_experts:
+        out["EMoE mask"] = shape.emoe_layers * tok * shape.n_experts * a + (tok * f * 4 if a < 4 else 0)
+    return {k: int(v) for k, v in out.items()}
+
+
+def comm_buffers(shape: ModelShape, s: Setup) -> int:
+    if s.zero_stage < 2:
+        return 0
+    a = 2 if s.precision in ("bf16", "fp16") else 4
+    reduce = s.reduce_bucket or shape.hidden * shape.hidden
+    prefetch = (s.prefetch_bucket or int(0.9 * shape.hidden * shape.hidden)) if s.zero_stage == 3 else 0
+    return int(a * (reduce + prefetch))
+
+
+def measured_mfu(benchmarks: Path = REPO_ROOT / "BENCHMARKS.md") -> float | None:
+    """A measured MFU recorded as a ``plan-mfu: 0.xx`` line in BENCHMARKS.md (from benchmarks/train_throughput.py)."""
+    try:
+        m = re.search(r"^\s*plan-mfu:\s*([0-9.]+)", benchmarks.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return float(m.group(1)) if m else None
+
+
+def make_plan(shape: ModelShape, s: Setup) -> Plan:
+    if s.nodes < 1 or s.gpus_per_node < 1 or s.micro_batch < 1 or s.seq_len < 1:
+        raise PlanError("nodes, gpus-per-node, micro batch and seq len must all be >= 1")
+    if s.precision not in ("bf16", "fp16", "fp32"):
+        raise PlanError(f"precision must be bf16|fp16|fp32, got {s.precision!r}")
+    if s.zero_stage not in (0, 1, 2, 3):
+        raise PlanError(f"ZeRO stage must be 0-3, got {s.zero_stage}")
+    P = shape.n_params()
+    trainable = lora_params(shape, s.lora_r, s.lora_targets) if s.lora else P
+    states, cpu, source = model_states(shape, s, trainable)
+    fixed = dict(states)
+    fixed["communication buckets"] = comm_buffers(shape, s)
+    if s.zero_stage == 3:
+        # ZeRO-3 keeps up to stage3_max_live_parameters gathered (with a large stage3_max_reuse_distance, the ones
+        # the backward pass will use again stay gathered after the forward): an upper bound, in the model dtype.
+        fixed["ZeRO-3 live parameters"] = (2 if s.precision in ("bf16", "fp16") else 4) * min(
+            s.max_live_parameters, P)
+    fixed["runtime overhead"] = int(s.runtime_overhead_gb * GiB)
+    plan = Plan(model=shape.name, n_params=P, trainable_params=trainable, world=s.world, model_states_source=source)
+    plan.per_gpu = {**fixed, **activation_bytes(shape, s, s.micro_batch)}
+    plan.total_bytes = sum(plan.per_gpu.values())
+    plan.usable_bytes = int(s.gpu_mem_gb * GiB * (1 - s.margin))
+    plan.fits = plan.total_bytes <= plan.usable_bytes
+    plan.cpu_per_node_bytes = cpu
+    if s.cpu_mem_gb and (s.offload_optimizer or s.offload_param) and cpu > s.cpu_mem_gb * GiB * (1 - s.margin):
+        plan.fits = False
+        plan.notes.append(f"offload needs {cpu / GiB:.0f} GiB of CPU memory per node, more than "
+                          f"{s.cpu_mem_gb:g} GiB: use more nodes")
+    # largest micro batch: activations grow linearly with it
+    fixed_total = sum(fixed.values())
+    per_sample = sum(activation_bytes(shape, s, 1).values())
+    plan.max_micro_batch = max(0, (plan.usable_bytes - fixed_total) // per_sample) if per_sample else 0
+    # time: 6N per token (forward 2N + backward 4N; LoRA skips the weight gradients: 4N), +2N with recomputation,
+    # plus attention 12 L h s (QK^T and AV: forward 4 L h s, backward twice that; +4 L h s recomputed)
+    fwd = 2 * P
+    bwd = 2 * P if s.lora else 4 * P
+    per_token = fwd + bwd + (fwd if s.gradient_checkpointing else 0)
+    per_token += 4 * shape.layers * shape.hidden * s.seq_len * (3 + (1 if s.gradient_checkpointing else 0))
+    tokens_per_step = s.micro_batch * s.grad_accum * s.world * s.seq_len
+    plan.flops_per_step = per_token * tokens_per_step
+    if s.mfu is not None:
+        plan.mfu, plan.mfu_source = s.mfu, "--mfu"
+    elif (m := measured_mfu()) is not None:
+        plan.mfu, plan.mfu_source = m, "measured (BENCHMARKS.md plan-mfu)"
+    else:
+        plan.mfu, plan.mfu_source = ASSUMED_MFU, "assumed (no measured MFU in BENCHMARKS.md yet)"
+    plan.step_time_s = plan.flops_per_step / (s.world * s.peak_tflops * 1e12 * plan.mfu)
+    plan.tokens_per_s = tokens_per_step / plan.step_time_s
+    plan.wall_time_s = plan.step_time_s * s.steps if s.steps else 0.0
+    if not plan.fits and not plan.notes:
+        plan.notes.append(_advice(plan, s))
+    return plan
+
+
+def _advice(plan: Plan, s: Setup) -> str:
+    if plan.max_micro_batch >= 1:
+        return (f"lower train.micro_batch_size to {plan.max_micro_batch} (and raise grad accumulation), or use more "
+                f"nodes")
+    if s.zero_stage < 3:
+        return "the model states alone do not fit: use ZeRO-3 (ds_configs/z3.json) or more nodes"
+    if not s.offload_optimizer:
+        return "the model states alone do not fit: use more nodes, or ds_configs/z3_offload.json (CPU offload)"
+    return "does not fit even with offload: use more nodes or LoRA"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# recipe / DeepSpeed config -> Setup
+
+
+def setup_from_recipe(args, s: Setup) -> tuple[Setup, str | None, dict | None]:
+    """Fill the Setup from --config (+ overrides) and --ds-config. Returns (setup, model path, emoe block)."""
+    model_path, emoe = None, None
+    if args.config:
+        from emoe_llm.train.config import ConfigError, load_config, resolve_batch
+
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except ConfigError as e:
+            raise PlanError(str(e)) from None
+        t = cfg.train
+        s.micro_batch = args.micro_batch or t.micro_batch_size
+        s.gradient_checkpointing = cfg.model.gradient_checkpointing
+        s.lora, s.lora_r, s.lora_targets = cfg.lora.enabled, cfg.lora.r, tuple(cfg.lora.target_modules)
+        s.seq_len = args.seq_len or int(cfg.data.get("max_seq_len", s.seq_len))
+        try:
+            cfg.train.micro_batch_size = s.micro_batch
+            _, s.grad_accum, global_bs = resolve_batch(cfg, s.world)
+        except ConfigError as e:
+            raise PlanError(f"{args.config} at {s.world} GPUs: {e}") from None
+        if t.max_steps:
+            s.steps = t.max_steps
+        elif args.train_rows:
+            s.steps = t.epochs * (args.train_rows // global_bs)
+        model_path = cfg.model.path or None
+        if cfg.model.mode == "dense":
+            emoe = False
+        elif cfg.model.convert:
+            emoe = {"n_experts": cfg.model.convert["n_experts"], "layers": _layer_count(cfg.model.convert["layers"])}
+    if args.ds_config:
+        try:
+            ds = json.loads(Path(args.ds_config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise PlanError(f"--ds-config {args.ds_config}: {e}") from None
+        zero = ds.get("zero_optimization", {})
+        s.zero_stage = int(zero.get("stage", 0))
+        s.offload_optimizer = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
+        s.offload_param = (zero.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
+        s.precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get(
+            "enabled") else "fp32"
+        for key, attr in (("reduce_bucket_size", "reduce_bucket"), ("stage3_prefetch_bucket_size", "prefetch_bucket"),
+                          ("stage3_max_live_parameters", "max_live_parameters")):
+            if isinstance(zero.get(key), (int, float)):
+                setattr(s, attr, int(zero[key]))
+    return s, model_path, emoe
+
+
+def _layer_count(spec) -> list:
+    return list(spec) if isinstance(spec, (list, tuple)) else [x for x in str(spec).split(",") if x]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help=f"a preset ({', '.join(PRESETS)}), a config.json or a checkpoint dir "
+                                        "(default: the recipe's model.path)")
+    parser.add_argument("--config", help="recipe YAML: micro batch, seq len, gradient checkpointing, LoRA, steps")
+    parser.add_argument("--ds-config", help="DeepSpeed JSON: ZeRO stage, offload, precision (default: ZeRO-3 bf16)")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu", default="a100-80gb", choices=sorted(GPUS), help="peak TFLOPS and memory preset")
+    parser.add_argument("--gpu-mem-gb", type=float, help="memory per GPU in GiB (default: from --gpu)")
+    parser.add_argument("--cpu-mem-gb", type=float, default=0.0,
+                        help="CPU memory per node in GiB, checked for offload (default: not checked)")
+    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak per GPU (default: from --gpu)")
+    parser.add_argument("--mfu", type=float, help=f"model FLOPs utilisation (default: measured, else {ASSUMED_MFU})")
+    parser.add_argument("--micro-batch", type=int, help="override train.micro_batch_size")
+    parser.add_argument("--seq-len", type=int, help="override data.max_seq_len")
+    parser.add_argument("--train-rows", type=int, help="training rows, for the wall time of the recipe's epochs")
+    parser.add_argument("--margin", type=float, default=0.10, help="fraction of GPU memory kept free (default 0.10)")
+    parser.add_argument("--runtime-overhead-gb", type=float, default=GPU_RUNTIME_OVERHEAD_GB,
+                        help="fixed per-process memory: CUDA context, NCCL, allocator slack (default %(default)s)")
+    parser.add_argument("--table", help="node counts, e.g. 1,2,4,8: print one row per count (markdown)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides key=value")
+
+
+def _setup(args, nodes: int) -> tuple[ModelShape, Setup]:
+    gpu_tflops, gpu_mem = GPUS[args.gpu]
+    s = Setup(nodes=nodes, gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem_gb or gpu_mem,
+              peak_tflops=args.peak_tflops or gpu_tflops, margin=args.margin, cpu_mem_gb=args.cpu_mem_gb,
+              mfu=args.mfu, runtime_overhead_gb=args.runtime_overhead_gb)
+    if args.micro_batch:
+        s.micro_batch = args.micro_batch
+    if args.seq_len:
+        s.seq_len = args.seq_len
+    s, model_path, emoe = setup_from_recipe(args, s)
+    model = args.model or model_path
+    if not model:
+        raise PlanError("give --model (a preset or a config.json) or a --config whose model.path has a config.json")
+    return load_shape(model, emoe_override=emoe), s
+
+
+def format_plan(plan: Plan, s: Setup) -> str:
+    gb = lambda b: f"{b / GiB:7.2f} GiB"  # noqa: E731
+    lines = [f"{plan.model}: {plan.n_params / 1e9:.2f}B params ({plan.trainable_params / 1e9:.3f}B trainable); "
+             f"{s.nodes} node(s) x {s.gpus_per_node} GPU(s) = {s.world}; ZeRO-{s.zero_stage} {s.precision}"
+             f"{' offload_optimizer' if s.offload_optimizer else ''}{' offload_param' if s.offload_param else ''}; "
+             f"micro {s.micro_batch} x seq {s.seq_len}, gradient checkpointing "
+             f"{'on' if s.gradient_checkpointing else 'off'}{', LoRA r=' + str(s.lora_r) if s.lora else ''}",
+             "per GPU:"]
+    lines += [f"  {name:<36}{gb(v)}" for name, v in plan.per_gpu.items()]
+    lines.append(f"  {'total':<36}{gb(plan.total_bytes)}   (usable {plan.usable_bytes / GiB:.1f} of "
+                 f"{s.gpu_mem_gb:g} GiB at {s.margin:.0%} margin)")
+    lines.append(f"  model states from: {plan.model_states_source}")
+    if plan.cpu_per_node_bytes and (s.offload_optimizer or s.offload_param):
+        lines.append(f"CPU memory per node for offload: {plan.cpu_per_node_bytes / GiB:.1f} GiB")
+    lines.append(f"largest micro batch that fits: {plan.max_micro_batch}")
+    lines.append(f"step: {plan.flops_per_step / 1e15:.1f} PFLOP at MFU {plan.mfu:.2f} ({plan.mfu_source}), "
+                 f"{s.peak_tflops:g} TFLOPS peak -> {plan.step_time_s:.2f} s/step, {plan.tokens_per_s:,.0f} tokens/s")
+    if plan.wall_time_s:
+        lines.append(f"recipe: {s.steps} steps -> {plan.wall_time_s / 3600:.1f} h")
+    lines.append(("FITS" if plan.fits else "DOES NOT FIT") + (f": {plan.notes[0]}" if plan.notes else ""))
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    try:
+        if args.table:
+            counts = [int(x) for x in args.table.split(",") if x.strip()]
+            print("| nodes x GPUs | per GPU (GiB) | fits | max micro | CPU/node offload (GiB) | s/step | tokens/s | "
+                  "recipe wall time |")
+            print("|---|---|---|---|---|---|---|---|")
+            worst = 0
+            for n in counts:
+                try:
+                    shape, s = _setup(args, n)
+                except PlanError as e:  # e.g. the global batch does not split over this many GPUs
+                    print(f"| {n} x {args.gpus_per_node} | - | no | - | - | - | - | - |  {e}")
+                    worst = 1
+                    continue
+                p = make_plan(shape, s)
+                print(f"| {n} x {s.gpus_per_node} | {p.total_bytes / GiB:.1f} | {'yes' if p.fits else 'no'} | "
+                      f"{p.max_micro_batch} | "
+                      f"{p.cpu_per_node_bytes / GiB if s.offload_optimizer or s.offload_param else 0:.0f} | "
+                      f"{p.step_time_s:.2f} | {p.tokens_per_s:,.0f} | "
+                      f"{f'{p.wall_time_s / 3600:.1f} h' if p.wall_time_s else '-'} |")
+                worst = worst or (0 if p.fits else 1)
+            return worst
+        shape, s = _setup(args, args.nodes)
+        plan = make_plan(shape, s)
+    except PlanError as e:
+        print(f"emoe-llm plan: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"setup": asdict(s), **asdict(plan)}, indent=2, default=str))
+    else:
+        print(format_plan(plan, s))
+    return 0 if plan.fits else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="emoe-llm plan", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""emoe-llm plan: parameter counts, DeepSpeed's estimators, activation/micro-batch arithmetic, CLI exit codes."""
+
+import json
+
+import pytest
+
+from emoe_llm.plan import GiB, PlanError, Setup, activation_bytes, load_shape, main, make_plan, model_states
+
+
+@pytest.mark.parametrize("preset,billions", [("llama-7b", 6.738), ("llama-13b", 13.016), ("llama-30b", 32.529),
+                                             ("llama-65b", 65.286), ("llama-3-8b", 8.030)])
+def test_preset_parameter_counts_match_the_published_models(preset, billions):
+    assert load_shape(preset).n_params() / 1e9 == pytest.approx(billions, abs=0.002)
+
+
+def test_config_json_with_an_emoe_block(tmp_path):
+    cfg = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True,
+           "emoe": {"n_experts": 16, "top_k": 4, "layers": [28, 29]}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    shape = load_shape(str(tmp_path))
+    assert shape.n_params() == 134_515_008  # SmolLM2-135M (tied embeddings)
+    assert (shape.emoe_layers, shape.n_experts) == (2, 16)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(PlanError, match="missing 'num_attention_heads'"):
+        load_shape(str(tmp_path / "bad"))
+
+
+def test_zero3_bf16_model_states_come_from_deepspeed_and_match_the_byte_count():
+    """16-bit ZeRO-3: DeepSpeed's estimator = 18 bytes/param over all GPUs + 4 bytes x the largest layer; the
+    ZeRO paper's 7.5B / 64 GPU figure (Rajbhandari et al. 2020, Fig. 1: 1.9 GB with K=12, i.e. 16 bytes/param) is
+    within the 2 extra bytes of fp32 gradients DeepSpeed counts."""
+    shape = load_shape("llama-7b")
+    s = Setup(nodes=8, gpus_per_node=8)
+    parts, cpu, source = model_states(shape, s, shape.n_params())
+    assert "deepspeed" in source
+    P = shape.n_params()
+    assert sum(parts.values()) == pytest.approx(18 * P / 64 + 4 * shape.largest_layer_params(), rel=1e-6)
+    paper = 16 * 7.5e9 / 64  # 1.875 GB
+    ours = parts["model states (ZeRO-3 partitions)"] * 7.5e9 / P
+    assert 1.0 <= ours / paper <= 18 / 16 + 1e-9
+    # offload: the optimizer states leave the GPU and appear as CPU memory per node
+    off, cpu_off, _ = model_states(shape, Setup(nodes=8, gpus_per_node=8, offload_optimizer=True), P)
+    assert sum(off.values()) < sum(parts.values()) and cpu_off > cpu
+
+
+def test_fp32_and_lora_use_the_same_byte_counts():
+    shape = load_shape("llama-7b")
+    P = shape.n_params()
+    parts, _, source = model_states(shape, Setup(nodes=1, gpus_per_node=2, precision="fp32"), P)
+    assert "emoe_llm.plan" in source
+    assert parts["parameters"] + parts["gradients"] + parts["optimizer states"] == pytest.approx(16 * P / 2, rel=1e-6)
+    full = make_plan(shape, Setup(nodes=1, gpus_per_node=8))
+    lora = make_plan(shape, Setup(nodes=1, gpus_per_node=8, lora=True, lora_r=8))
+    assert lora.trainable_params == 32 * 8 * (2 * 4096 + 2 * 4096)  # q_proj + v_proj
+    assert lora.total_bytes < full.total_bytes / 2 and lora.step_time_s < full.step_time_s
+
+
+def test_activations_checkpointing_micro_batch_and_the_emoe_mask():
+    shape = load_shape("llama-7b")
+    ckpt = activation_bytes(shape, Setup(micro_batch=1, seq_len=2048), 1)
+    full = activation_bytes(shape, Setup(micro_batch=1, seq_len=2048, gradient_checkpointing=False), 1)
+    assert full["activations (decoder layers)"] > 10 * ckpt["activations (decoder layers)"]
+    two = activation_bytes(shape, Setup(seq_len=2048), 2)
+    assert two["activations (decoder layers)"] == 2 * ckpt["activations (decoder layers)"]
+    # EMoE: a (tokens, N) mask per EMoE layer + one transient fp32 (tokens, d_ff) score input in 16-bit runs
+    assert ckpt["EMoE mask"] == 2 * 2048 * 64 * 2 + 2048 * 11008 * 4
+    dense = load_shape("llama-7b", emoe_override=False)
+    assert "EMoE mask" not in activation_bytes(dense, Setup(seq_len=2048), 1)
+
+
+def test_largest_micro_batch_is_the_boundary_of_fitting():
+    shape = load_shape("llama-30b")
+    s = Setup(nodes=4, gpus_per_node=8, seq_len=2048)
+    best = make_plan(shape, s).max_micro_batch
+    assert best >= 1
+    s.micro_batch = best
+    assert make_plan(shape, s).fits
+    s.micro_batch = best + 1
+    assert not make_plan(shape, s).fits
+
+
+def test_step_time_from_flops_and_mfu():
+    shape = load_shape("llama-7b", emoe_override=False)
+    s = Setup(nodes=1, gpus_per_node=8, micro_batch=1, seq_len=1024, gradient_checkpointing=False, mfu=0.5,
+              peak_tflops=1000.0, steps=10)
+    p = make_plan(shape, s)
+    tokens = 8 * 1024
+    flops = tokens * (6 * shape.n_params() + 12 * 32 * 4096 * 1024)
+    assert p.flops_per_step == pytest.approx(flops)
+    assert p.step_time_s == pytest.approx(flops / (8 * 1000e12 * 0.5))
+    assert p.tokens_per_s == pytest.approx(tokens / p.step_time_s)
+    assert p.wall_time_s == pytest.approx(10 * p.step_time_s)
+
+
+def test_cli_exit_codes_and_recipe(capsys, tmp_path):
+    assert main(["--model", "llama-7b", "--config", "configs/llama2_7b_emoe.yaml", "--ds-config",
+                 "ds_configs/z3.json", "--train-rows", "52002"]) == 0
+    out = capsys.readouterr().out
+    assert "FITS" in out and "micro 4 x seq 512" in out and "recipe: 1218 steps" in out
+    assert main(["--model", "llama-65b", "--nodes", "1", "--gpus-per-node", "1", "--gpu-mem-gb", "80"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert main(["--model", str(tmp_path / "nope")]) == 2
+    assert "not a preset" in capsys.readouterr().err
+    assert main(["--model", "llama-30b", "--config", "configs/llama30b_emoe.yaml", "--ds-config",
+                 "ds_configs/z3.json", "--table", "1,2,4"]) == 1  # 1 node x 8 x 80 GB: micro 2 does not fit
+    table = capsys.readouterr().out
+    assert "| 1 x 8 |" in table and "| no | 0 |" in table and table.count("| yes |") == 2
+    # 8 nodes: the recipe's global batch 128 cannot be split as micro 4 x 64 GPUs: said in the row, not a crash
+    assert main(["--model", "llama-7b", "--config", "configs/llama2_7b_emoe.yaml", "--table", "4,8"]) == 1
+    assert "not divisible" in capsys.readouterr().out
+
+
+def test_offload_checks_cpu_memory_per_node():
+    shape = load_shape("llama-30b")
+    one = make_plan(shape, Setup(nodes=1, gpus_per_node=8, offload_optimizer=True, offload_param=True,
+                                 cpu_mem_gb=512))
+    assert not one.fits and "CPU memory per node" in one.notes[0]
+    eight = make_plan(shape, Setup(nodes=8, gpus_per_node=8, offload_optimizer=True, offload_param=True,
+                                   cpu_mem_gb=512))
+    assert eight.fits and eight.cpu_per_node_bytes == pytest.approx(one.cpu_per_node_bytes / 8, rel=1e-6)
