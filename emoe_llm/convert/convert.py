@@ -16,6 +16,7 @@ there so ``resume=True`` continues an interrupted run.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -31,7 +32,7 @@ from .. import emoe
 from .errors import ConversionError
 from .names import NEURON_AXIS, check_mlp_layout, mlp_tensor_names
 from .safetensors_io import DTYPE_CODES, OutputEntry, ShardWriter
-from .source import SAFE_INDEX, SAFE_SINGLE, SourceCheckpoint, open_source
+from .source import SAFE_INDEX, SAFE_SINGLE, SourceCheckpoint, check_required_tensors, open_source
 from .workspace import Workspace
 
 OUTPUT_DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -96,11 +97,14 @@ def convert_checkpoint(
         "method": method, "n_init": n_init, "max_iter": max_iter, "permuted_layers": settings.permuted_layers,
         "dtype": dtype, "device": str(device),
     }
-    ws = Workspace.open(dst, key, resume=resume, log=log)
+    try:
+        ws = Workspace.open(dst, key, resume=resume, log=log)
+    except OSError as e:  # read-only or full filesystem, no permission: nothing was started
+        raise ConversionError(os_error_message(e, dst.parent)) from None
     try:
         _check_disk_space(source, ws, out_dtype)
     except ConversionError:
-        ws.release() if (ws.layers or ws.shards) else ws.discard()  # finished work stays for --resume
+        _keep_or_discard(ws)
         raise
     counters = {"bytes_read": 0}
     try:
@@ -118,11 +122,42 @@ def convert_checkpoint(
     except ConversionError:
         ws.discard()  # bad input found mid-way: nothing here is worth resuming
         raise
+    except OSError as e:  # disk full, filesystem turned read-only, quota: finished shards stay for --resume
+        kept = _keep_or_discard(ws)
+        raise ConversionError(
+            os_error_message(e, ws.path) + (f"; finished work is kept in {ws.path}: fix this, then rerun with --resume"
+                                            if kept else "")
+        ) from None
     except BaseException:
         ws.release()
         log(f"conversion stopped; finished work is kept in {ws.path}; rerun with --resume to continue")
         raise
     return summary
+
+
+def _keep_or_discard(ws: Workspace) -> bool:
+    """Release the lock, keeping the workspace only if it holds finished layers/shards worth a --resume."""
+    if ws.layers or ws.shards:
+        ws.release()
+        return True
+    ws.discard()
+    return False
+
+
+def os_error_message(e: OSError, where: Path) -> str:
+    """One line for a failed write: which path, what the filesystem said, what to do."""
+    path = e.filename or where
+    what = {
+        errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+        errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+    }.get(e.errno, e.strerror or str(e))
+    hint = {
+        errno.ENOSPC: "free space there", errno.EDQUOT: "free space there",
+        errno.EROFS: "choose a DST on a writable filesystem", errno.EACCES: "choose a DST you can write",
+        errno.EPERM: "choose a DST you can write",
+    }.get(e.errno, "check the destination filesystem")
+    return f"cannot write {path}: {what} ({hint})"
 
 
 # --- checks and plan ------------------------------------------------------------------------------------------------
@@ -178,6 +213,7 @@ def _plan(source: SourceCheckpoint, *, n_experts, top_k, layers, all_layers, see
     except ValueError as e:
         raise ConversionError(f"{source.root}: {e}") from None
     check_mlp_layout(source, permuted)
+    check_required_tensors(source)
     return emoe.EMoESettings(n_experts=n_experts, top_k=top_k, layers=layer_list, permuted_layers=permuted, seed=seed,
                              method=method)
 

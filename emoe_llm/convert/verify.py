@@ -118,6 +118,16 @@ _DTYPE_KEYS = ("dtype", "torch_dtype")
 
 
 def _check_config(source, target, fail, *, n_experts, top_k, layers) -> emoe.EMoESettings | None:
+    # Architecture first: DST made from another model would otherwise be reported as a bad 'emoe' block.
+    strip = lambda c: {k: v for k, v in c.items() if k != "emoe" and k not in _DTYPE_KEYS}  # noqa: E731
+    src_cfg, dst_cfg = strip(source.config), strip(target.config)
+    if src_cfg != dst_cfg:
+        keys = sorted(k for k in set(src_cfg) | set(dst_cfg) if src_cfg.get(k) != dst_cfg.get(k))
+        diffs = "; ".join(f"{k}: SRC {src_cfg.get(k, '(absent)')!r}, DST {dst_cfg.get(k, '(absent)')!r}"
+                          for k in keys[:6])
+        fail(f"DST's config.json does not describe SRC's model: {diffs}" + (" ..." if len(keys) > 6 else "")
+             + "; DST was converted from another checkpoint")
+        return None
     block = target.config.get("emoe")
     if not block:
         fail(f"{target.root / 'config.json'} has no 'emoe' block: DST is not a converted checkpoint")
@@ -133,11 +143,6 @@ def _check_config(source, target, fail, *, n_experts, top_k, layers) -> emoe.EMo
         return None
     if not set(settings.layers) <= set(settings.permuted_layers):
         fail(f"emoe.layers {settings.layers} are not all in emoe.permuted_layers {settings.permuted_layers}")
-    strip = lambda c: {k: v for k, v in c.items() if k != "emoe" and k not in _DTYPE_KEYS}  # noqa: E731
-    src_cfg, dst_cfg = strip(source.config), strip(target.config)
-    if src_cfg != dst_cfg:
-        keys = sorted(k for k in set(src_cfg) | set(dst_cfg) if src_cfg.get(k) != dst_cfg.get(k))
-        fail(f"config.json differs from SRC's beyond the emoe block: {keys}")
     if n_experts is not None and settings.n_experts != n_experts:
         fail(f"DST has {settings.n_experts} experts, expected {n_experts}")
     if top_k is not None and settings.top_k != top_k:

@@ -62,6 +62,8 @@ class Workspace:
             if resume and manifest is not None:
                 if manifest.get("key") != key:
                     raise ConversionError(_mismatch_message(path, manifest.get("key") or {}, key))
+                for stale in [*path.glob("*.tmp"), *path.glob("labels/*.tmp")]:
+                    stale.unlink()  # a write a hard kill interrupted: it only takes disk space from the space check
                 ws = cls(path, key)
                 ws.layers = dict(manifest.get("layers", {}))
                 ws.shards = {s: n for s, n in manifest.get("shards", {}).items() if _has_size(path / s, n)}
