@@ -53,6 +53,7 @@ from .config import (
     load_ds_config,
     resolve_batch,
 )
+from .failure import maybe_inject_fault, note_output_dir
 
 IGNORE_INDEX = -100
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "z3.json"
@@ -436,7 +437,9 @@ def main(argv=None) -> int:
     if cfg.resume == "none" and list_checkpoints(output_dir):
         raise ConfigError(f"resume=none but {output_dir}/checkpoints holds checkpoints of an earlier run; use "
                           f"resume=auto to continue it, or a new output_dir (nothing is deleted for you)")
+    created_output_dir = not output_dir.exists()
     dist.barrier()  # every rank has read the run state above before rank 0 changes it
+    note_output_dir(output_dir, created=created_output_dir)  # a failed run removes it again while it is empty
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         if stop_file.exists():  # left by the previous (preempted) run; this run is the restart
@@ -569,6 +572,7 @@ def main(argv=None) -> int:
             micro_batches = [collator([train_ds[i] for i in order[first + j * micro: first + (j + 1) * micro]])
                              for j in range(accum)]
             lr = scheduler.get_last_lr()[0]
+            maybe_inject_fault(rank, step + 1)
             result = train_step(engine, micro_batches, device=device, world=world,
                                 inject_nan=(rank == 0 and step + 1 == inject_at))
             if result["nonfinite"]:
@@ -694,10 +698,10 @@ def cli(argv=None) -> int:
     rank."""
     try:
         return main(argv)
-    except (ConfigError, FileNotFoundError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"[emoe-llm] error: {e}", file=sys.stderr, flush=True)
-        return 2
+    except Exception as e:  # noqa: BLE001 - every failure ends as one line from one rank (see failure.py)
+        from .failure import handle_failure
+
+        return handle_failure(e)
 
 
 if __name__ == "__main__":
