@@ -81,6 +81,8 @@ def convert_checkpoint(
     """
     start = time.perf_counter()
     log = _logger(progress)
+    if not Path(src).is_dir():
+        open_source(src)  # raises, with the download hint when SRC looks like a Hub id (before resolve() hides it)
     src, dst = Path(src).resolve(), Path(dst).resolve()
     _check_paths(src, dst, overwrite=overwrite)
     if dtype not in OUTPUT_DTYPES:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -65,8 +66,12 @@ def handle_failure(e: BaseException) -> int:
     if _first_to_fail():
         _report(e, rank=rank, code=code)
         _remove_empty_output_dir()
-    elif rank == 0:
-        _remove_empty_output_dir()
+    else:
+        if rank == 0:
+            _remove_empty_output_dir()
+        # Let the launcher see the failing rank's exit (and code) first: it reports whichever exit it polls first.
+        time.sleep(3)
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # no interpreter teardown: destroying a process group whose peers are gone can hang or spam
