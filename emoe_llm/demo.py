@@ -54,10 +54,10 @@ def train_command(args, out: Path, emoe_dir: Path) -> list[str]:
     port = str(_free_port())
     if args.launcher == "deepspeed":
         launch = [launcher_executable("deepspeed"), "--num_gpus", str(args.nproc), "--master_port", port,
-                  "--module", "emoe_llm.train"]
+                  "--module", "emoe_llm.train.probe"]  # the recipe + run/export_probe.pt (checked below)
     else:
         launch = [launcher_executable("torchrun"), "--nproc_per_node", str(args.nproc), "--master_port", port,
-                  "-m", "emoe_llm.train"]
+                  "-m", "emoe_llm.train.probe"]
     overrides = [f"model.path={emoe_dir}", f"output_dir={out / 'train'}", "resume=none", f"model.mode={args.mode}",
                  f"data.sources.0.path={DATA_DIR / 'instruct' / 'alpaca_en_demo.json'}",
                  "logging.progress_bar=false"]

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny_cpu.yaml"
 Z3 = REPO / "ds_configs" / "z3.json"
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+WRAPPER = REPO / "tests" / "dist" / "train_with_faults.py"  # the recipe + export probe + monkeypatched faults
 CONVERT = "model.convert={n_experts: 16, top_k: 4, layers: '2,3'}"
 STEPS = 8
 
@@ -48,16 +49,18 @@ def work(tmp_path_factory):
     return {"root": root, "dense": dense, "cache": root / "data_cache", "fp32": root / "z3_fp32.json"}
 
 
-def launch(work, out: Path, *overrides, ds=Z3, env=None, background=False):
-    """deepspeed --num_gpus 2 -m emoe_llm.train ... (the same thing `emoe-llm train --nproc 2` runs)."""
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "emoe_llm.train",
+def launch(work, out: Path, *overrides, ds=Z3, faults=(), background=False):
+    """deepspeed --num_gpus 2 tests/dist/train_with_faults.py ...: the recipe `emoe-llm train --nproc 2` runs, plus
+    run/export_probe.pt and the faults asked for (e.g. ["--nan-at-step", "3"])."""
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(_free_port()), str(WRAPPER), *faults,
            "--ds_config", str(ds), "--config", str(TINY), f"output_dir={out}", f"model.path={work['dense']}", CONVERT,
            f"data.cache_dir={work['cache']}", "logging.progress_bar=false", f"train.max_steps={STEPS}",
            "train.save_every_steps=4", "train.eval_every_steps=4", "train.eval_max_batches=1", *overrides]
     out.mkdir(parents=True, exist_ok=True)
     log = open(out.parent / f"{out.name}.{int(time.time() * 1000)}.log", "w")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+                            env=env)
     proc.log_path = Path(log.name)
     if background:
         return proc
@@ -210,7 +213,7 @@ def dense_runs(work):
     assert p1.returncode == 0, output_of(p1)[-3000:]
     acc = work["root"] / "dense_m2a2"
     p2 = launch(work, acc, "model.mode=dense", "train.micro_batch_size=2", ds=work["fp32"],
-                env={"EMOE_LLM_INJECT_NAN_AT_STEP": "3"})
+                faults=["--nan-at-step", "3"])
     return big, acc, p2
 
 

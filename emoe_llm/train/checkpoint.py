@@ -40,6 +40,11 @@ def step_tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def checkpoint_path(output_dir: str | os.PathLike, step: int) -> Path:
+    """``output_dir/checkpoints/step_00000120``: the one place checkpoint paths are built."""
+    return checkpoint_dir(output_dir) / step_tag(step)
+
+
 def list_checkpoints(output_dir: str | os.PathLike, *, complete_only: bool = True) -> list[Path]:
     """Checkpoint dirs sorted by step (oldest first)."""
     root = checkpoint_dir(output_dir)
@@ -103,13 +108,11 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(engine, output_dir, *, step: int, trainer_state: dict, config_yaml: str, rank: int) -> Path:
     """Collective: every rank must call it. Returns the checkpoint dir."""
-    root = checkpoint_dir(output_dir)
-    tag = step_tag(step)
-    path = root / tag
+    path = checkpoint_path(output_dir, step)
     if rank == 0 and path.exists():  # a half-written dir from a killed run at the same step
         shutil.rmtree(path)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"trainer_state": trainer_state})
+    engine.save_checkpoint(str(path.parent), tag=path.name, client_state={"trainer_state": trainer_state})
     torch.save(rng_state(), path / f"rng_state_rank{dist.get_rank()}.pt")
     dist.barrier()
     if rank == 0:

@@ -24,7 +24,6 @@ import time
 import traceback
 from pathlib import Path
 
-FAULT_ENV = "EMOE_LLM_INJECT_ERROR_AT"  # testing hook: "RANK:STEP" raises a RuntimeError on RANK at optimizer STEP
 _FAILED_KEY = "emoe_llm/failed_ranks"
 _created_output_dir: Path | None = None
 
@@ -33,12 +32,6 @@ def note_output_dir(path: Path, *, created: bool) -> None:
     """Remember an output_dir this launch created, so a failure can remove it again while it is still empty."""
     global _created_output_dir
     _created_output_dir = Path(path) if created else None
-
-
-def maybe_inject_fault(rank: int, step: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if spec and spec == f"{rank}:{step}":
-        raise RuntimeError(f"injected fault on rank {rank} at step {step} ({FAULT_ENV}={spec})")
 
 
 def is_input_error(e: BaseException) -> bool:
@@ -58,7 +51,7 @@ def handle_failure(e: BaseException) -> int:
     import torch.distributed as dist
 
     code = 2 if is_input_error(e) else 1
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         if int(os.environ.get("RANK", "0")) == 0:
             _report(e, rank=None, code=code)
         return code

@@ -1,6 +1,7 @@
 """Fine-tune a dense or EMoE Llama with DeepSpeed ZeRO-3. Reads top to bottom:
 
-    config -> dist init -> data -> model (zero.Init) -> deepspeed.initialize -> resume -> loop -> save/export
+    main: load_config -> setup (dist init, data, model under zero.Init, deepspeed.initialize, resume)
+          -> fit (the loop) -> finish (final checkpoint, eval, HF export, COMPLETED)
 
 Launch (one process per GPU; all three work the same):
 
@@ -22,6 +23,8 @@ removes a stale STOP file at start (rank 0, before the first barrier), so a rest
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -32,15 +35,25 @@ import socket
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from deepspeed.accelerator import get_accelerator
+from transformers import AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
 
+from ..convert import convert_checkpoint
+from ..data import SFTCollator, build_sft_datasets, data_config_from_dict, load_tokenizer
+from ..emoe import enable_emoe, pop_expert_load
 from ..fileio import atomic_write_text
+from . import checkpoint
 from .config import (
     ConfigError,
     RecipeConfig,
@@ -53,11 +66,12 @@ from .config import (
     load_ds_config,
     resolve_batch,
 )
-from .failure import maybe_inject_fault, note_output_dir
+from .failure import handle_failure, note_output_dir
+from .runlog import MetricsLogger, write_run_dir
 
 IGNORE_INDEX = -100
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "z3.json"
-NAN_FAULT_ENV = "EMOE_LLM_INJECT_NAN_AT_STEP"  # testing hook: rank 0 gets a NaN loss at that optimizer step
+NONFINITE_EXIT = 3  # exit code of a run stopped by a non-finite loss or gradient norm
 
 
 def log0(msg: str) -> None:
@@ -142,8 +156,6 @@ def prepare_model_path(cfg: RecipeConfig, *, rank: int) -> Path:
         return src
     dst = Path(cfg.output_dir) / "converted"
     if rank == 0 and not (dst / "config.json").is_file():
-        from emoe_llm.convert import convert_checkpoint
-
         c = dict(cfg.model.convert)
         log0(f"converting {src} -> {dst} (n_experts={c['n_experts']}, top_k={c['top_k']}, layers={c['layers']})")
         convert_checkpoint(src, dst, n_experts=int(c["n_experts"]), top_k=int(c["top_k"]), layers=c["layers"],
@@ -153,11 +165,9 @@ def prepare_model_path(cfg: RecipeConfig, *, rank: int) -> Path:
     return dst
 
 
-def load_model(cfg: RecipeConfig, path: Path, *, dtype: torch.dtype, zero3: bool):
+def load_model(cfg: RecipeConfig, path: Path, *, dtype: torch.dtype):
     """Build the model. Under ZeRO-3 the caller keeps an HfDeepSpeedConfig alive, so from_pretrained runs inside
     deepspeed.zero.Init and every rank only ever holds its own partition."""
-    from transformers import AutoModelForCausalLM
-
     kwargs = dict(dtype=dtype, attn_implementation=pick_attn_implementation(cfg.model.attn_implementation, dtype),
                   trust_remote_code=cfg.model.trust_remote_code)
     if cfg.lora.quantize == "4bit":
@@ -165,8 +175,6 @@ def load_model(cfg: RecipeConfig, path: Path, *, dtype: torch.dtype, zero3: bool
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     model.config.use_cache = False
     if cfg.model.mode == "emoe":
-        from emoe_llm.emoe import enable_emoe
-
         settings = enable_emoe(model, top_k=cfg.model.top_k, layers=cfg.model.layers)
         log0(f"EMoE: layers {settings.layers}, {settings.n_experts} experts, top-{settings.top_k}")
     if cfg.model.gradient_checkpointing:
@@ -274,7 +282,7 @@ def model_inputs(batch: dict, device) -> dict:
             if k in MODEL_INPUT_KEYS}
 
 
-def train_step(engine, micro_batches: list[dict], *, device, world: int, inject_nan: bool = False) -> dict:
+def train_step(engine, micro_batches: list[dict], *, device, world: int) -> dict:
     """Forward/backward ``grad_accum`` micro-batches and take one optimizer step (DeepSpeed steps at the boundary).
 
     Returns {"loss", "targets", "inputs", "nonfinite"}. With ``nonfinite`` the step was abandoned *before* any
@@ -284,11 +292,9 @@ def train_step(engine, micro_batches: list[dict], *, device, world: int, inject_
     dist.all_reduce(counts)
     n_targets = max(1.0, counts[0].item())
     loss_sum = 0.0
-    for i, batch in enumerate(micro_batches):
+    for batch in micro_batches:
         out = engine(**model_inputs(batch, device), use_cache=False)
         ce = token_ce_sum(out.logits, batch["labels"].to(device))
-        if inject_nan and i == 0:
-            ce = ce * float("nan")
         # One tiny collective per micro-batch: every rank learns whether any rank went non-finite before anyone
         # runs backward, so all ranks skip it together (no ZeRO-3 hang) and the weights stay good.
         probe = torch.stack([ce.detach().double(), (~torch.isfinite(ce.detach())).double()])
@@ -335,8 +341,6 @@ def evaluate(engine, eval_ds, collator, *, rank: int, world: int, micro: int, ma
 
 def gather_expert_load(model, device) -> dict:
     """{"layer_28": [N fractions], ...} averaged over ranks (every rank has the same EMoE layers)."""
-    from emoe_llm.emoe import pop_expert_load
-
     loads = pop_expert_load(model)
     if not loads:
         return {}
@@ -347,42 +351,33 @@ def gather_expert_load(model, device) -> dict:
     return {f"layer_{i}": [round(x, 5) for x in stacked[j].tolist()] for j, i in enumerate(layers)}
 
 
-@torch.no_grad()
-def export_probe(engine, batch: dict, device) -> dict:
-    """Logits of the trained ZeRO-3 model on one batch, in its training mode and dense (k = N), for checking the
-    export (``run/export_probe.pt``)."""
-    from emoe_llm.emoe import emoe_modules
-
-    engine.eval()
-    inputs = model_inputs(batch, device)
-    logits = engine(**inputs, use_cache=False).logits.float().cpu()
-    mods = list(emoe_modules(engine.module))
-    saved = [m.top_k for m in mods]
-    for m in mods:
-        m.top_k = m.n_experts  # k == N is exactly the dense MLP
-    dense = engine(**inputs, use_cache=False).logits.float().cpu() if mods else logits
-    for m, k in zip(mods, saved):
-        m.top_k = k
-    engine.train()
-    return {"inputs": {k: v.cpu() for k, v in inputs.items()}, "logits": logits, "dense_logits": dense}
-
-
-def _read_completed(output_dir: Path) -> dict | None:
-    p = output_dir / "COMPLETED"
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return {}
-
-
-def _write_completed(output_dir: Path, info: dict) -> None:
-    atomic_write_text(output_dir / "COMPLETED", json.dumps(info) + "\n")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# stop requests (preemption)
+# the state a checkpoint restores, and what setup builds around it
+
+
+@dataclass
+class TrainState:
+    """Where the run is: exactly what ``checkpoints/step_*/trainer_state.json`` holds. ``(epoch, step_in_epoch)`` is
+    the whole data position (the order is a seeded permutation per epoch); the last five fields record the layout the
+    checkpoint was saved with, so a resume can check it."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    tokens_seen: int = 0
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    world_size: int = 1
+    global_batch_size: int = 0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class StopRequest:
@@ -401,67 +396,105 @@ class StopRequest:
         return self.signal_name is not None or self.stop_file.exists()
 
 
+@dataclass
+class Run:
+    """Everything ``setup`` builds for the loop (nothing here needs restoring on resume: that is ``TrainState``)."""
+
+    cfg: RecipeConfig
+    rank: int
+    world: int
+    device: torch.device
+    output_dir: Path
+    dtype: torch.dtype
+    micro: int
+    accum: int
+    engine: Any
+    scheduler: Any
+    tokenizer: Any
+    collator: Any
+    train_ds: Any
+    eval_ds: Any
+    metrics: MetricsLogger
+    stop: StopRequest
+    config_yaml: str
+    keepalive: Any = None  # HfDeepSpeedConfig: transformers' ZeRO-3 integration needs it referenced for the run
+    last_saved: int = -1  # step of the newest checkpoint written or resumed from
+    last_eval: tuple = (-1, None)  # (step, result) of the latest held-out eval
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
+# setup
 
 
-def main(argv=None) -> int:
-    # DeepSpeed still calls the torch 2.x collective names; one warning per call site per rank is noise in job logs.
-    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
-                            category=FutureWarning)
-    args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    check_runnable(cfg)
+def config_sha(cfg: RecipeConfig) -> str:
+    return hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]
 
-    # ---- distributed init (deepspeed launcher, torchrun, or srun + torchrun all set RANK/WORLD_SIZE/...)
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
 
-    # nccl on GPUs, gloo on CPU; the timeout also bounds how long ranks wait for rank 0 to tokenize the data
-    deepspeed.init_distributed(timeout=timedelta(minutes=cfg.train.dist_timeout_minutes))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
-    accel = get_accelerator()
-    if accel.device_name() != "cpu":
-        accel.set_device(local_rank)
-    device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
+def read_completed(output_dir: Path) -> dict | None:
+    p = output_dir / "COMPLETED"
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+def nothing_to_do(cfg: RecipeConfig) -> bool:
+    """Before any process group: True when output_dir already holds the finished run of this exact recipe. Refuses
+    resume=none over an earlier run's checkpoints (nothing is deleted for you)."""
     output_dir = Path(cfg.output_dir)
-    stop_file = output_dir / "STOP"
-    config_yaml = dump_config(cfg)
-    config_sha = hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
-    completed = _read_completed(output_dir)
-    if completed is not None and cfg.resume != "none" and completed.get("config_sha") == config_sha:
+    completed = read_completed(output_dir)
+    if completed is not None and cfg.resume != "none" and completed.get("config_sha") == config_sha(cfg):
         log0(f"{output_dir / 'COMPLETED'} exists for this exact recipe: nothing to do (final: {completed.get('final')})")
-        return 0
-    from .checkpoint import list_checkpoints
-
-    if cfg.resume == "none" and list_checkpoints(output_dir):
+        return True
+    if cfg.resume == "none" and checkpoint.list_checkpoints(output_dir):
         raise ConfigError(f"resume=none but {output_dir}/checkpoints holds checkpoints of an earlier run; use "
                           f"resume=auto to continue it, or a new output_dir (nothing is deleted for you)")
-    created_output_dir = not output_dir.exists()
-    dist.barrier()  # every rank has read the run state above before rank 0 changes it
-    note_output_dir(output_dir, created=created_output_dir)  # a failed run removes it again while it is empty
+    return False
+
+
+def init_distributed(cfg: RecipeConfig, local_rank: int | None) -> tuple[int, int, torch.device]:
+    """deepspeed launcher, torchrun, or srun + torchrun all set RANK/WORLD_SIZE/...; nccl on GPUs, gloo on CPU. The
+    timeout also bounds how long ranks wait for rank 0 to tokenize the data."""
+    deepspeed.init_distributed(timeout=timedelta(minutes=cfg.train.dist_timeout_minutes))
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank or 0))
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+    accel.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), torch.device(accel.device_name(local_rank))
+
+
+def prepare_output_dir(cfg: RecipeConfig, *, rank: int) -> Path:
+    """Collective. Rank 0 creates output_dir and removes what a restart must not see: a stale STOP (the previous run
+    was preempted; this one is the restart) and COMPLETED (a finished run being extended, e.g. more steps)."""
+    output_dir = Path(cfg.output_dir)
+    created = not output_dir.exists()
+    dist.barrier()  # every rank has read the run state (nothing_to_do) before rank 0 changes it
+    note_output_dir(output_dir, created=created)  # a failed run removes it again while it is still empty
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if stop_file.exists():  # left by the previous (preempted) run; this run is the restart
-            stop_file.unlink()
-            log0(f"removed stale {stop_file}")
-        if completed is not None:  # a finished run that is being extended (e.g. more steps): final/ is redone
-            (output_dir / "COMPLETED").unlink()
+        if (output_dir / "STOP").exists():
+            (output_dir / "STOP").unlink()
+            log0(f"removed stale {output_dir / 'STOP'}")
+        (output_dir / "COMPLETED").unlink(missing_ok=True)
     dist.barrier()
-    stop = StopRequest(stop_file)
+    return output_dir
 
-    ds_config = fill_ds_config(load_ds_config(args.ds_config), cfg, world_size=world)
-    micro, accum, global_bs = resolve_batch(cfg, world)
-    precision = ds_precision(ds_config)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    zero3 = ds_zero_stage(ds_config) == 3
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
 
-    # ---- data (rank 0 tokenizes and fills the cache first; the other ranks then read it)
-    from emoe_llm.data import SFTCollator, build_sft_datasets, data_config_from_dict, load_tokenizer
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
+
+def build_data(cfg: RecipeConfig, *, rank: int):
+    """(tokenizer, train_ds, eval_ds or None, data_stats). Rank 0 tokenizes and fills the cache first; the other
+    ranks then read it."""
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     data_cfg = data_config_from_dict(cfg.data)
     if rank != 0:
@@ -469,238 +502,331 @@ def main(argv=None) -> int:
     train_ds, eval_ds, data_stats = build_sft_datasets(data_cfg, tokenizer)
     if rank == 0:
         dist.barrier()
-    attn = pick_attn_implementation(cfg.model.attn_implementation, dtype)
-    collator = SFTCollator(pad_token_id=tokenizer.pad_token_id, flash_attn_kwargs=attn == "flash_attention_2")
-    micro_per_rank, steps_per_epoch = count_steps(len(train_ds), micro=micro, accum=accum, world=world)
+    return tokenizer, train_ds, eval_ds, data_stats
+
+
+def plan_steps(cfg: RecipeConfig, n_rows: int, *, micro: int, accum: int, world: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    _, steps_per_epoch = count_steps(n_rows, micro=micro, accum=accum, world=world)
     if steps_per_epoch == 0:
         raise ConfigError(
-            f"the training set has {len(train_ds)} rows, fewer than one global batch ({global_bs} = micro "
+            f"the training set has {n_rows} rows, fewer than one global batch ({micro * accum * world} = micro "
             f"{micro} x accum {accum} x {world} ranks); lower train.global_batch_size or add data"
         )
-    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
+    total = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
+    return steps_per_epoch, total
+
+
+def build_engine(cfg: RecipeConfig, ds_config: dict, *, dtype: torch.dtype, total_steps: int, rank: int):
+    """(engine, scheduler, keepalive). The HfDeepSpeedConfig exists before from_pretrained, so under ZeRO-3 the model
+    is built inside zero.Init and no rank ever holds the full weights."""
+    model_path = prepare_model_path(cfg, rank=rank)
+    keepalive = HfDeepSpeedConfig(ds_config) if ds_zero_stage(ds_config) == 3 else None
+    model = load_model(cfg, model_path, dtype=dtype)
+    optimizer = build_optimizer(model, cfg, ds_config)
+    scheduler, warmup = build_scheduler(optimizer, cfg, total_steps)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+    params = list(engine.module.parameters())
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    n_train = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
+    if keepalive is not None:  # evidence that zero.Init partitioned the model: each rank holds ~1/world of it
+        local = sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor"))
+        log0(f"ZeRO-3: rank 0 holds {local / max(1, n_params):.1%} of the parameters ({dist.get_world_size()} ranks)")
+    log0(f"model {model_path}: {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable), mode {cfg.model.mode}"
+         f"{', LoRA r=' + str(cfg.lora.r) if cfg.lora.enabled else ''}; warmup {warmup} steps")
+    return engine, scheduler, keepalive
+
+
+def resume(engine, cfg: RecipeConfig, state: TrainState) -> Path | None:
+    """Collective. Restore weights, optimizer, scheduler and RNG from the checkpoint ``cfg.resume`` names (or the
+    latest one), and the data position into ``state``. Returns the checkpoint, or None for a fresh start."""
+    ckpt = checkpoint.find_resume_checkpoint(cfg.resume, cfg.output_dir, world_size=state.world_size)
+    if ckpt is None:
+        return None
+    saved = checkpoint.load_checkpoint(engine, ckpt)
+    if saved.get("steps_per_epoch") not in (None, state.steps_per_epoch):
+        raise RuntimeError(f"{ckpt}: saved with {saved['steps_per_epoch']} steps/epoch, this run has "
+                           f"{state.steps_per_epoch}; the data or batch size changed, so the data position is invalid")
+    saved = TrainState.from_dict(saved)
+    state.step, state.epoch, state.step_in_epoch = saved.step, saved.epoch, saved.step_in_epoch
+    state.tokens_seen = saved.tokens_seen
+    log0(f"resumed from {ckpt}: step {state.step}, epoch {state.epoch}, step-in-epoch {state.step_in_epoch}")
+    return ckpt
+
+
+def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) -> tuple[Run, TrainState]:
+    """Collective: every rank calls it with the same recipe. Returns the run and its state (fresh or resumed)."""
+    rank, world, device = init_distributed(cfg, local_rank)
+    output_dir = prepare_output_dir(cfg, rank=rank)
+    stop = StopRequest(output_dir / "STOP")
+    ds_config = fill_ds_config(ds_config, cfg, world_size=world)
+    micro, accum, global_bs = resolve_batch(cfg, world)
+    precision = ds_precision(ds_config)
+    seed_everything(cfg.seed)
+    tokenizer, train_ds, eval_ds, data_stats = build_data(cfg, rank=rank)
+    eval_ds = eval_ds if eval_ds is not None and len(eval_ds) else None
+    attn = pick_attn_implementation(cfg.model.attn_implementation, DTYPES[precision])
+    collator = SFTCollator(pad_token_id=tokenizer.pad_token_id, flash_attn_kwargs=attn == "flash_attention_2")
+    steps_per_epoch, total_steps = plan_steps(cfg, len(train_ds), micro=micro, accum=accum, world=world)
     log0(f"{len(train_ds)} train rows, {len(eval_ds) if eval_ds is not None else 0} eval rows; {world} ranks x "
          f"micro {micro} x accum {accum} = global batch {global_bs}; {steps_per_epoch} steps/epoch, "
          f"{total_steps} steps; ZeRO-{ds_zero_stage(ds_config)} {precision}")
-
-    # ---- model: HfDeepSpeedConfig alive before from_pretrained => zero.Init, no rank holds the full model
-    from transformers.integrations import HfDeepSpeedConfig
-
-    model_path = prepare_model_path(cfg, rank=rank)
-    dschf = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841  (must stay referenced)
-    model = load_model(cfg, model_path, dtype=dtype, zero3=zero3)
-    optimizer = build_optimizer(model, cfg, ds_config)
-    scheduler, warmup = build_scheduler(optimizer, cfg, total_steps)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=ds_config)
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-    n_train = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
-    if zero3:  # evidence that zero.Init partitioned the model: each rank holds ~1/world of it
-        local = sum(p.ds_tensor.numel() for p in engine.module.parameters() if hasattr(p, "ds_tensor"))
-        log0(f"ZeRO-3: rank 0 holds {local / max(1, n_params):.1%} of the parameters ({world} ranks)")
-    log0(f"model {model_path}: {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable), mode {cfg.model.mode}"
-         f"{', LoRA r=' + str(cfg.lora.r) if cfg.lora.enabled else ''}; warmup {warmup} steps")
-
-    # ---- resume
-    from .checkpoint import (
-        export_hf,
-        export_lora_adapter,
-        find_resume_checkpoint,
-        load_checkpoint,
-        rotate_checkpoints,
-        save_checkpoint,
-    )
-    from .runlog import MetricsLogger, write_run_dir
-
-    resume_from = find_resume_checkpoint(cfg.resume, output_dir, world_size=world)
-    step, epoch, step_in_epoch = 0, 0, 0
-    tokens_seen = 0
-    if resume_from is not None:
-        state = load_checkpoint(engine, resume_from)
-        step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        tokens_seen = state.get("tokens_seen", 0)
-        if state.get("steps_per_epoch") not in (None, steps_per_epoch):
-            raise RuntimeError(f"{resume_from}: saved with {state['steps_per_epoch']} steps/epoch, this run has "
-                               f"{steps_per_epoch}; the data or batch size changed, so the data position is invalid")
-        log0(f"resumed from {resume_from}: step {step}, epoch {epoch}, step-in-epoch {step_in_epoch}")
+    state = TrainState(steps_per_epoch=steps_per_epoch, total_steps=total_steps, world_size=world,
+                       global_batch_size=global_bs, seed=cfg.seed)
+    engine, scheduler, keepalive = build_engine(cfg, ds_config, dtype=DTYPES[precision], total_steps=total_steps,
+                                                rank=rank)
+    resumed_from = resume(engine, cfg, state)
 
     hosts = [None] * world
     dist.all_gather_object(hosts, socket.gethostname())
+    config_yaml = dump_config(cfg)
     if rank == 0:
-        write_run_dir(output_dir, config_yaml=config_yaml, ds_config=ds_config, hosts=hosts, resumed_from=resume_from)
-        (output_dir / "run" / "data_stats.json").write_text(json.dumps(data_stats, indent=2, default=str))
-    metrics = MetricsLogger(output_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard, resume_step=step)
-    if resume_from is not None:
-        metrics.log({"event": "resume", "step": step, "checkpoint": str(resume_from)})
+        write_run_dir(output_dir, config_yaml=config_yaml, ds_config=ds_config, hosts=hosts, resumed_from=resumed_from)
+        atomic_write_text(output_dir / "run" / "data_stats.json", json.dumps(data_stats, indent=2, default=str))
+    metrics = MetricsLogger(output_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard, resume_step=state.step)
+    if resumed_from is not None:
+        metrics.log({"event": "resume", "step": state.step, "checkpoint": str(resumed_from)})
+    run = Run(cfg=cfg, rank=rank, world=world, device=device, output_dir=output_dir, dtype=DTYPES[precision],
+              micro=micro, accum=accum, engine=engine, scheduler=scheduler, tokenizer=tokenizer, collator=collator,
+              train_ds=train_ds, eval_ds=eval_ds, metrics=metrics, stop=stop, config_yaml=config_yaml,
+              keepalive=keepalive, last_saved=state.step if resumed_from is not None else -1)
+    return run, state
 
-    def trainer_state() -> dict:
-        return {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": steps_per_epoch,
-                "micro_batches_per_rank_done": step_in_epoch * accum, "total_steps": total_steps,
-                "world_size": world, "global_batch_size": global_bs, "tokens_seen": tokens_seen, "seed": cfg.seed,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
-    last_saved = step if resume_from is not None else -1
+# ---------------------------------------------------------------------------------------------------------------------
+# the loop
 
-    def save(reason: str) -> Path:
-        nonlocal last_saved
-        path = save_checkpoint(engine, output_dir, step=step, trainer_state=trainer_state(), config_yaml=config_yaml,
-                               rank=rank)
-        last_saved = step
-        if rank == 0:
-            removed = rotate_checkpoints(output_dir, cfg.train.keep_last)
-            log0(f"saved {path} ({reason})" + (f"; removed {', '.join(p.name for p in removed)}" if removed else ""))
-        return path
 
-    # ---- loop
-    bar = None
-    if rank == 0 and cfg.logging.progress_bar and sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
-    inject_at = int(os.environ.get(NAN_FAULT_ENV, "-1"))
-    engine.train()
-    t_last, tokens_since, steps_since = time.perf_counter(), 0.0, 0
-    exit_code = 0
-    stopped = None
-    last_eval = [-1, None]  # (step, result) of the latest held-out eval
-    while step < total_steps and stopped is None:
-        if step_in_epoch >= steps_per_epoch:
-            epoch, step_in_epoch = epoch + 1, 0
-        order = epoch_indices(len(train_ds), epoch=epoch, seed=cfg.seed, rank=rank, world=world,
-                              per_rank=micro_per_rank * micro)
-        while step_in_epoch < steps_per_epoch and step < total_steps:
-            first = step_in_epoch * accum * micro
-            micro_batches = [collator([train_ds[i] for i in order[first + j * micro: first + (j + 1) * micro]])
-                             for j in range(accum)]
-            lr = scheduler.get_last_lr()[0]
-            maybe_inject_fault(rank, step + 1)
-            result = train_step(engine, micro_batches, device=device, world=world,
-                                inject_nan=(rank == 0 and step + 1 == inject_at))
-            if result["nonfinite"]:
-                if last_saved != step:
-                    save("last good state before a non-finite loss")
-                ckpt = output_dir / "checkpoints" / f"step_{step:08d}"
-                msg = (f"non-finite loss at step {step + 1} (epoch {epoch}, step-in-epoch {step_in_epoch}); stopped "
-                       f"before its backward pass. Last good checkpoint: {ckpt} (weights after step {step}). Lower "
-                       f"train.lr / check the data, then resume with resume={ckpt}")
-                log0("ERROR: " + msg)
-                metrics.log({"event": "nonfinite_loss", "step": step + 1, "message": msg})
-                exit_code, stopped = 3, "nan"
-                break
-            step += 1
-            step_in_epoch += 1
-            tokens_seen += int(result["inputs"])
-            tokens_since += result["inputs"]
-            steps_since += 1
-            grad_norm = engine.get_global_grad_norm()
+def fit(run: Run, state: TrainState) -> str:
+    """Train until ``state.total_steps``. Returns "done", "preempted" (a stop request; checkpoint saved) or
+    "nonfinite" (a non-finite loss or gradient norm; the last good checkpoint is named in the log)."""
+    t = run.cfg.train
+    meter = Throughput()
+    batches = None  # this epoch's remaining micro-batches
+    run.engine.train()
+    with progress_bar(run, state) as bar:
+        while state.step < state.total_steps:
+            if state.step_in_epoch == state.steps_per_epoch:
+                state.epoch, state.step_in_epoch, batches = state.epoch + 1, 0, None
+            if batches is None:
+                batches = epoch_batches(run, state)
+            lr = run.scheduler.get_last_lr()[0]
+            result = train_step(run.engine, [next(batches) for _ in range(run.accum)], device=run.device,
+                                world=run.world)
+            grad_norm = run.engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            if result["nonfinite"] or (t.max_grad_norm > 0 and not math.isfinite(grad_norm)):
+                return stop_on_nonfinite(run, state, "loss" if result["nonfinite"] else "grad")
+            state.step += 1
+            state.step_in_epoch += 1
+            state.tokens_seen += int(result["inputs"])
+            meter.add(result["inputs"])
+
             record = None
-            if step % cfg.train.log_every_steps == 0 or step == total_steps:
-                now = time.perf_counter()
-                record = {"step": step, "epoch": epoch,
-                          "epoch_float": round(epoch + step_in_epoch / steps_per_epoch, 4),
-                          "loss": result["loss"], "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": tokens_since / max(now - t_last, 1e-9), "target_tokens": result["targets"],
-                          "tokens_seen": tokens_seen}
-                record["step_time_s"] = round((now - t_last) / max(1, steps_since), 4)
-                if torch.cuda.is_available():
-                    record["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-                    torch.cuda.reset_peak_memory_stats()
-                t_last, tokens_since, steps_since = now, 0.0, 0
-                if cfg.model.mode == "emoe" and cfg.logging.expert_load:
-                    load = gather_expert_load(engine.module, device)
-                    if load:
-                        record["expert_load"] = load
-                        record["expert_load_max_over_mean"] = {
-                            k: round(max(v) / (sum(v) / len(v)), 4) for k, v in load.items()}
-            if eval_ds is not None and len(eval_ds) and cfg.train.eval_every_steps and \
-                    step % cfg.train.eval_every_steps == 0:
-                ev = evaluate(engine, eval_ds, collator, rank=rank, world=world,
-                              micro=cfg.train.eval_micro_batch_size or micro, max_batches=cfg.train.eval_max_batches,
-                              device=device)
-                last_eval[:] = [step, ev]
-                record = {**(record or {"step": step, "loss": result["loss"], "lr": lr}), **ev}
-                log0(f"step {step}: eval loss {ev['eval_loss']:.4f} ppl {ev['eval_ppl']:.2f}")
+            if state.step % t.log_every_steps == 0 or state.step == state.total_steps:
+                record = step_record(run, state, result, lr=lr, grad_norm=grad_norm, meter=meter)
+            if t.eval_every_steps and state.step % t.eval_every_steps == 0 and run.eval_ds is not None:
+                ev = held_out_eval(run, state)
+                record = {**(record or {"step": state.step, "loss": result["loss"], "lr": lr}), **ev}
             if record is not None:
-                metrics.log(record)
+                run.metrics.log(record)
                 if bar is None:  # batch logs (Slurm, CI): one plain line per logged step instead of a progress bar
-                    log0(f"step {step}/{total_steps} loss {result['loss']:.4f} lr {lr:.3e} gnorm {grad_norm:.3f} "
-                         f"tok/s {record.get('tokens_per_s', 0):.0f}")
+                    log0(f"step {state.step}/{state.total_steps} loss {result['loss']:.4f} lr {lr:.3e} "
+                         f"gnorm {grad_norm:.3f} tok/s {record.get('tokens_per_s', 0):.0f}")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}")
-            if not math.isfinite(grad_norm) and cfg.train.max_grad_norm > 0:
-                ckpt = output_dir / "checkpoints" / f"step_{last_saved:08d}" if last_saved >= 0 else None
-                msg = (f"non-finite gradient norm at step {step}: the weights are no longer trustworthy. "
-                       f"Last good checkpoint: {ckpt or 'none yet (train.save_every_steps)'}")
-                log0("ERROR: " + msg)
-                metrics.log({"event": "nonfinite_grad", "step": step, "message": msg})
-                exit_code, stopped = 3, "nan"
-                break
-            # ---- periodic saves; stop requests agreed on by all ranks (one tiny all_reduce per step)
-            epoch_end = step_in_epoch == steps_per_epoch
-            if cfg.train.save_every_steps and step % cfg.train.save_every_steps == 0 and step < total_steps:
-                save(f"every {cfg.train.save_every_steps} steps")
-            elif epoch_end and cfg.train.save_every_epoch and step < total_steps:
-                save(f"end of epoch {epoch}")
-            flag = torch.tensor([1.0 if stop.local() else 0.0], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() > 0:
-                if last_saved != step:
-                    save("preemption")
-                why = stop.signal_name or ("STOP file" if stop_file.exists() else "another rank")
-                log0(f"preempted at step {step}, checkpoint saved ({why}); resume with resume=auto")
-                metrics.log({"event": "preempted", "step": step, "reason": why})
-                stopped = "preempted"
-                break
-    if bar is not None:
-        bar.close()
-    if stopped is not None:
-        metrics.close()
-        dist.barrier()
-        return exit_code
 
-    # ---- end: final checkpoint (so the run can be extended), held-out eval, consolidated HF export, COMPLETED
-    if last_saved != step:
-        save("end of training")
-    if eval_ds is not None and len(eval_ds) and last_eval[0] != step:
-        ev = evaluate(engine, eval_ds, collator, rank=rank, world=world, micro=cfg.train.eval_micro_batch_size or micro,
-                      max_batches=cfg.train.eval_max_batches, device=device)
-        last_eval[:] = [step, ev]
-    if last_eval[1] is not None:
-        ev = last_eval[1]
-        metrics.log({"event": "final_eval", "step": step, **ev})
+            if state.step < state.total_steps:  # the last step's checkpoint is finish()'s
+                if t.save_every_steps and state.step % t.save_every_steps == 0:
+                    save(run, state, f"every {t.save_every_steps} steps")
+                elif t.save_every_epoch and state.step_in_epoch == state.steps_per_epoch:
+                    save(run, state, f"end of epoch {state.epoch}")
+            why = stop_vote(run)
+            if why is not None:
+                return preempt(run, state, why)
+    return "done"
+
+
+def epoch_batches(run: Run, state: TrainState):
+    """Iterator over this rank's collated micro-batches from ``state.step_in_epoch`` to the end of the epoch."""
+    micro, accum = run.micro, run.accum
+    order = epoch_indices(len(run.train_ds), epoch=state.epoch, seed=run.cfg.seed, rank=run.rank, world=run.world,
+                          per_rank=state.steps_per_epoch * accum * micro)
+    for first in range(state.step_in_epoch * accum * micro, len(order), micro):
+        yield run.collator([run.train_ds[i] for i in order[first:first + micro]])
+
+
+class Throughput:
+    """Input tokens and steps since the last logged step."""
+
+    def __init__(self):
+        self.t_last, self.tokens, self.steps = time.perf_counter(), 0.0, 0
+
+    def add(self, tokens: float) -> None:
+        self.tokens += tokens
+        self.steps += 1
+
+    def lap(self) -> tuple[float, float]:
+        """(tokens/s, seconds per step) since the previous lap."""
+        now = time.perf_counter()
+        out = self.tokens / max(now - self.t_last, 1e-9), (now - self.t_last) / max(1, self.steps)
+        self.t_last, self.tokens, self.steps = now, 0.0, 0
+        return out
+
+
+def progress_bar(run: Run, state: TrainState):
+    """tqdm on rank 0 when stderr is a terminal; otherwise a context that yields None."""
+    if run.rank != 0 or not run.cfg.logging.progress_bar or not sys.stderr.isatty():
+        return contextlib.nullcontext(None)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=state.total_steps, initial=state.step, desc="train", dynamic_ncols=True)
+
+
+def step_record(run: Run, state: TrainState, result: dict, *, lr: float, grad_norm: float, meter: Throughput) -> dict:
+    """One metrics.jsonl line for an optimizer step (collective when expert load is logged)."""
+    tokens_per_s, step_time = meter.lap()
+    record = {"step": state.step, "epoch": state.epoch,
+              "epoch_float": round(state.epoch + state.step_in_epoch / state.steps_per_epoch, 4),
+              "loss": result["loss"], "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+              "target_tokens": result["targets"], "tokens_seen": state.tokens_seen, "step_time_s": round(step_time, 4)}
+    if torch.cuda.is_available():
+        record["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        torch.cuda.reset_peak_memory_stats()
+    if run.cfg.model.mode == "emoe" and run.cfg.logging.expert_load:
+        load = gather_expert_load(run.engine.module, run.device)
+        if load:
+            record["expert_load"] = load
+            record["expert_load_max_over_mean"] = {k: round(max(v) / (sum(v) / len(v)), 4) for k, v in load.items()}
+    return record
+
+
+def held_out_eval(run: Run, state: TrainState) -> dict:
+    """Collective. The held-out loss now (remembered, so finish() does not redo it for the same step)."""
+    t = run.cfg.train
+    ev = evaluate(run.engine, run.eval_ds, run.collator, rank=run.rank, world=run.world,
+                  micro=t.eval_micro_batch_size or run.micro, max_batches=t.eval_max_batches, device=run.device)
+    run.last_eval = (state.step, ev)
+    log0(f"step {state.step}: eval loss {ev['eval_loss']:.4f} ppl {ev['eval_ppl']:.2f}")
+    return ev
+
+
+def save(run: Run, state: TrainState, reason: str) -> Path:
+    """Collective. Checkpoint the current step, then (rank 0) drop the ones beyond ``train.keep_last``."""
+    path = checkpoint.save_checkpoint(run.engine, run.output_dir, step=state.step, trainer_state=state.to_dict(),
+                                      config_yaml=run.config_yaml, rank=run.rank)
+    run.last_saved = state.step
+    if run.rank == 0:
+        removed = checkpoint.rotate_checkpoints(run.output_dir, run.cfg.train.keep_last)
+        log0(f"saved {path} ({reason})" + (f"; removed {', '.join(p.name for p in removed)}" if removed else ""))
+    return path
+
+
+def stop_vote(run: Run) -> str | None:
+    """Collective (one tiny all_reduce per step): why the run should stop now, when any rank was asked to."""
+    flag = torch.tensor([1.0 if run.stop.local() else 0.0], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() == 0:
+        return None
+    return run.stop.signal_name or ("STOP file" if run.stop.stop_file.exists() else "another rank")
+
+
+def preempt(run: Run, state: TrainState, why: str) -> str:
+    if run.last_saved != state.step:
+        save(run, state, "preemption")
+    log0(f"preempted at step {state.step}, checkpoint saved ({why}); resume with resume=auto")
+    run.metrics.log({"event": "preempted", "step": state.step, "reason": why})
+    return "preempted"
+
+
+def stop_on_nonfinite(run: Run, state: TrainState, what: str) -> str:
+    """The one non-finite path. ``what`` is "loss" (caught on every rank before its backward pass: the weights are
+    those after ``state.step``, saved here as the last good checkpoint) or "grad" (a non-finite gradient norm, seen
+    after the optimizer step ran: the last checkpoint written before it is the last good one)."""
+    if what == "loss" and run.last_saved != state.step:
+        save(run, state, "last good state before a non-finite loss")
+    good = checkpoint.checkpoint_path(run.output_dir, run.last_saved) if run.last_saved >= 0 else None
+    msg = (f"non-finite {'loss' if what == 'loss' else 'gradient norm'} at step {state.step + 1} (epoch {state.epoch}, "
+           f"step-in-epoch {state.step_in_epoch}). Last good checkpoint: "
+           f"{good or 'none yet (train.save_every_steps)'}. Lower train.lr / check the data, then resume with "
+           f"resume={good or 'none'}")
+    log0("ERROR: " + msg)
+    run.metrics.log({"event": f"nonfinite_{what}", "step": state.step + 1, "message": msg})
+    return "nonfinite"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the end
+
+
+def finish(run: Run, state: TrainState) -> None:
+    """Collective. A final checkpoint (so the run can be extended), the held-out eval, the consolidated HF export,
+    then COMPLETED."""
+    if run.last_saved != state.step:
+        save(run, state, "end of training")
+    if run.eval_ds is not None and run.last_eval[0] != state.step:
+        held_out_eval(run, state)
+    if run.last_eval[1] is not None:
+        ev = run.last_eval[1]
+        run.metrics.log({"event": "final_eval", "step": state.step, **ev})
         log0(f"final eval loss {ev['eval_loss']:.4f} ppl {ev['eval_ppl']:.2f}")
-    if cfg.train.export:
-        probe_rows = [eval_ds[i] for i in range(min(2, len(eval_ds)))] if eval_ds is not None and len(eval_ds) else \
-            [train_ds[i] for i in range(min(2, len(train_ds)))]
-        probe = export_probe(engine, collator(probe_rows), device)
-        base = engine.module
-        hf_config = (base.get_base_model() if hasattr(base, "get_base_model") else base).config
-        hf_config.use_cache = True
-        hf_config.dtype = dtype
-        final = export_hf(engine, output_dir / "final", config=hf_config, tokenizer=tokenizer, rank=rank,
-                          max_shard_size=cfg.train.export_max_shard_size, lora_merge=True)
-        if cfg.lora.enabled:
-            export_lora_adapter(engine, output_dir / "final" / "adapter", rank=rank)
-        if rank == 0:
-            torch.save(probe, output_dir / "run" / "export_probe.pt")
-            _write_completed(output_dir, {"step": step, "final": str(final), "config_sha": config_sha})
-            log0(f"exported {final}; wrote {output_dir / 'COMPLETED'}")
-    elif rank == 0:
-        _write_completed(output_dir, {"step": step, "final": None, "config_sha": config_sha})
-    metrics.close()
+    final = export(run) if run.cfg.train.export else None
+    if run.rank == 0:
+        atomic_write_text(run.output_dir / "COMPLETED", json.dumps(
+            {"step": state.step, "final": str(final) if final else None, "config_sha": config_sha(run.cfg)}) + "\n")
+        log0((f"exported {final}; " if final else "") + f"wrote {run.output_dir / 'COMPLETED'}")
+
+
+def export(run: Run) -> Path | None:
+    """Collective. final/: the merged, consolidated HF checkpoint (+ final/adapter/ for LoRA). Returns it on rank 0."""
+    base = run.engine.module
+    hf_config = (base.get_base_model() if hasattr(base, "get_base_model") else base).config
+    hf_config.use_cache = True
+    hf_config.dtype = run.dtype
+    final = checkpoint.export_hf(run.engine, run.output_dir / "final", config=hf_config, tokenizer=run.tokenizer,
+                                 rank=run.rank, max_shard_size=run.cfg.train.export_max_shard_size, lora_merge=True)
+    if run.cfg.lora.enabled:
+        checkpoint.export_lora_adapter(run.engine, run.output_dir / "final" / "adapter", rank=run.rank)
+    return final
+
+
+def load_recipe(args: argparse.Namespace) -> tuple[RecipeConfig, dict]:
+    """The recipe and the DeepSpeed JSON, checked before any process group exists."""
+    cfg = load_config(args.config, args.overrides)
+    check_runnable(cfg)
+    return cfg, load_ds_config(args.ds_config)
+
+
+def close(run: Run, outcome: str) -> int:
+    """Collective. Flush the logs and agree on the exit code."""
+    run.metrics.close()
     dist.barrier()
-    return 0
+    return NONFINITE_EXIT if outcome == "nonfinite" else 0
 
 
-def cli(argv=None) -> int:
-    """Entry point of train.py / ``python -m emoe_llm.train``: recipe errors print one clear line, not a traceback per
-    rank."""
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg, ds_config = load_recipe(args)
+    if nothing_to_do(cfg):
+        return 0
+    run, state = setup(cfg, ds_config, local_rank=args.local_rank)
+    outcome = fit(run, state)
+    if outcome == "done":
+        finish(run, state)
+    return close(run, outcome)
+
+
+def cli(argv=None, *, entry=None) -> int:
+    """Entry point of train.py / ``python -m emoe_llm.train`` (``entry`` defaults to ``main``): recipe errors print
+    one clear line, not a traceback per rank."""
+    # DeepSpeed still calls the torch 2.x collective names; one warning per call site per rank is noise in job logs.
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
+                            category=FutureWarning)
     try:
-        return main(argv)
+        return (entry or main)(argv)
     except Exception as e:  # noqa: BLE001 - every failure ends as one line from one rank (see failure.py)
-        from .failure import handle_failure
-
         return handle_failure(e)
 
 

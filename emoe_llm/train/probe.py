@@ -1,0 +1,53 @@
+"""``python -m emoe_llm.train.probe`` = the recipe, plus ``run/export_probe.pt`` written just before the export: the
+trained ZeRO-3 model's logits on two rows, in its training mode and dense (k = N), so the exported ``final/`` can be
+checked against the model that was trained (``emoe-llm demo`` and the tests do). ``train.py`` does not write it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..emoe import emoe_modules
+from . import recipe
+
+
+@torch.no_grad()
+def export_probe(run: recipe.Run) -> dict:
+    """Collective. {"inputs", "logits" (as trained), "dense_logits" (every expert on)} on two held-out rows (or two
+    training rows when there is no held-out split)."""
+    ds = run.eval_ds if run.eval_ds is not None else run.train_ds
+    inputs = recipe.model_inputs(run.collator([ds[i] for i in range(min(2, len(ds)))]), run.device)
+    engine = run.engine
+    engine.eval()
+    logits = engine(**inputs, use_cache=False).logits.float().cpu()
+    mods = list(emoe_modules(engine.module))
+    saved = [m.top_k for m in mods]
+    for m in mods:
+        m.top_k = m.n_experts  # k == N is exactly the dense MLP
+    dense = engine(**inputs, use_cache=False).logits.float().cpu() if mods else logits
+    for m, k in zip(mods, saved):
+        m.top_k = k
+    engine.train()
+    return {"inputs": {k: v.cpu() for k, v in inputs.items()}, "logits": logits, "dense_logits": dense}
+
+
+def main(argv=None) -> int:
+    """recipe.main with the probe written between fit and finish."""
+    args = recipe.parse_args(argv)
+    cfg, ds_config = recipe.load_recipe(args)
+    if recipe.nothing_to_do(cfg):
+        return 0
+    run, state = recipe.setup(cfg, ds_config, local_rank=args.local_rank)
+    outcome = recipe.fit(run, state)
+    if outcome == "done":
+        probe = export_probe(run)
+        if run.rank == 0:
+            torch.save(probe, run.output_dir / "run" / "export_probe.pt")
+        recipe.finish(run, state)
+    return recipe.close(run, outcome)
+
+
+if __name__ == "__main__":
+    sys.exit(recipe.cli(entry=main))

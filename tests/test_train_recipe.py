@@ -1,0 +1,110 @@
+"""The recipe in-process on one gloo rank (seconds, no launcher): setup() -> fit() -> finish() on a tiny EMoE Llama
+with real ZeRO-3, a STOP-file preemption and resume that reproduces the uninterrupted losses, and a NaN injected by
+monkeypatching the loss (no hooks in the package). The 2-rank runs are in test_train_zero3.py."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from emoe_llm.convert import convert_checkpoint
+from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint
+from emoe_llm.train import recipe
+from emoe_llm.train.checkpoint import checkpoint_path
+from emoe_llm.train.config import load_config, load_ds_config
+
+from test_train_zero3 import TINY, Z3
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def single_rank(tmp_path_factory):
+    """One gloo process group for the module; signal handlers put back afterwards."""
+    root = tmp_path_factory.mktemp("recipe")
+    dense = save_tiny_checkpoint(root / "dense", tokenizer_dir=DATA_DIR / "tokenizers" / "tiny_llama3_style")
+    convert_checkpoint(dense, root / "emoe", n_experts=16, top_k=4, layers="2,3", seed=0, progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp = pytest.MonkeyPatch()
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        mp.setenv(k, v)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    ds = load_ds_config(Z3)
+    ds["bf16"] = {"enabled": False}  # fp32: bf16 matmuls are ~150x slower on CPU
+    yield {"root": root, "model": root / "emoe", "ds": ds}
+    for sig, h in handlers.items():
+        signal.signal(sig, h)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    mp.undo()
+
+
+def recipe_config(env, out, *overrides):
+    return load_config(TINY, [f"output_dir={out}", f"model.path={env['model']}", f"data.cache_dir={env['root']}/cache",
+                              "data.sources.0.max_rows=64", "logging.progress_bar=false", "logging.tensorboard=false",
+                              "train.micro_batch_size=2", "train.global_batch_size=4", f"train.max_steps={STEPS}",
+                              "train.save_every_steps=2", "train.eval_every_steps=0", "train.eval_max_batches=1",
+                              "train.export_max_shard_size=5GB", *overrides])
+
+
+def losses(out) -> dict[int, float]:
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "event" not in r}
+
+
+def train(env, out, *overrides) -> tuple[str, recipe.TrainState]:
+    cfg = recipe_config(env, out, *overrides)
+    run, state = recipe.setup(cfg, env["ds"])
+    outcome = recipe.fit(run, state)
+    if outcome == "done":
+        recipe.finish(run, state)
+    recipe.close(run, outcome)
+    return outcome, state
+
+
+def test_setup_fit_finish_then_preempt_and_resume_bit_exact(single_rank, monkeypatch):
+    env = single_rank
+    ref = env["root"] / "ref"
+    outcome, state = train(env, ref)
+    assert outcome == "done" and state.step == STEPS and state.world_size == 1
+    assert (ref / "COMPLETED").is_file() and (ref / "final" / "model.safetensors").is_file()
+    saved = json.loads((checkpoint_path(ref, STEPS) / "trainer_state.json").read_text())
+    assert saved == state.to_dict()  # trainer_state.json is exactly the TrainState
+    assert sorted(losses(ref)) == list(range(1, STEPS + 1))
+
+    # a stop request after step 1 (what SIGUSR1 / the STOP file do), then resume=auto continues bit for bit
+    out = env["root"] / "interrupted"
+    votes = iter([None, "STOP file"])
+    monkeypatch.setattr(recipe, "stop_vote", lambda run: next(votes))
+    outcome, state = train(env, out)
+    assert outcome == "preempted" and state.step == 2 and not (out / "COMPLETED").exists()
+    monkeypatch.undo()
+    outcome, state = train(env, out)
+    assert outcome == "done" and state.step == STEPS
+    assert losses(out) == losses(ref)
+
+
+def test_nonfinite_loss_stops_with_the_last_good_checkpoint(single_rank, monkeypatch):
+    env = single_rank
+    out = env["root"] / "nan"
+    real_ce, calls = recipe.token_ce_sum, []
+
+    def nan_at_step_3(logits, labels):  # 2 micro-batches per step: calls 5 and 6 are step 3
+        calls.append(1)
+        return real_ce(logits, labels) * (float("nan") if len(calls) == 5 else 1.0)
+
+    monkeypatch.setattr(recipe, "token_ce_sum", nan_at_step_3)
+    outcome, state = train(env, out)
+    assert outcome == "nonfinite" and state.step == 2
+    assert json.loads((checkpoint_path(out, 2) / "trainer_state.json").read_text())["step"] == 2
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "nonfinite_loss" and "Last good checkpoint" in events[-1]["message"]
+    assert not (out / "final").exists() and not (out / "COMPLETED").exists()
