@@ -51,6 +51,12 @@ PYTHON=${PYTHON:-python}
 command -v emoe-llm >/dev/null ||
   emoe_die "emoe-llm is not on PATH: 'make setup' in $EMOE_ROOT, or activate the environment before sbatch"
 case $OUTPUT_DIR in /*) ;; *) OUTPUT_DIR=$EMOE_ROOT/$OUTPUT_DIR ;; esac  # every node must see the same path
+# A mistyped RECIPE / DS_CONFIG would otherwise surface only after the conversion (an hour on 30B): fail now.
+for _v in RECIPE DS_CONFIG; do
+  if [ -n "${!_v:-}" ] && [ ! -f "${!_v}" ]; then
+    emoe_die "$_v=${!_v}: file not found (relative paths resolve against $EMOE_ROOT)"
+  fi
+done
 mkdir -p "$OUTPUT_DIR/run"
 
 # ---- 2. rendezvous, all derived from the allocation

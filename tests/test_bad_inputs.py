@@ -1071,6 +1071,23 @@ def _(w):
     return _slurm(w, "llama7b.sh", EMOE_MODEL=str(w.tmp / "not-converted"))
 
 
+@case("slurm", "recipe-missing", "RECIPE names no file: refused before the conversion and before srun",
+      r"RECIPE=configs/llama2_7b_emoee\.yaml: file not found")
+def _(w):
+    run = _slurm(w, "llama7b.sh", RECIPE="configs/llama2_7b_emoee.yaml", MODEL=str(w.shared["dense"]),
+                 EMOE_MODEL=str(w.tmp / "emoe"))
+    run.outputs = [w.tmp / "out", w.tmp / "emoe"]
+    return run
+
+
+@case("slurm", "ds-config-missing", "DS_CONFIG names no file", r"DS_CONFIG=ds_configs/z4\.json: file not found")
+def _(w):
+    run = _slurm(w, "llama30b.sh", DS_CONFIG="ds_configs/z4.json", MODEL=str(w.shared["dense"]),
+                 EMOE_MODEL=str(w.tmp / "emoe"))
+    run.outputs = [w.tmp / "out", w.tmp / "emoe"]
+    return run
+
+
 @case("slurm", "model-not-hf", "MODEL is not an HF checkpoint dir", r"MODEL=.*empty-dir is not an HF checkpoint dir")
 def _(w):
     (w.tmp / "empty-dir").mkdir()
