@@ -805,6 +805,35 @@ def _(w):
                 str(w.tmp / "cache")], sources=[p])
 
 
+@case("data", "cache-read-only", "the data cache dir is on a read-only filesystem",
+      r"cannot write .*cache.*: Read-only file system \(set --cache-dir")
+def _(w):
+    p = w.file("ok.jsonl", ALPACA * 4)
+    mnt = _mount_tmpfs(w, "16m")
+    if mnt is not None:
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    else:  # no mount allowed here: the OSError the kernel raises, from mkdir
+        mnt = w.tmp / "mnt"
+        real_mkdir = Path.mkdir
+
+        def mkdir(self, *a, **k):
+            if str(self).startswith(str(mnt)):
+                raise OSError(errno.EROFS, "Read-only file system", str(self))
+            return real_mkdir(self, *a, **k)
+        w.monkeypatch.setattr(Path, "mkdir", mkdir)
+    run = Run(["data", "--source", str(p), "--tokenizer", str(TOKENIZER), "--template", "alpaca", "--cache-dir",
+               str(mnt / "cache"), "--show", "0"], sources=[p])
+
+    def fix():
+        if os.path.ismount(mnt):
+            subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
+        else:
+            w.monkeypatch.undo()
+    run.fix = fix
+    run.cleanup = lambda: _umount(mnt)
+    return run
+
+
 @case("data", "config-yaml", "--config is not YAML", r"recipe\.yaml: not valid YAML")
 def _(w):
     p = w.file("recipe.yaml", "data: [unclosed\n")

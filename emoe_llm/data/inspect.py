@@ -106,6 +106,10 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError) as e:  # DataError included: the message names file, row and field
         print(f"emoe-llm data: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the cache dir: full, read-only, no permission
+        print(f"emoe-llm data: error: cannot write {e.filename or cfg.cache_dir or 'the data cache'}: "
+              f"{e.strerror or e} (set --cache-dir / data.cache_dir to a writable place)", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(stats, indent=1))
     else:
