@@ -22,7 +22,12 @@
 #   checkpoint. `touch $OUTPUT_DIR/STOP` by hand stops the run cleanly WITHOUT requeueing it.
 
 emoe_log() { echo "[emoe-slurm $(date -u +%H:%M:%S)] $*"; }
-emoe_die() { emoe_log "ERROR: $*" >&2; exit 2; }
+emoe_die() {
+  emoe_log "ERROR: $*" >&2
+  # an OUTPUT_DIR this attempt created and left empty goes again (rmdir removes nothing that holds a file)
+  if [ -n "${_EMOE_MADE_OUTPUT_DIR:-}" ]; then rmdir "$OUTPUT_DIR/run" "$OUTPUT_DIR" 2>/dev/null || true; fi
+  exit 2
+}
 
 # ---- preemption trap: installed first, so a signal during conversion is remembered instead of killing the shell
 EMOE_STOP_SIGNAL=""
@@ -57,6 +62,7 @@ for _v in RECIPE DS_CONFIG; do
     emoe_die "$_v=${!_v}: file not found (relative paths resolve against $EMOE_ROOT)"
   fi
 done
+[ -d "$OUTPUT_DIR" ] || _EMOE_MADE_OUTPUT_DIR=1
 mkdir -p "$OUTPUT_DIR/run"
 
 # ---- 2. rendezvous, all derived from the allocation
@@ -138,7 +144,7 @@ emoe_snapshot() {
   fi
   # environment minus anything that looks like a secret
   env | sort | grep -Eiv '^[^=]*(token|secret|passw|api_?key|credential|private)[^=]*=' > "$d/env.txt" || true
-  "$PYTHON" - "$recipe" "$ds" "$WORLD_SIZE" "$d" "$@" <<'EOF' || emoe_die "the recipe does not resolve (above)"
+  if ! "$PYTHON" - "$recipe" "$ds" "$WORLD_SIZE" "$d" "$@" <<'EOF'
 import json, sys
 from emoe_llm.train.config import (ConfigError, check_runnable, dump_config, fill_ds_config, load_config,
                                    load_ds_config)
@@ -147,11 +153,15 @@ try:
     cfg = load_config(recipe, overrides)
     check_runnable(cfg)
     filled = fill_ds_config(load_ds_config(ds), cfg, world_size=world)
-except (ConfigError, FileNotFoundError) as e:
-    sys.exit(f"emoe-slurm: {recipe} + {ds} with {overrides}: {e}")
+except (ConfigError, FileNotFoundError) as e:  # one line, printed by emoe_die
+    open(f"{out}/resolve_error.txt", "w").write(" ".join(f"{recipe} + {ds} with {overrides}: {e}".split()))
+    sys.exit(2)
 open(f"{out}/config.yaml", "w").write(dump_config(cfg))
 open(f"{out}/ds_config.json", "w").write(json.dumps(filled, indent=2) + "\n")
 EOF
+  then
+    emoe_die "$(cat "$d/resolve_error.txt" 2>/dev/null || echo "the recipe does not resolve (see above)")"
+  fi
   emoe_log "run snapshot: $d"
 }
 

@@ -1097,7 +1097,9 @@ def _(w):
 
 @case("slurm", "no-model", "MODEL unset and no converted checkpoint", r"set MODEL=/path/to/the/dense/hf/checkpoint")
 def _(w):
-    return _slurm(w, "llama7b.sh", EMOE_MODEL=str(w.tmp / "not-converted"))
+    run = _slurm(w, "llama7b.sh", EMOE_MODEL=str(w.tmp / "not-converted"))
+    run.outputs = [w.tmp / "out"]  # the OUTPUT_DIR the job created is gone again
+    return run
 
 
 @case("slurm", "recipe-missing", "RECIPE names no file: refused before the conversion and before srun",
@@ -1117,10 +1119,22 @@ def _(w):
     return run
 
 
+@case("slurm", "recipe-invalid", "a recipe that cannot run on this allocation: one line, before srun",
+      r"ERROR: configs/llama2_7b_emoe\.yaml \+ ds_configs/z3\.json with .*train\.lrr")
+def _(w):
+    script = (f"set -euo pipefail; OUTPUT_DIR={w.tmp / 'out'}; source {REPO / 'slurm' / 'common.sh'}; "
+              "emoe_snapshot configs/llama2_7b_emoe.yaml ds_configs/z3.json train.lrr=1")
+    run = _slurm(w, "common.sh")
+    run.argv = [script]
+    return run
+
+
 @case("slurm", "model-not-hf", "MODEL is not an HF checkpoint dir", r"MODEL=.*empty-dir is not an HF checkpoint dir")
 def _(w):
     (w.tmp / "empty-dir").mkdir()
-    return _slurm(w, "llama7b.sh", MODEL=str(w.tmp / "empty-dir"), EMOE_MODEL=str(w.tmp / "emoe"))
+    run = _slurm(w, "llama7b.sh", MODEL=str(w.tmp / "empty-dir"), EMOE_MODEL=str(w.tmp / "emoe"))
+    run.outputs = [w.tmp / "out", w.tmp / "emoe"]
+    return run
 
 
 # ---------------------------------------------------------------------------------------------------- the tests
