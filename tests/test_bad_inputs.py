@@ -1044,6 +1044,25 @@ def _(w):
     return _train(w, "train.lr.x=1")
 
 
+@case("train", "ds-config-missing", "--ds_config names no file", r"--ds_config .*z4\.json: file not found")
+def _(w):
+    run = _train(w)
+    run.argv += ["--ds_config", str(w.tmp / "z4.json")]
+    return run
+
+
+@case("train", "ds-config-json", "the DeepSpeed config is not JSON", r"ds\.json: not valid JSON")
+def _(w):
+    run = _train(w)
+    run.argv += ["--ds_config", str(w.file("ds.json", '{"zero_optimization": {"stage": 3},}'))]
+    return run
+
+
+@case("train", "empty-model-path", "model.path set to nothing", r"model\.path is empty")
+def _(w):
+    return _train(w, "model.path=")
+
+
 # ---------------------------------------------------------------------------------------------------- train (ranks)
 
 
