@@ -240,9 +240,8 @@ def check_required_tensors(source: SourceCheckpoint) -> None:
     required = params | (set(model.state_dict()) - all_params)
     missing = sorted(required - set(source.tensors))
     if missing:
-        where = "its index and shards" if source.index_metadata or len(source.shards) > 1 else source.shards[0]
         raise ConversionError(
-            f"{source.root}: {len(missing)} tensor(s) that {config.model_type} needs are not in {where}, "
+            f"{source.root}: {len(missing)} tensor(s) that {config.model_type} needs are not in its weight files, "
             f"e.g. '{missing[0]}'; the checkpoint is incomplete (re-download it)"
         )
 

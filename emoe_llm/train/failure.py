@@ -22,7 +22,15 @@ import shutil
 import sys
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
+
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _get_default_store
+
+from emoe_llm.data import DataError, TemplateError
+
+from .config import ConfigError
 
 _FAILED_KEY = "emoe_llm/failed_ranks"
 _created_output_dir: Path | None = None
@@ -36,20 +44,12 @@ def note_output_dir(path: Path, *, created: bool) -> None:
 
 def is_input_error(e: BaseException) -> bool:
     """Errors whose message alone tells the user what to fix (the traceback would only hide it)."""
-    from .config import ConfigError
-
-    try:
-        from emoe_llm.data import DataError, TemplateError
-    except ImportError:  # pragma: no cover - the data package is part of emoe_llm
-        DataError = TemplateError = ConfigError  # noqa: N806
     return isinstance(e, (ConfigError, DataError, TemplateError, FileNotFoundError))
 
 
 def handle_failure(e: BaseException) -> int:
     """Report ``e`` as described in the module docstring; returns the exit code when no process group is up (before
     ``init_distributed`` every rank fails the same way and rank 0 alone speaks); otherwise does not return."""
-    import torch.distributed as dist
-
     code = 2 if is_input_error(e) else 1
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         if int(os.environ.get("RANK", "0")) == 0:
@@ -73,10 +73,6 @@ def handle_failure(e: BaseException) -> int:
 def _first_to_fail() -> bool:
     """True for exactly one rank: the first whose failure reached the store. A rank that cannot reach the store any
     more (rank 0, its host, is gone) is not first: rank 0 failed before it and reported."""
-    from datetime import timedelta
-
-    from torch.distributed.distributed_c10d import _get_default_store
-
     # c10d logs a failed store call (peer gone) to fd 2 with a C++ stack: that is exactly the noise to avoid here.
     saved_stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     sys.stderr.flush()
