@@ -569,7 +569,8 @@ def _umount(mnt: Path) -> None:
 
 
 @case("convert", "disk-full", "the disk fills up mid-write (ENOSPC); retry with --resume after freeing space (#12.2)",
-      r"cannot write .*: the disk is full \(free space there\); finished work is kept in .*rerun with --resume")
+      r"cannot write .*\.tmp: the disk is full \(free space there\); finished work "
+      r"is kept in .*rerun with --resume")
 def _(w):
     import emoe_llm.convert.convert as conv
 

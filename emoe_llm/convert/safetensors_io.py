@@ -230,5 +230,7 @@ class ShardWriter:
         if exc_type is None:
             self.close()
         else:  # a half-written shard is worth nothing and may fill the disk: remove it
+            if isinstance(exc, OSError) and exc.filename is None:
+                exc.filename = str(self.path)  # write() errors (ENOSPC) name no file; the user needs to know which
             self._file.close()
             self.path.unlink(missing_ok=True)

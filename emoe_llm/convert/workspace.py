@@ -84,7 +84,11 @@ class Workspace:
     def save(self) -> None:
         data = {"format": MANIFEST_FORMAT, "key": self.key, "layers": self.layers, "shards": self.shards}
         tmp = self.path / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
+        try:
+            tmp.write_text(json.dumps(data, indent=1))
+        except OSError as e:  # disk full: name the file (write errors carry none)
+            e.filename = e.filename or str(tmp)
+            raise
         os.replace(tmp, self.path / MANIFEST)
 
     # --- layers -------------------------------------------------------------------------------------------------
