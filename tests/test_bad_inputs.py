@@ -172,8 +172,10 @@ def invoke(run: Run, capsys, argv: list[str]) -> tuple[int, str]:
 
         try:
             code = (train_cli if run.surface == "train" else main)(argv)
-        except SystemExit as e:  # argparse
-            code = e.code
+        except SystemExit as e:  # argparse, the train launcher
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = 2 if isinstance(e.code, str) else e.code
     out = capsys.readouterr()
     return code, out.out + out.err
 
@@ -1062,6 +1064,19 @@ def _(w):
 @case("train", "empty-model-path", "model.path set to nothing", r"model\.path is empty")
 def _(w):
     return _train(w, "model.path=")
+
+
+@case("train", "launcher-nproc", "emoe-llm train --nproc two", r"--nproc needs a positive integer, got 'two'")
+def _(w):
+    return Run(["train", "--nproc", "two", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--dry-run"])
+
+
+@case("train", "launcher-no-config", "emoe-llm train without --config", r"--config RECIPE\.yaml is required")
+def _(w):
+    run = Run(["train", "--nproc", "2", "--dry-run"])
+    run.retry_argv = ["train", "--nproc", "2", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--dry-run"]
+    run.fix = lambda: None
+    return run
 
 
 # ---------------------------------------------------------------------------------------------------- train (ranks)

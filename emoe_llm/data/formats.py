@@ -136,9 +136,9 @@ def decode_lines(path: str, lines) -> Iterator[str | DataError]:
         try:
             yield raw.decode("utf-8-sig" if i == 0 else "utf-8")
         except UnicodeDecodeError as e:
-            yield DataError(f"{path}: line {i + 1}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                            "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) or skip such rows (--skip-bad-rows)",
-                            path=path, row=i)
+            yield DataError(f"{path}: line {i + 1}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                            f"{e.start + 1}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) or skip such "
+                            "rows (--skip-bad-rows)", path=path, row=i)
 
 
 def _not_utf8(path: str, raw: bytes, e: UnicodeDecodeError) -> DataError:

@@ -75,12 +75,14 @@ def build_command(argv: list[str]) -> list[str]:
         if key in ("--nproc", "--nproc_per_node", "--num_gpus", "--launcher", "--master-port", "--master_port"):
             value = inline or (argv[i + 1] if i + 1 < len(argv) else None)
             if value is None:
-                raise SystemExit(f"emoe-llm train: {key} needs a value")
+                raise SystemExit(f"emoe-llm train: error: {key} needs a value")
             i += 1 if inline else 2
             if key == "--launcher":
                 if value not in ("deepspeed", "torchrun"):
-                    raise SystemExit(f"emoe-llm train: --launcher must be deepspeed or torchrun, got {value}")
+                    raise SystemExit(f"emoe-llm train: error: --launcher must be deepspeed or torchrun, got {value}")
                 launcher = value
+            elif not value.isdigit() or int(value) < 1:
+                raise SystemExit(f"emoe-llm train: error: {key} needs a positive integer, got {value!r}")
             elif key in ("--master-port", "--master_port"):
                 port = int(value)
             else:
@@ -89,7 +91,7 @@ def build_command(argv: list[str]) -> list[str]:
         rest.append(a)
         i += 1
     if not any(r == "--config" or r.startswith("--config=") for r in rest):
-        raise SystemExit("emoe-llm train: --config RECIPE.yaml is required (see configs/)\n\n" + _LAUNCH_HELP)
+        raise SystemExit("emoe-llm train: error: --config RECIPE.yaml is required (see configs/)\n\n" + _LAUNCH_HELP)
     nproc = nproc or _default_nproc()
     port = port or _free_port()
     if launcher == "deepspeed":
