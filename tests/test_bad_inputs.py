@@ -558,7 +558,7 @@ def _mount_tmpfs(w: World, size: str) -> Path | None:
     """A small tmpfs (root only); None where mounting is not allowed (then the case simulates the error)."""
     mnt = w.tmp / "mnt"
     mnt.mkdir()
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 or os.environ.get("EMOE_TEST_NO_MOUNT"):  # the latter to test the fallbacks as root
         return None
     if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
                       capture_output=True).returncode != 0:
