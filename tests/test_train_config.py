@@ -67,15 +67,21 @@ def test_batch_layout_check():
         resolve_batch(cfg, 2)
 
 
-def test_lr_schedule_warmup_cosine_floor():
-    cfg = load_config(TINY, ["train.lr=1.0", "train.warmup_steps=4", "train.min_lr_ratio=0.1"])
+def lr_curve(cfg, total_steps: int):
+    """(lr at each optimizer step, the scheduler after them, warmup steps) for an SGD with lr 1."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched, warmup = build_scheduler(opt, cfg, total_steps=20)
+    sched, warmup = build_scheduler(opt, cfg, total_steps=total_steps)
     lrs = []
-    for _ in range(20):
+    for _ in range(total_steps):
         lrs.append(sched.get_last_lr()[0])
         opt.step()
         sched.step()
+    return lrs, sched, warmup
+
+
+def test_lr_schedule_warmup_cosine_floor():
+    cfg = load_config(TINY, ["train.lr=1.0", "train.warmup_steps=4", "train.min_lr_ratio=0.1"])
+    lrs, sched, warmup = lr_curve(cfg, 20)
     assert warmup == 4
     assert lrs[:4] == pytest.approx([0.1, 0.325, 0.55, 0.775])  # linear warmup from lr * min_lr_ratio
     assert lrs[4] == pytest.approx(1.0)
@@ -91,13 +97,7 @@ def test_lr_schedule_warmup_cosine_floor():
 def test_lr_schedule_linear_and_constant(kind, shape):
     cfg = load_config(TINY, ["train.lr=1.0", "train.warmup_steps=2", "train.min_lr_ratio=0.2",
                              f"train.lr_scheduler={kind}"])
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched, _ = build_scheduler(opt, cfg, total_steps=10)
-    lrs = []
-    for _ in range(10):
-        lrs.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
+    lrs, _, _ = lr_curve(cfg, 10)
     for s in range(2, 10):
         assert lrs[s] == pytest.approx(1.0 if shape is None else 0.2 + 0.8 * shape((s - 2) / 8))
 
