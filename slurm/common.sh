@@ -8,7 +8,8 @@
 #   3. NCCL / torch.distributed knobs, each with a default and each overridable from the environment
 #   4. emoe_snapshot     the run snapshot: batch script, sbatch/scontrol view of the job, git revision + diff,
 #                        environment, resolved recipe + DeepSpeed config -> $OUTPUT_DIR/run/slurm/<jobid>.<attempt>/
-#      emoe_convert      dense -> EMoE conversion, skipped when the converted checkpoint already verifies
+#      emoe_convert      dense -> EMoE conversion with the recipe's emoe: settings, skipped when DST already is
+#                        that conversion and verifies
 #      emoe_run          runs the srun line in the background (so signal traps fire at once) and decides afterwards:
 #                        finished / checkpointed-and-requeued / failed
 #
@@ -165,33 +166,25 @@ EOF
   emoe_log "run snapshot: $d"
 }
 
-# emoe_convert SRC DST EXPERTS TOP_K LAYERS [extra convert args...]  -- skipped when DST verifies against SRC.
-# VERIFY_ARGS (e.g. --skip-copied on big models) goes to `emoe-llm verify`; an interrupted conversion resumes.
+# emoe_convert SRC DST [recipe overrides...]  -- make DST the conversion of SRC that $RECIPE's emoe: section asks for
+# (`emoe-llm convert --config`, the one conversion entry point). Only N, the permuted layers, the clustering seed and
+# method key it: DST is kept when it already is that conversion and verifies (another top_k or a subset of the
+# layers never re-clusters); otherwise converted again, resuming what an interrupted attempt left. CONVERT_ARGS
+# (e.g. "--device cuda --skip-copied") go to `emoe-llm convert`.
 emoe_convert() {
-  local src=$1 dst=$2 experts=$3 top_k=$4 layers=$5; shift 5
-  local spec=(--experts "$experts" --top-k "$top_k" --layers "$layers")
-  local verify_args=(); read -r -a verify_args <<< "${VERIFY_ARGS:-}"
+  local src=$1 dst=$2; shift 2
+  : "${RECIPE:?set RECIPE (the recipe whose emoe: section says what to convert) before emoe_convert}"
+  local convert_args=(); read -r -a convert_args <<< "${CONVERT_ARGS:-}"
   if [ -z "$src" ]; then   # converted elsewhere and the dense source is not on this cluster
     [ -f "$dst/config.json" ] || emoe_die "set MODEL=/path/to/the/dense/hf/checkpoint (or EMOE_MODEL to a converted one)"
     emoe_log "MODEL not set: training $dst as it is (not verified)"
     return 0
   fi
   [ -f "$src/config.json" ] || emoe_die "MODEL=$src is not an HF checkpoint dir (no config.json)"
-  if [ -f "$dst/config.json" ]; then
-    if emoe-llm verify "$src" "$dst" "${spec[@]}" "${verify_args[@]}" > "$OUTPUT_DIR/run/verify.log" 2>&1; then
-      emoe_log "conversion skipped: $dst verifies against $src (${spec[*]})"
-      return 0
-    fi
-    emoe_log "$dst exists but does not verify ($OUTPUT_DIR/run/verify.log): converting again"
-    set -- "$@" --overwrite
-  else
-    set -- "$@" --resume   # picks up a conversion an earlier attempt left half done
-  fi
-  emoe_log "converting $src -> $dst (${spec[*]} $*)"
-  emoe-llm convert "$src" "$dst" "${spec[@]}" --quiet "$@" || emoe_die "conversion failed"
-  emoe-llm verify "$src" "$dst" "${spec[@]}" "${verify_args[@]}" > "$OUTPUT_DIR/run/verify.log" 2>&1 ||
-    emoe_die "the fresh conversion does not verify: $OUTPUT_DIR/run/verify.log"
-  emoe_log "converted and verified: $dst"
+  local mode=--resume   # picks up a conversion an earlier attempt left half done
+  [ -f "$dst/config.json" ] && mode=--overwrite   # replaced only when it is another (or a broken) conversion
+  emoe-llm convert "$src" "$dst" "$@" --config "$RECIPE" --verify --quiet "$mode" "${convert_args[@]}" ||
+    emoe_die "conversion of $src -> $dst failed (above)"
 }
 
 _emoe_newest_ckpt() {

@@ -1047,16 +1047,46 @@ def _(w):
     return _train(w, "train.lr.x=1")
 
 
+def _converted(w: World) -> list[str]:
+    """model.path = the shared tiny conversion, and the emoe: section that matches it (8 experts, layers 1,3)."""
+    return [f"model.path={w.shared['emoe']}", "emoe.n_experts=8", "emoe.top_k=2", "emoe.layers=1,3"]
+
+
+@case("train", "emoe-mismatch", "model.path is another EMoE conversion than the emoe: section asks for",
+      r"model\.path .* is another EMoE conversion than the emoe: section asks for \(checkpoint -> recipe: "
+      r"n_experts 8 -> 16")
+def _(w):
+    return _train(w, f"model.path={w.shared['emoe']}")
+
+
+@case("train", "model-missing", "model.path is not a checkpoint dir: said before any rank starts (#12.8)",
+      r"model\.path: .*nothing/config\.json not found \(expected an HF checkpoint dir\)")
+def _(w):
+    return _train(w, f"model.path={w.tmp / 'nothing'}")
+
+
+@case("train", "template-pre-init", "an unknown data.template: said before tokenizing or any rank starts (#12.8)",
+      r"data\.template: 'nonexistent' is neither a built-in template")
+def _(w):
+    return _train(w, *_converted(w), "data.template=nonexistent")
+
+
+@case("train", "data-missing", "a data source that does not exist: said before any rank starts",
+      r"data\.sources\[0\]\.path: nope\.jsonl does not exist")
+def _(w):
+    return _train(w, *_converted(w), "data.sources.0.path=nope.jsonl")
+
+
 @case("train", "ds-config-missing", "--ds_config names no file", r"--ds_config .*z4\.json: file not found")
 def _(w):
-    run = _train(w)
+    run = _train(w, *_converted(w))
     run.argv += ["--ds_config", str(w.tmp / "z4.json")]
     return run
 
 
 @case("train", "ds-config-json", "the DeepSpeed config is not JSON", r"ds\.json: not valid JSON")
 def _(w):
-    run = _train(w)
+    run = _train(w, *_converted(w))
     run.argv += ["--ds_config", str(w.file("ds.json", '{"zero_optimization": {"stage": 3},}'))]
     return run
 

@@ -46,7 +46,7 @@ def convert_checkpoint(
     n_experts: int,
     top_k: int,
     layers,
-    all_layers: bool = False,
+    permute_layers=None,
     seed: int = 0,
     method: str = "kmeans",
     n_init: int = 3,
@@ -63,8 +63,8 @@ def convert_checkpoint(
 
     Args:
         layers: EMoE layers ("28,30", "28:2", "all" or a list); they go into config.json's ``emoe.layers``.
-        all_layers: cluster and permute every layer (``emoe.permuted_layers`` = all), so the EMoE layer set can be
-            changed later without re-converting; ``layers`` stays the EMoE set.
+        permute_layers: the layers to cluster and permute (same forms as ``layers``; default: ``layers``), recorded
+            as ``emoe.permuted_layers``. "all" lets the EMoE layer set be changed later without re-converting.
         device: where to cluster ("cpu", "cuda", "cuda:1"); weights are streamed on CPU either way.
         dtype: "keep" the stored dtypes, or cast floating tensors to "bf16" / "fp16" / "fp32" (clustering always
             runs in fp32 on the stored values).
@@ -91,8 +91,8 @@ def convert_checkpoint(
         raise ConversionError(f"method must be 'kmeans' or 'random', got '{method}'")
     _check_device(device)
     source = open_source(src, allow_pickle=allow_pickle)
-    settings = _plan(source, n_experts=n_experts, top_k=top_k, layers=layers, all_layers=all_layers, seed=seed,
-                     method=method)
+    settings = _plan(source, n_experts=n_experts, top_k=top_k, layers=layers, permute_layers=permute_layers,
+                     seed=seed, method=method)
     out_dtype = OUTPUT_DTYPES[dtype]
     key = {
         "src": str(src), "src_files": source.files_signature(), "n_experts": n_experts, "seed": seed,
@@ -202,14 +202,18 @@ def _check_device(device: str) -> None:
         raise ConversionError(f"device '{device}' requested but CUDA is not available; use --device cpu")
 
 
-def _plan(source: SourceCheckpoint, *, n_experts, top_k, layers, all_layers, seed, method) -> emoe.EMoESettings:
+def _plan(source: SourceCheckpoint, *, n_experts, top_k, layers, permute_layers, seed, method) -> emoe.EMoESettings:
     config = source.config
     if config.get("emoe"):
         raise ConversionError(f"{source.root / 'config.json'} already has an 'emoe' block: SRC is already converted")
     n_layers = config["num_hidden_layers"]
     try:
         layer_list = emoe.parse_layer_spec(layers, n_layers)
-        permuted = list(range(n_layers)) if all_layers else list(layer_list)
+        permuted = emoe.parse_layer_spec(permute_layers, n_layers) if permute_layers is not None else list(layer_list)
+        missing = sorted(set(layer_list) - set(permuted))
+        if missing:
+            raise ValueError(f"EMoE layers {missing} are not in permute_layers {permuted}: every EMoE layer must be "
+                             "clustered")
         emoe.validate_settings(n_experts=n_experts, top_k=top_k, layers=layer_list, d_ff=config["intermediate_size"],
                                n_layers=n_layers, model_type=config.get("model_type"))
     except ValueError as e:

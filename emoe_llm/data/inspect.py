@@ -47,6 +47,7 @@ def _data_section(args) -> tuple[dict, str | None]:
         with open(args.config, encoding="utf-8") as f:
             recipe = yaml.safe_load(f) or {}
         data = dict(recipe.get("data") or {})
+        data.setdefault("seed", recipe.get("seed", 42))  # a recipe has one seed, the top-level one
         model = recipe.get("model") or {}
         tokenizer = model.get("tokenizer") or model.get("path")
     if args.source:

@@ -6,6 +6,12 @@
 
 becomes ``deepspeed --num_gpus N --master_port P --module emoe_llm.train --ds_config ... --config ... key=value``
 (the installed package, no repo checkout needed). For several nodes use the Slurm scripts in ``slurm/``.
+
+Kept on purpose, and kept thin: it only fills in ``--nproc`` (all visible GPUs, or 2 CPU ranks) and a free
+``--master_port``, prints the launcher command, and ``exec``s ``deepspeed`` / ``torchrun`` in its place -- nothing of
+ours stays between the launcher and the ranks (signals reach the launcher directly), and ``--dry-run`` shows the plain
+command to run by hand. The recipe never re-launches itself: ``deepspeed ... train.py`` and ``torchrun ... train.py``
+work the same.
 """
 
 from __future__ import annotations

@@ -45,12 +45,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from deepspeed.accelerator import get_accelerator
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
 
-from ..convert import convert_checkpoint
-from ..data import SFTCollator, build_sft_datasets, data_config_from_dict, load_tokenizer
+from ..convert.prepare import prepare_emoe_checkpoint
+from ..data import SFTCollator, build_sft_datasets, load_tokenizer
 from ..emoe import enable_emoe, pop_expert_load
 from ..fileio import atomic_write_text
 from . import checkpoint
@@ -139,28 +140,17 @@ def pick_attn_implementation(requested: str, dtype: torch.dtype) -> str:
 
 
 def prepare_model_path(cfg: RecipeConfig, *, rank: int) -> Path:
-    """The checkpoint to load. Converts a dense checkpoint on the fly (rank 0, once) when ``model.convert`` is set."""
+    """Collective. The checkpoint to load: model.path when it is converted (check_runnable made sure it is the emoe:
+    section's conversion) or when there is no emoe: section; else rank 0 converts it into output_dir/converted (kept
+    and reused while N, the permuted layers, seed and method stay the same; small models only)."""
     src = Path(cfg.model.path)
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"model.path: {src}/config.json not found (expected an HF checkpoint dir)")
-    has_emoe = bool(json.loads((src / "config.json").read_text()).get("emoe"))
+    if cfg.emoe is None or json.loads((src / "config.json").read_text()).get("emoe"):
+        return src
     # mode dense converts too: the permutation keeps the dense function, and the exported model can then be run
     # with the expert mask at inference (the paper's "LoRA2EMoE") and compared with the EMoE run key for key.
-    if has_emoe or not cfg.model.convert:
-        if cfg.model.mode == "emoe" and not has_emoe:
-            raise ConfigError(
-                f"model.mode=emoe but {src}/config.json has no 'emoe' block: convert it first "
-                f"(emoe-llm convert {src} DST --experts N --top-k K --layers ...) or set model.convert="
-                "{n_experts: N, top_k: K, layers: ...} to convert on the fly (small models)"
-            )
-        return src
     dst = Path(cfg.output_dir) / "converted"
-    if rank == 0 and not (dst / "config.json").is_file():
-        c = dict(cfg.model.convert)
-        log0(f"converting {src} -> {dst} (n_experts={c['n_experts']}, top_k={c['top_k']}, layers={c['layers']})")
-        convert_checkpoint(src, dst, n_experts=int(c["n_experts"]), top_k=int(c["top_k"]), layers=c["layers"],
-                           seed=int(c.get("seed", 0)), method=c.get("method", "kmeans"), overwrite=True,
-                           progress=False)
+    if rank == 0:
+        prepare_emoe_checkpoint(src, dst, **cfg.emoe.conversion(), overwrite=True, progress=False, log=log0)
     dist.barrier()
     return dst
 
@@ -175,7 +165,7 @@ def load_model(cfg: RecipeConfig, path: Path, *, dtype: torch.dtype):
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     model.config.use_cache = False
     if cfg.model.mode == "emoe":
-        settings = enable_emoe(model, top_k=cfg.model.top_k, layers=cfg.model.layers)
+        settings = enable_emoe(model, top_k=cfg.emoe.top_k, layers=cfg.emoe.layers)
         log0(f"EMoE: layers {settings.layers}, {settings.n_experts} experts, top-{settings.top_k}")
     if cfg.model.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -237,19 +227,18 @@ def build_optimizer(model, cfg: RecipeConfig, ds_config: dict):
 
 
 def build_scheduler(optimizer, cfg: RecipeConfig, total_steps: int):
+    """(LambdaLR, warmup steps): transformers' warmup-stable-decay schedule, which expresses all three of ours --
+    linear warmup, then cosine or linear decay to ``lr * min_lr_ratio`` at ``total_steps`` (``constant``: no decay).
+    (``cosine_with_min_lr`` has no linear variant.) The warmup rises from ``lr * min_lr_ratio`` (0 by default, as in
+    the HF Trainer) to ``lr``."""
     t = cfg.train
     warmup = t.warmup_steps or int(math.ceil(t.warmup_ratio * total_steps))
-
-    def factor(step: int) -> float:  # step = optimizer steps done so far
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if t.lr_scheduler == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if t.lr_scheduler == "cosine" else 1.0 - progress
-        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * shape
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), warmup
+    decay = 0 if t.lr_scheduler == "constant" else max(0, total_steps - warmup)
+    shape = {"num_decay_steps": decay, "num_stable_steps": max(0, total_steps - warmup - decay),
+             "decay_type": "linear" if t.lr_scheduler == "linear" else "cosine", "min_lr_ratio": t.min_lr_ratio}
+    scheduler = get_scheduler("warmup_stable_decay", optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps, scheduler_specific_kwargs=shape)
+    return scheduler, warmup
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -449,7 +438,8 @@ def nothing_to_do(cfg: RecipeConfig) -> bool:
     output_dir = Path(cfg.output_dir)
     completed = read_completed(output_dir)
     if completed is not None and cfg.resume != "none" and completed.get("config_sha") == config_sha(cfg):
-        log0(f"{output_dir / 'COMPLETED'} exists for this exact recipe: nothing to do (final: {completed.get('final')})")
+        log0(f"{output_dir / 'COMPLETED'} exists for this exact recipe: nothing to do "
+             f"(final: {completed.get('final')})")
         return True
     if cfg.resume == "none" and checkpoint.list_checkpoints(output_dir):
         raise ConfigError(f"resume=none but {output_dir}/checkpoints holds checkpoints of an earlier run; use "
@@ -496,10 +486,9 @@ def build_data(cfg: RecipeConfig, *, rank: int):
     """(tokenizer, train_ds, eval_ds or None, data_stats). Rank 0 tokenizes and fills the cache first; the other
     ranks then read it."""
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    data_cfg = data_config_from_dict(cfg.data)
     if rank != 0:
         dist.barrier()
-    train_ds, eval_ds, data_stats = build_sft_datasets(data_cfg, tokenizer)
+    train_ds, eval_ds, data_stats = build_sft_datasets(cfg.data, tokenizer)
     if rank == 0:
         dist.barrier()
     return tokenizer, train_ds, eval_ds, data_stats
@@ -650,12 +639,15 @@ def fit(run: Run, state: TrainState) -> str:
 
 
 def epoch_batches(run: Run, state: TrainState):
-    """Iterator over this rank's collated micro-batches from ``state.step_in_epoch`` to the end of the epoch."""
-    micro, accum = run.micro, run.accum
+    """Iterator over this rank's collated micro-batches from ``state.step_in_epoch`` to the end of the epoch: a torch
+    DataLoader (collation in ``train.dataloader_workers`` processes, pinned memory on CUDA) over the deterministic
+    per-rank order, so a resumed run sees exactly the batches the uninterrupted one did."""
+    micro, workers = run.micro, run.cfg.train.dataloader_workers
     order = epoch_indices(len(run.train_ds), epoch=state.epoch, seed=run.cfg.seed, rank=run.rank, world=run.world,
-                          per_rank=state.steps_per_epoch * accum * micro)
-    for first in range(state.step_in_epoch * accum * micro, len(order), micro):
-        yield run.collator([run.train_ds[i] for i in order[first:first + micro]])
+                          per_rank=state.steps_per_epoch * run.accum * micro)
+    batches = [order[i:i + micro] for i in range(state.step_in_epoch * run.accum * micro, len(order), micro)]
+    return iter(DataLoader(run.train_ds, batch_sampler=batches, collate_fn=run.collator, num_workers=workers,
+                           pin_memory=run.device.type == "cuda", prefetch_factor=4 if workers else None))
 
 
 class Throughput:
@@ -786,17 +778,21 @@ def export(run: Run) -> Path | None:
     hf_config.use_cache = True
     hf_config.dtype = run.dtype
     final = checkpoint.export_hf(run.engine, run.output_dir / "final", config=hf_config, tokenizer=run.tokenizer,
-                                 rank=run.rank, max_shard_size=run.cfg.train.export_max_shard_size, lora_merge=True)
+                                 rank=run.rank, max_shard_size=run.cfg.train.export_max_shard_size)
     if run.cfg.lora.enabled:
         checkpoint.export_lora_adapter(run.engine, run.output_dir / "final" / "adapter", rank=run.rank)
     return final
 
 
 def load_recipe(args: argparse.Namespace) -> tuple[RecipeConfig, dict]:
-    """The recipe and the DeepSpeed JSON, checked before any process group exists."""
+    """The whole recipe and the DeepSpeed JSON, checked before any process group exists: types, unknown keys,
+    template, paths, model dir, the emoe: section against the checkpoint, and the batch layout for the launcher's
+    WORLD_SIZE. Every rank reaches the same verdict; ``cli`` prints it once."""
     cfg = load_config(args.config, args.overrides)
     check_runnable(cfg)
-    return cfg, load_ds_config(args.ds_config)
+    ds_config = load_ds_config(args.ds_config)
+    fill_ds_config(ds_config, cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    return cfg, ds_config
 
 
 def close(run: Run, outcome: str) -> int:
