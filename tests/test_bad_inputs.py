@@ -1136,8 +1136,8 @@ def _(w):
     return run
 
 
-@case("train", "template-in-run", "a data template that does not exist, reaching the ranks (#12.6, #12.7)",
-      r"^\[emoe-llm\] error: .*template 'nonexistent'", slow=True)
+@case("train", "template-in-run", "a data template that does not exist, launched on 2 real ranks: one line (rank 0), "
+      "no output_dir left (#12.6-8)", r"^\[emoe-llm\] error: .*template:? 'nonexistent'", slow=True)
 def _(w):
     return _ranks(w, "data.template=nonexistent")
 
