@@ -69,7 +69,9 @@ def train_command(args, out: Path, emoe_dir: Path) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from emoe_llm.tiny import build_demo_model
+    from emoe_llm.convert.prepare import prepare_emoe_checkpoint
+    from emoe_llm.tiny import save_tiny_checkpoint
+    from emoe_llm.train.config import load_config
 
     t0 = time.perf_counter()
     out = Path(args.output).resolve()
@@ -79,9 +81,11 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     # 1-2. tiny model + EMoE conversion
-    summary = build_demo_model(emoe_dir)
-    _say(f"built {dense_dir} and converted it to EMoE (16 experts, top-4, layers 2,3) in {summary['seconds']:.1f}s "
-         f"-> {emoe_dir}")
+    save_tiny_checkpoint(dense_dir, tokenizer_dir=DATA_DIR / "tokenizers" / "tiny_llama3_style")
+    spec = load_config(args.config).emoe  # the recipe's emoe: section, as the training run will check it
+    summary = prepare_emoe_checkpoint(dense_dir, emoe_dir, **spec.conversion(), progress=False, log=lambda m: None)
+    _say(f"built {dense_dir} and converted it to EMoE ({spec.n_experts} experts, top-{spec.top_k}, layers "
+         f"{spec.layers}) in {summary['summary']['seconds']:.1f}s -> {emoe_dir}")
 
     # 3. ZeRO-3 training on N ranks
     cmd = train_command(args, out, emoe_dir)

@@ -70,14 +70,18 @@ def save_tiny_checkpoint(
     return path
 
 
-def build_demo_model(emoe_dir: str | os.PathLike, *, seed: int = 0) -> dict:
+DEMO_CONVERSION = {"n_experts": 16, "top_k": 4, "layers": "2,3", "permute_layers": None, "seed": 0, "method": "kmeans"}
+
+
+def build_demo_model(emoe_dir: str | os.PathLike, *, conversion: dict | None = None, seed: int = 0) -> dict:
     """The demo's model: the tiny random Llama with the shipped 2k-vocab tokenizer (``tiny_dense`` beside
-    ``emoe_dir``), converted to EMoE (16 experts, top-4, layers 2,3) at ``emoe_dir``. Returns the conversion summary.
+    ``emoe_dir``), converted to EMoE at ``emoe_dir`` with ``conversion`` (the recipe's ``emoe:`` section as
+    ``EMoEConfig.conversion()``; default 16 experts, top-4, layers 2,3). Returns the conversion summary.
 
     Both directories appear complete or not at all (built under temporary names, then renamed)."""
     import tempfile
 
-    from emoe_llm.convert import convert_checkpoint
+    from emoe_llm.convert.prepare import prepare_emoe_checkpoint
 
     emoe_dir = Path(emoe_dir)
     dense_dir = emoe_dir.parent / "tiny_dense"
@@ -85,8 +89,8 @@ def build_demo_model(emoe_dir: str | os.PathLike, *, seed: int = 0) -> dict:
     with tempfile.TemporaryDirectory(prefix=".tiny_build.", dir=emoe_dir.parent) as tmp:
         dense_tmp = save_tiny_checkpoint(Path(tmp) / "dense", tokenizer_dir=DATA_DIR / "tokenizers" / "tiny_llama3_style",
                                          seed=seed)
-        summary = convert_checkpoint(dense_tmp, emoe_dir, n_experts=16, top_k=4, layers="2,3", seed=0,
-                                     overwrite=True, progress=False)
+        summary = prepare_emoe_checkpoint(dense_tmp, emoe_dir, **(conversion or DEMO_CONVERSION), overwrite=True,
+                                          progress=False, log=lambda msg: None)["summary"]
         if not (dense_dir / "config.json").is_file():
             shutil.rmtree(dense_dir, ignore_errors=True)
             os.rename(dense_tmp, dense_dir)

@@ -8,7 +8,8 @@
 #   3. NCCL / torch.distributed knobs, each with a default and each overridable from the environment
 #   4. emoe_snapshot     the run snapshot: batch script, sbatch/scontrol view of the job, git revision + diff,
 #                        environment, resolved recipe + DeepSpeed config -> $OUTPUT_DIR/run/slurm/<jobid>.<attempt>/
-#      emoe_convert      dense -> EMoE conversion, skipped when the converted checkpoint already verifies
+#      emoe_convert      dense -> EMoE conversion with the recipe's emoe: settings, skipped when DST already is
+#                        that conversion and verifies
 #      emoe_run          runs the srun line in the background (so signal traps fire at once) and decides afterwards:
 #                        finished / checkpointed-and-requeued / failed
 #
@@ -22,7 +23,12 @@
 #   checkpoint. `touch $OUTPUT_DIR/STOP` by hand stops the run cleanly WITHOUT requeueing it.
 
 emoe_log() { echo "[emoe-slurm $(date -u +%H:%M:%S)] $*"; }
-emoe_die() { emoe_log "ERROR: $*" >&2; exit 2; }
+emoe_die() {
+  emoe_log "ERROR: $*" >&2
+  # an OUTPUT_DIR this attempt created and left empty goes again (rmdir removes nothing that holds a file)
+  if [ -n "${_EMOE_MADE_OUTPUT_DIR:-}" ]; then rmdir "$OUTPUT_DIR/run" "$OUTPUT_DIR" 2>/dev/null || true; fi
+  exit 2
+}
 
 # ---- preemption trap: installed first, so a signal during conversion is remembered instead of killing the shell
 EMOE_STOP_SIGNAL=""
@@ -51,6 +57,13 @@ PYTHON=${PYTHON:-python}
 command -v emoe-llm >/dev/null ||
   emoe_die "emoe-llm is not on PATH: 'make setup' in $EMOE_ROOT, or activate the environment before sbatch"
 case $OUTPUT_DIR in /*) ;; *) OUTPUT_DIR=$EMOE_ROOT/$OUTPUT_DIR ;; esac  # every node must see the same path
+# A mistyped RECIPE / DS_CONFIG would otherwise surface only after the conversion (an hour on 30B): fail now.
+for _v in RECIPE DS_CONFIG; do
+  if [ -n "${!_v:-}" ] && [ ! -f "${!_v}" ]; then
+    emoe_die "$_v=${!_v}: file not found (relative paths resolve against $EMOE_ROOT)"
+  fi
+done
+[ -d "$OUTPUT_DIR" ] || _EMOE_MADE_OUTPUT_DIR=1
 mkdir -p "$OUTPUT_DIR/run"
 
 # ---- 2. rendezvous, all derived from the allocation
@@ -132,7 +145,7 @@ emoe_snapshot() {
   fi
   # environment minus anything that looks like a secret
   env | sort | grep -Eiv '^[^=]*(token|secret|passw|api_?key|credential|private)[^=]*=' > "$d/env.txt" || true
-  "$PYTHON" - "$recipe" "$ds" "$WORLD_SIZE" "$d" "$@" <<'EOF' || emoe_die "the recipe does not resolve (above)"
+  if ! "$PYTHON" - "$recipe" "$ds" "$WORLD_SIZE" "$d" "$@" <<'EOF'
 import json, sys
 from emoe_llm.train.config import (ConfigError, check_runnable, dump_config, fill_ds_config, load_config,
                                    load_ds_config)
@@ -141,11 +154,15 @@ try:
     cfg = load_config(recipe, overrides)
     check_runnable(cfg)
     filled = fill_ds_config(load_ds_config(ds), cfg, world_size=world)
-except (ConfigError, FileNotFoundError) as e:
-    sys.exit(f"emoe-slurm: {recipe} + {ds} with {overrides}: {e}")
+except (ConfigError, FileNotFoundError) as e:  # one line, printed by emoe_die
+    open(f"{out}/resolve_error.txt", "w").write(" ".join(f"{recipe} + {ds} with {overrides}: {e}".split()))
+    sys.exit(2)
 open(f"{out}/config.yaml", "w").write(dump_config(cfg))
 open(f"{out}/ds_config.json", "w").write(json.dumps(filled, indent=2) + "\n")
 EOF
+  then
+    emoe_die "$(cat "$d/resolve_error.txt" 2>/dev/null || echo "the recipe does not resolve (see above)")"
+  fi
   emoe_log "run snapshot: $d"
   emoe_preflight "$recipe" "$ds" "$@"
 }
@@ -172,33 +189,25 @@ emoe_preflight() {
   esac
 }
 
-# emoe_convert SRC DST EXPERTS TOP_K LAYERS [extra convert args...]  -- skipped when DST verifies against SRC.
-# VERIFY_ARGS (e.g. --skip-copied on big models) goes to `emoe-llm verify`; an interrupted conversion resumes.
+# emoe_convert SRC DST [recipe overrides...]  -- make DST the conversion of SRC that $RECIPE's emoe: section asks for
+# (`emoe-llm convert --config`, the one conversion entry point). Only N, the permuted layers, the clustering seed and
+# method key it: DST is kept when it already is that conversion and verifies (another top_k or a subset of the
+# layers never re-clusters); otherwise converted again, resuming what an interrupted attempt left. CONVERT_ARGS
+# (e.g. "--device cuda --skip-copied") go to `emoe-llm convert`.
 emoe_convert() {
-  local src=$1 dst=$2 experts=$3 top_k=$4 layers=$5; shift 5
-  local spec=(--experts "$experts" --top-k "$top_k" --layers "$layers")
-  local verify_args=(); read -r -a verify_args <<< "${VERIFY_ARGS:-}"
+  local src=$1 dst=$2; shift 2
+  : "${RECIPE:?set RECIPE (the recipe whose emoe: section says what to convert) before emoe_convert}"
+  local convert_args=(); read -r -a convert_args <<< "${CONVERT_ARGS:-}"
   if [ -z "$src" ]; then   # converted elsewhere and the dense source is not on this cluster
     [ -f "$dst/config.json" ] || emoe_die "set MODEL=/path/to/the/dense/hf/checkpoint (or EMOE_MODEL to a converted one)"
     emoe_log "MODEL not set: training $dst as it is (not verified)"
     return 0
   fi
   [ -f "$src/config.json" ] || emoe_die "MODEL=$src is not an HF checkpoint dir (no config.json)"
-  if [ -f "$dst/config.json" ]; then
-    if emoe-llm verify "$src" "$dst" "${spec[@]}" "${verify_args[@]}" > "$OUTPUT_DIR/run/verify.log" 2>&1; then
-      emoe_log "conversion skipped: $dst verifies against $src (${spec[*]})"
-      return 0
-    fi
-    emoe_log "$dst exists but does not verify ($OUTPUT_DIR/run/verify.log): converting again"
-    set -- "$@" --overwrite
-  else
-    set -- "$@" --resume   # picks up a conversion an earlier attempt left half done
-  fi
-  emoe_log "converting $src -> $dst (${spec[*]} $*)"
-  emoe-llm convert "$src" "$dst" "${spec[@]}" --quiet "$@" || emoe_die "conversion failed"
-  emoe-llm verify "$src" "$dst" "${spec[@]}" "${verify_args[@]}" > "$OUTPUT_DIR/run/verify.log" 2>&1 ||
-    emoe_die "the fresh conversion does not verify: $OUTPUT_DIR/run/verify.log"
-  emoe_log "converted and verified: $dst"
+  local mode=--resume   # picks up a conversion an earlier attempt left half done
+  [ -f "$dst/config.json" ] && mode=--overwrite   # replaced only when it is another (or a broken) conversion
+  emoe-llm convert "$src" "$dst" "$@" --config "$RECIPE" --verify --quiet "$mode" "${convert_args[@]}" ||
+    emoe_die "conversion of $src -> $dst failed (above)"
 }
 
 _emoe_newest_ckpt() {

@@ -1,5 +1,5 @@
 #!/bin/bash
-# LLaMA-30B -> EMoE (256 experts, top-64, layers 56,58), full fine-tune with DeepSpeed ZeRO-3 on 4 nodes x 8 GPUs.
+# LLaMA-30B -> EMoE (the recipe's emoe: section), full fine-tune with DeepSpeed ZeRO-3 on 4 nodes x 8 GPUs.
 #
 #   MODEL=/models/llama-30b sbatch slurm/llama30b.sh                    # 4 nodes x 8 GPUs (the #SBATCH lines)
 #   MODEL=/models/llama-30b sbatch --nodes=8 slurm/llama30b.sh          # node/GPU counts: #SBATCH or sbatch flags only
@@ -28,15 +28,14 @@ EMOE_MODEL=${EMOE_MODEL:-checkpoints/llama-30b-emoe256}   # converted once, then
 RECIPE=${RECIPE:-configs/llama30b_emoe.yaml}
 DS_CONFIG=${DS_CONFIG:-ds_configs/z3.json}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/llama30b_emoe}
-CONVERT_ARGS=${CONVERT_ARGS:---device cuda}               # k-means on the GPU of the first node
-VERIFY_ARGS=${VERIFY_ARGS:---skip-copied}                 # re-reading 2 x 65 GB on every requeue is not worth it
-export MODEL EMOE_MODEL RECIPE DS_CONFIG VERIFY_ARGS
+# k-means on the GPU of the first node; --skip-copied: re-reading 2 x 65 GB on every requeue is not worth it
+CONVERT_ARGS=${CONVERT_ARGS:---device cuda --skip-copied}
+export MODEL EMOE_MODEL RECIPE DS_CONFIG
 export DEEPSPEED_TIMEOUT=${DEEPSPEED_TIMEOUT:-60}         # minutes; the rank-0 gather of a 30B export is slow
 
 # shellcheck source=slurm/common.sh
 source "${EMOE_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
-read -r -a convert_args <<< "$CONVERT_ARGS"
-emoe_convert "$MODEL" "$EMOE_MODEL" 256 64 56,58 "${convert_args[@]}"
+emoe_convert "$MODEL" "$EMOE_MODEL" "$@"                  # N, k, layers, seed, method: the recipe's emoe: section
 emoe_snapshot "$RECIPE" "$DS_CONFIG" output_dir="$OUTPUT_DIR" model.path="$EMOE_MODEL" resume=auto "$@"
 
 # One task per node; each runs torchrun with NPROC_PER_NODE workers; node rank = SLURM_NODEID (expanded per node).

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Llama-2-7B -> EMoE (64 experts, top-16, layers 28,30), full fine-tune with DeepSpeed ZeRO-3 on 1-2 nodes x 8 GPUs.
+# Llama-2-7B -> EMoE (the recipe's emoe: section), full fine-tune with DeepSpeed ZeRO-3 on 1-2 nodes x 8 GPUs.
 #
 #   MODEL=/models/Llama-2-7b-hf sbatch slurm/llama7b.sh                 # 1 node x 8 GPUs (the #SBATCH lines)
 #   MODEL=/models/Llama-2-7b-hf sbatch --nodes=2 slurm/llama7b.sh       # node/GPU counts: #SBATCH or sbatch flags only
@@ -33,8 +33,7 @@ export MODEL EMOE_MODEL RECIPE DS_CONFIG
 
 # shellcheck source=slurm/common.sh
 source "${EMOE_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
-read -r -a convert_args <<< "$CONVERT_ARGS"
-emoe_convert "$MODEL" "$EMOE_MODEL" 64 16 28,30 "${convert_args[@]}"
+emoe_convert "$MODEL" "$EMOE_MODEL" "$@"                  # N, k, layers, seed, method: the recipe's emoe: section
 emoe_snapshot "$RECIPE" "$DS_CONFIG" output_dir="$OUTPUT_DIR" model.path="$EMOE_MODEL" resume=auto "$@"
 
 # One task per node; each runs torchrun with NPROC_PER_NODE workers; node rank = SLURM_NODEID (expanded per node).

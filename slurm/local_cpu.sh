@@ -22,7 +22,7 @@ set -euo pipefail
 
 # ---- what to train (environment overrides: OUTPUT_DIR=runs/x sbatch slurm/local_cpu.sh)
 MODEL=${MODEL:-runs/slurm_tiny/dense}          # built below when missing (tiny demo model, random weights)
-EMOE_MODEL=${EMOE_MODEL:-runs/slurm_tiny/emoe} # 8 experts, top-2, all 4 layers
+EMOE_MODEL=${EMOE_MODEL:-runs/slurm_tiny/emoe} # converted with the recipe's emoe: settings
 RECIPE=${RECIPE:-configs/tiny_cpu.yaml}
 DS_CONFIG=${DS_CONFIG:-ds_configs/z3.json}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/slurm_tiny/train}
@@ -35,7 +35,7 @@ if [ ! -f "$MODEL/config.json" ]; then
   "$PYTHON" -c 'import sys; from emoe_llm.tiny import save_tiny_checkpoint as s
 s(sys.argv[1], tokenizer_dir="data/tokenizers/tiny_llama3_style", seed=0)' "$MODEL"
 fi
-emoe_convert "$MODEL" "$EMOE_MODEL" 8 2 all
+emoe_convert "$MODEL" "$EMOE_MODEL" "$@"                  # N, k, layers, seed, method: the recipe's emoe: section
 emoe_snapshot "$RECIPE" "$DS_CONFIG" output_dir="$OUTPUT_DIR" model.path="$EMOE_MODEL" resume=auto "$@"
 
 # One task per node; each runs torchrun with NPROC_PER_NODE workers; node rank = SLURM_NODEID (expanded per node).

@@ -27,7 +27,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("script", sorted(CASES))
+# train_throughput starts a DeepSpeed job (1 rank): slow, like every test that runs DeepSpeed in a subprocess
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s == "train_throughput" else s
+                                    for s in sorted(CASES)])
 def test_benchmark_script_runs_and_prints_its_figure_last(script, tmp_path):
     args, last_line_prefix = CASES[script]
     out = tmp_path / f"{script}.json"

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from emoe_llm.data import data_config_from_dict
 from emoe_llm.train.config import ConfigError, fill_ds_config, load_config, load_ds_config, resolve_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,14 +22,15 @@ def test_shipped_files_exist():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_validates(path):
-    cfg = load_config(path)
-    data_config_from_dict(cfg.data)  # the data section is validated by the data package
-    assert cfg.output_dir and cfg.model.path
+    cfg = load_config(path)  # one tree: the data section is validated too (by the data package's rules)
+    assert cfg.output_dir and cfg.model.path and cfg.data.sources
     assert cfg.model.mode in ("dense", "emoe")
     # the paper recipes: alpaca, 3 epochs, global batch 128, seq 512, cosine, 3% warmup
     if path.name.startswith("llama"):
         assert cfg.train.epochs == 3 and cfg.train.global_batch_size == 128
-        assert cfg.data["max_seq_len"] == 512 and cfg.train.lr_scheduler == "cosine"
+        assert cfg.data.max_seq_len == 512 and cfg.train.lr_scheduler == "cosine"
+        # the paper's EMoE settings: 7B N=64 k=16 layers 28,30; 30B N=256 k=64
+        assert (cfg.emoe.n_experts, cfg.emoe.top_k) == ((256, 64) if "30b" in path.name else (64, 16))
         assert cfg.train.warmup_ratio == pytest.approx(0.03)
         assert cfg.train.lr == pytest.approx(3e-4 if cfg.lora.enabled else 2e-5)
         for world in (8, 16, 32):

@@ -74,7 +74,7 @@ def shards_of_layer(src: Path, layer: int) -> set[str]:
     [
         ("sharded_fp32", dict(layers="1,3"), None),
         ("sharded_fp32", dict(layers="2", dtype="bf16"), torch.bfloat16),
-        ("sharded_bf16_bias", dict(layers="3", all_layers=True), None),
+        ("sharded_bf16_bias", dict(layers="3", permute_layers="all"), None),
     ],
     ids=["fp32-layers-1-3", "fp32-to-bf16", "bf16-bias-all-layers"],
 )
@@ -86,7 +86,7 @@ def test_streamed_equals_in_memory_and_src_unchanged(request, tmp_path, fixture,
     summary = convert_checkpoint(src, dst, n_experts=N_EXPERTS, top_k=2, seed=3, progress=False, **options)
     assert tree_hash(src) == before
 
-    permute = "all" if options.get("all_layers") else None
+    permute = options.get("permute_layers")
     expected = in_memory_conversion(src, layers=options["layers"], permute_layers=permute, seed=3, cast=cast)
     streamed = read_checkpoint(dst)
     assert streamed.keys() == expected.keys()
@@ -106,7 +106,7 @@ def test_streamed_equals_in_memory_and_src_unchanged(request, tmp_path, fixture,
     assert (dst / "generation_config.json").is_file()
     assert not list(tmp_path.glob(".*partial*")), "workspace must be gone after success"
 
-    report = verify_checkpoint(src, dst, n_experts=N_EXPERTS, top_k=2, layers=options["layers"])
+    report = verify_checkpoint(src, dst, n_experts=N_EXPERTS, layers=options["layers"])
     assert report["ok"], report["failures"]
     assert report["checks"]["logits_max_rel_diff"] < 1e-5
 
@@ -134,7 +134,7 @@ def test_single_file_tied_checkpoint_and_loads_as_emoe(tmp_path):
 
 def test_interrupted_then_resumed_equals_uninterrupted(sharded_fp32, tmp_path):
     reference = tmp_path / "reference"
-    options = dict(n_experts=N_EXPERTS, top_k=2, layers="0,2", all_layers=True, seed=5, progress=False)
+    options = dict(n_experts=N_EXPERTS, top_k=2, layers="0,2", permute_layers="all", seed=5, progress=False)
     convert_checkpoint(sharded_fp32, reference, **options)
 
     dst = tmp_path / "resumed"
@@ -269,6 +269,31 @@ def test_cli_convert_prints_summary(sharded_fp32, tmp_path, capsys):
     assert rc == 2 and "not empty" in capsys.readouterr().err
 
 
+def test_only_weight_settings_key_a_conversion(sharded_fp32, tmp_path, capsys):
+    """`emoe-llm convert --config RECIPE`: another k or a subset of the permuted layers reuses DST untouched (no
+    re-clustering); another N or seed converts again (with --overwrite); flags and --config do not mix."""
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    dst = tmp_path / "emoe"
+    def base(*overrides):  # overrides right after DST (argparse positionals), then the options
+        return ["convert", str(sharded_fp32), str(dst), "emoe.n_experts=8", "emoe.layers=1", "emoe.permute_layers=1,3",
+                *overrides, "--config", str(recipe), "--quiet"]
+
+    assert cli_main([*base("emoe.top_k=2"), "--verify"]) == 0
+    assert "converted and verified" in capsys.readouterr().out
+    before = tree_hash(dst)
+    assert cli_main([*base("emoe.top_k=5", "emoe.layers=3"), "--verify"]) == 0   # k and active layers: train-time
+    assert "conversion skipped" in capsys.readouterr().out and tree_hash(dst) == before
+    assert cli_main(base("emoe.seed=1")) == 2
+    assert "seed 0 -> 1" in capsys.readouterr().out
+    assert cli_main([*base("emoe.seed=1"), "--overwrite"]) == 0
+    assert json.loads((dst / "config.json").read_text())["emoe"]["seed"] == 1 and tree_hash(dst) != before
+    assert cli_main([*base(), "--experts", "4"]) == 2
+    assert "--experts and --config" in capsys.readouterr().err
+    report = verify_checkpoint(sharded_fp32, dst, n_experts=8, layers="3")  # any permuted layer may be switched on
+    assert report["ok"], report["failures"]
+    assert not verify_checkpoint(sharded_fp32, dst, layers="0,1")["ok"]      # layer 0 was never clustered
+
+
 @pytest.mark.slow
 def test_killed_by_signal_then_resume_cli(tmp_path):
     """A real signal to `emoe-llm convert` mid-clustering: no DST, exit 130, and --resume finishes the job."""
@@ -280,7 +305,7 @@ def test_killed_by_signal_then_resume_cli(tmp_path):
 
     src = save_tiny_checkpoint(tmp_path / "src", max_shard_size="300KB", num_hidden_layers=12, hidden_size=128,
                                intermediate_size=512)
-    args = ["--experts", "8", "--top-k", "2", "--layers", "10,11", "--all-layers", "--quiet"]
+    args = ["--experts", "8", "--top-k", "2", "--layers", "10,11", "--permute-layers", "all", "--quiet"]
     dst = tmp_path / "dst"
     manifest = tmp_path / ".dst.emoe-partial" / "emoe_partial.json"
     proc = subprocess.Popen([sys.executable, "-m", "emoe_llm.cli", "convert", str(src), str(dst), *args],

@@ -26,9 +26,9 @@ def test_inspect_reports_bad_rows(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
     rc = main(["--source", str(bad), "--tokenizer", TINY_TOK, "--cache-dir", str(tmp_path / "c")])
-    assert rc == 1 and f"{bad}: line 2: missing field 'output'" in capsys.readouterr().err
+    assert rc == 2 and f"{bad}: line 2: missing field 'output'" in capsys.readouterr().err
     rc = main(["--source", str(bad), "--validate-only", "--skip-bad-rows"])
     out = capsys.readouterr().out
     assert rc == 0 and "usable=1" in out and "skipped_bad_rows=1" in out and "line 2" in out
-    assert main(["--source", str(tmp_path / "missing.json"), "--validate-only"]) == 1
+    assert main(["--source", str(tmp_path / "missing.json"), "--validate-only"]) == 2
     assert "file not found" in capsys.readouterr().err

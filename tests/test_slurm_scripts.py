@@ -125,35 +125,53 @@ def test_outside_a_job_fails_clearly(tmp_path):
 
 @pytest.mark.slow
 def test_convert_only_when_it_does_not_verify(tmp_path):
-    """emoe_convert: converts, then skips while DST verifies, converts again once DST is damaged."""
+    """emoe_convert takes N/k/layers from $RECIPE (+ overrides): converts, skips while DST is that conversion and
+    verifies (also for another top_k: a training-time setting), converts again once DST is damaged or N changes."""
     from emoe_llm.tiny import save_tiny_checkpoint
 
     src = save_tiny_checkpoint(tmp_path / "dense", seed=3)
     dst = tmp_path / "emoe"
-    call = f'emoe_convert "{src}" "{dst}" 8 2 1,3'
+    call = f'RECIPE=configs/tiny_cpu.yaml; emoe_convert "{src}" "{dst}" emoe.n_experts=8 emoe.top_k=2 emoe.layers=1,3'
     env = {"SLURM_JOB_ID": "5", "SLURM_JOB_NUM_NODES": "1"}
 
     first = source_common(tmp_path, env, call)
     assert first.returncode == 0 and "converted and verified" in first.stdout, first.stdout + first.stderr
     cfg = json.loads((dst / "config.json").read_text())["emoe"]
-    assert cfg["n_experts"] == 8 and cfg["top_k"] == 2
-    second = source_common(tmp_path, env, call)
+    assert cfg["n_experts"] == 8 and cfg["top_k"] == 2 and cfg["permuted_layers"] == [1, 3]
+    second = source_common(tmp_path, env, call.replace("emoe.top_k=2", "emoe.top_k=4"))
     assert second.returncode == 0 and "conversion skipped" in second.stdout, second.stdout + second.stderr
 
     (dst / "model.safetensors").write_bytes(b"truncated")
     third = source_common(tmp_path, env, call)
     assert third.returncode == 0, third.stdout + third.stderr
     assert "does not verify" in third.stdout and "converted and verified" in third.stdout
-    wrong = source_common(tmp_path, env, f'emoe_convert "{src}" "{dst}" 4 2 1,3')   # other settings: reconverts
-    assert wrong.returncode == 0 and "does not verify" in wrong.stdout, wrong.stdout + wrong.stderr
+    wrong = source_common(tmp_path, env, call.replace("emoe.n_experts=8", "emoe.n_experts=4"))  # reconverts
+    assert wrong.returncode == 0 and "n_experts 8 -> 4" in wrong.stdout, wrong.stdout + wrong.stderr
     assert json.loads((dst / "config.json").read_text())["emoe"]["n_experts"] == 4
 
 
+def test_job_scripts_carry_no_method_numbers():
+    """N, k and the layers live in the recipes' emoe: sections; the job scripts only name the recipe."""
+    for name in ("llama7b.sh", "llama30b.sh", "local_cpu.sh"):
+        body = "\n".join(line for line in (SLURM_DIR / name).read_text().splitlines() if not line.startswith("#"))
+        call = next(line for line in body.splitlines() if line.startswith("emoe_convert"))
+        assert call.split("#")[0].split() == ["emoe_convert", '"$MODEL"', '"$EMOE_MODEL"', '"$@"'], call
+        assert not re.search(r"\b(64|256|16|28,30|56,58)\b", call)
+
+
 def test_snapshot_resolves_the_recipe_for_the_allocation(tmp_path):
-    """emoe_snapshot fills the DeepSpeed config for this world size, and a recipe that cannot run fails in seconds."""
+    """emoe_snapshot fills the DeepSpeed config for this world size, and a recipe that cannot run fails in seconds
+    (the whole recipe is checked: model dir, tokenizer, data, the emoe: section against the checkpoint)."""
+    from emoe_llm.convert import convert_checkpoint
+    from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint
+
+    dense = save_tiny_checkpoint(tmp_path / "dense", tokenizer_dir=DATA_DIR / "tokenizers" / "tiny_llama3_style")
+    convert_checkpoint(dense, tmp_path / "emoe", n_experts=64, top_k=16, layers="2,3", progress=False)
     env = {"SLURM_JOB_ID": "9", "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_PER_NODE": "8", "HF_TOKEN": "hf_s3cret",
            "WANDB_API_KEY": "k3y"}
-    ok = source_common(tmp_path, env, "emoe_snapshot configs/llama2_7b_emoe.yaml ds_configs/z3.json train.lr=1e-5")
+    recipe = (f"emoe_snapshot configs/llama2_7b_emoe.yaml ds_configs/z3.json model.path={tmp_path / 'emoe'} "
+              "emoe.layers=2,3 data.sources.0.path=data/instruct/alpaca_en_demo.json")
+    ok = source_common(tmp_path, env, f"{recipe} train.lr=1e-5")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     snap = tmp_path / "out" / "run" / "slurm" / "9.0"
     ds = json.loads((snap / "ds_config.json").read_text())
@@ -163,9 +181,10 @@ def test_snapshot_resolves_the_recipe_for_the_allocation(tmp_path):
     assert (snap / "git.txt").read_text().strip() and "SLURM_JOB_ID=9" in env_txt
     assert "hf_s3cret" not in env_txt and "k3y" not in env_txt                       # secrets stay out of the run dir
 
-    bad = source_common(tmp_path, env, "emoe_snapshot configs/llama2_7b_emoe.yaml ds_configs/z3.json "
-                                       "train.global_batch_size=100")
+    bad = source_common(tmp_path, env, f"{recipe} train.global_batch_size=100")
     assert bad.returncode == 2 and "not divisible" in bad.stderr, bad.stdout + bad.stderr
+    seed = source_common(tmp_path, env, f"{recipe} emoe.seed=1")   # another conversion than the checkpoint's
+    assert seed.returncode == 2 and "seed 0 -> 1" in seed.stderr, seed.stdout + seed.stderr
 
 
 @pytest.mark.parametrize("gpu_mib,nodes,fits", [(40960, "1", False), (81920, "4", True)],

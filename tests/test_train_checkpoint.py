@@ -64,7 +64,8 @@ def test_rotation_keeps_last_k_and_drops_older_incomplete(tmp_path):
     assert rotate_checkpoints(tmp_path, keep_last=0) == []  # 0 = keep all
 
 
-def test_export_shards_and_merges_lora(tmp_path):
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_export_shards_and_merges_lora(tmp_path, use_dora):
     """export_hf (single process): several safetensors shards + index, LoRA merged, loadable by plain transformers
     with the same logits as the (peft) model that was exported."""
     import torch
@@ -80,10 +81,13 @@ def test_export_shards_and_merges_lora(tmp_path):
 
     model = LlamaForCausalLM(tiny_llama_config())
     apply_emoe(model, n_experts=16, top_k=4, layers="2,3")
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"]))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"],
+                                             use_dora=use_dora))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)  # B starts at zero; make the merge matter
+        if "lora_magnitude_vector" in name:
+            p.data.mul_(1.5)  # DoRA: a magnitude that differs from the weight norm
     ids = torch.randint(0, 2048, (2, 17))
     model.eval()
     with torch.no_grad():
@@ -104,4 +108,20 @@ def test_export_shards_and_merges_lora(tmp_path):
         got = loaded(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 4 and adapter_cfg["use_dora"] is use_dora
+    # the exported model is unchanged by the export (the merge is undone), and the adapter alone reproduces it
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0)
+    from peft import PeftModel
+
+    base = LlamaForCausalLM(tiny_llama_config())
+    base.load_state_dict({k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
+                          for k, v in model.state_dict().items() if "lora_" not in k})
+    base.config.emoe = model.get_base_model().config.emoe
+    from emoe_llm.emoe import enable_emoe
+
+    enable_emoe(base)
+    with torch.no_grad():
+        again = PeftModel.from_pretrained(base, out / "adapter").eval()(input_ids=ids).logits
+    torch.testing.assert_close(again, want, rtol=0, atol=1e-5)

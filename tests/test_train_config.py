@@ -17,12 +17,12 @@ TINY = REPO / "configs" / "tiny_cpu.yaml"
 def test_overrides_nested_lists_and_types():
     cfg = load_config(TINY, ["train.lr=1e-4", "model.mode=dense", "train.betas=[0.9, 0.95]",
                              "data.sources.0.path=/x.json", "lora.enabled=true", "train.max_steps=7",
-                             "model.convert={n_experts: 16, top_k: 4, layers: '2,3'}"])
+                             "emoe={n_experts: 16, top_k: 4, layers: '2,3'}"])
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
     assert cfg.model.mode == "dense" and cfg.lora.enabled is True and cfg.train.max_steps == 7
     assert cfg.train.betas == (0.9, 0.95)
-    assert cfg.data["sources"][0]["path"] == "/x.json"
-    assert cfg.model.convert == {"n_experts": 16, "top_k": 4, "layers": "2,3"}
+    assert cfg.data.sources[0].path == "/x.json" and cfg.data.seed == cfg.seed  # one seed
+    assert (cfg.emoe.n_experts, cfg.emoe.top_k, cfg.emoe.layers, cfg.emoe.seed) == (16, 4, "2,3", 0)
     # the resolved config round-trips
     import yaml
 
@@ -67,20 +67,39 @@ def test_batch_layout_check():
         resolve_batch(cfg, 2)
 
 
-def test_lr_schedule_warmup_cosine_floor():
-    cfg = load_config(TINY, ["train.lr=1.0", "train.warmup_steps=4", "train.min_lr_ratio=0.1"])
+def lr_curve(cfg, total_steps: int):
+    """(lr at each optimizer step, the scheduler after them, warmup steps) for an SGD with lr 1."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched, warmup = build_scheduler(opt, cfg, total_steps=20)
+    sched, warmup = build_scheduler(opt, cfg, total_steps=total_steps)
     lrs = []
-    for _ in range(20):
+    for _ in range(total_steps):
         lrs.append(sched.get_last_lr()[0])
         opt.step()
         sched.step()
+    return lrs, sched, warmup
+
+
+def test_lr_schedule_warmup_cosine_floor():
+    cfg = load_config(TINY, ["train.lr=1.0", "train.warmup_steps=4", "train.min_lr_ratio=0.1"])
+    lrs, sched, warmup = lr_curve(cfg, 20)
     assert warmup == 4
-    assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert lrs[:4] == pytest.approx([0.1, 0.325, 0.55, 0.775])  # linear warmup from lr * min_lr_ratio
     assert lrs[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
     assert lrs[-1] > 0.1 and sched.get_last_lr()[0] == pytest.approx(0.1)
+    # the decay is the one the recipe always had: min + (1 - min) * shape(progress), progress over total - warmup
+    for s in (4, 9, 13, 19):
+        progress = (s - 4) / 16
+        assert lrs[s] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@pytest.mark.parametrize("kind,shape", [("linear", lambda p: 1 - p), ("constant", None)])
+def test_lr_schedule_linear_and_constant(kind, shape):
+    cfg = load_config(TINY, ["train.lr=1.0", "train.warmup_steps=2", "train.min_lr_ratio=0.2",
+                             f"train.lr_scheduler={kind}"])
+    lrs, _, _ = lr_curve(cfg, 10)
+    for s in range(2, 10):
+        assert lrs[s] == pytest.approx(1.0 if shape is None else 0.2 + 0.8 * shape((s - 2) / 8))
 
 
 def test_epoch_indices_partition_and_determinism():
@@ -162,3 +181,69 @@ def test_precision_fits_the_device(requested, on_cpu, json_prec, want, note):
 def test_precision_key_is_checked():
     with pytest.raises(ConfigError, match="train.precision must be auto"):
         load_config(TINY, ["train.precision=bf32"])
+# ---------------------------------------------------------------------------------------------------------------------
+# the whole recipe is checked before any process group: one line on rank 0, exit 2, other ranks quiet
+
+
+@pytest.fixture(scope="module")
+def tiny_emoe(tmp_path_factory):
+    from emoe_llm.convert import convert_checkpoint
+    from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("precheck")
+    dense = save_tiny_checkpoint(root / "dense", tokenizer_dir=DATA_DIR / "tokenizers" / "tiny_llama3_style")
+    convert_checkpoint(dense, root / "emoe", n_experts=16, top_k=4, layers="2,3", progress=False)
+    no_tok = save_tiny_checkpoint(root / "no_tokenizer")
+    return {"emoe": root / "emoe", "dense": dense, "no_tok": no_tok, "root": root}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.lrr=1"], "unknown config key(s) train.lrr"),
+    (["data.max_seq_len=long"], "data.max_seq_len must be an integer"),
+    (["data.seed=3"], "data.seed: a recipe has one seed"),
+    (["data.template=chatml"], "data.template: 'chatml' is neither a built-in template"),
+    (["data.sources.0.path=nope.jsonl"], "data.sources[0].path: nope.jsonl does not exist"),
+    (["model.path={root}/missing"], "model.path: {root}/missing/config.json not found"),
+    (["model.path={no_tok}", "model.mode=dense", "emoe=null"], "model.path: no tokenizer in {no_tok}"),
+    (["emoe=null"], "model.mode=emoe needs an emoe: section"),
+    (["emoe.n_experts=8"], "another EMoE conversion than the emoe: section asks for (checkpoint -> recipe: "
+                           "n_experts 16 -> 8)"),
+    (["emoe.seed=1"], "seed 0 -> 1"),
+    (["emoe.layers=1", "emoe.permute_layers='2,3'"], "emoe.layers [1] are not all in emoe.permute_layers [2, 3]"),
+    (["emoe.layers=1"], "permuted_layers [2, 3] -> [1]"),  # layer 1 was never clustered in this checkpoint
+    (["emoe.n_experts=12"], "n_experts=12 does not divide intermediate_size=256"),
+    (["resume=/nowhere"], "resume: checkpoint dir '/nowhere' does not exist"),
+    (["train.global_batch_size=9"], "not divisible"),
+])
+def test_recipe_errors_before_init_one_line_rank0_exit2(tiny_emoe, monkeypatch, capsys, overrides, message):
+    import deepspeed
+
+    from emoe_llm.train import recipe
+
+    def no_process_group(*a, **k):
+        raise AssertionError("init_distributed reached: the recipe was not checked first")
+
+    monkeypatch.setattr(deepspeed, "init_distributed", no_process_group)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    fill = {k: str(v) for k, v in tiny_emoe.items()}
+    argv = ["--config", str(TINY), f"model.path={tiny_emoe['emoe']}", f"output_dir={tiny_emoe['root']}/out",
+            *[o.format(**fill) for o in overrides]]
+    for rank, expect_output in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert recipe.cli(argv) == 2
+        out = capsys.readouterr()
+        if expect_output:
+            lines = out.err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("[emoe-llm] error: "), out.err
+            assert message.format(**fill) in lines[0], lines[0]
+        else:
+            assert out.err == "" and out.out == ""
+
+
+def test_changing_k_or_the_active_layer_subset_passes_the_checkpoint_check(tiny_emoe):
+    from emoe_llm.train.config import check_runnable
+
+    for extra in (["emoe.top_k=7"], ["emoe.layers=3"], ["emoe.top_k=16", "emoe.layers='2,3'"]):
+        check_runnable(load_config(TINY, [f"model.path={tiny_emoe['emoe']}", "output_dir=x", *extra]))
+    # a dense model.path is converted by the run itself: only the settings' fit to the model is checked
+    check_runnable(load_config(TINY, [f"model.path={tiny_emoe['dense']}", "output_dir=x", "emoe.n_experts=8"]))

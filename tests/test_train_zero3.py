@@ -29,7 +29,6 @@ TINY = REPO / "configs" / "tiny_cpu.yaml"
 Z3 = REPO / "ds_configs" / "z3.json"
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 WRAPPER = REPO / "tests" / "dist" / "train_with_faults.py"  # the recipe + export probe + monkeypatched faults
-CONVERT = "model.convert={n_experts: 16, top_k: 4, layers: '2,3'}"
 STEPS = 8
 
 
@@ -53,7 +52,7 @@ def launch(work, out: Path, *overrides, ds=Z3, faults=(), background=False):
     """deepspeed --num_gpus 2 tests/dist/train_with_faults.py ...: the recipe `emoe-llm train --nproc 2` runs, plus
     run/export_probe.pt and the faults asked for (e.g. ["--nan-at-step", "3"])."""
     cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(_free_port()), str(WRAPPER), *faults,
-           "--ds_config", str(ds), "--config", str(TINY), f"output_dir={out}", f"model.path={work['dense']}", CONVERT,
+           "--ds_config", str(ds), "--config", str(TINY), f"output_dir={out}", f"model.path={work['dense']}",
            f"data.cache_dir={work['cache']}", "logging.progress_bar=false", f"train.max_steps={STEPS}",
            "train.save_every_steps=4", "train.eval_every_steps=4", "train.eval_max_batches=1", *overrides]
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """``emoe-llm verify SRC DST``: exit 0 when DST is a correct EMoE conversion of SRC, 1 when not, 2 on bad input.
 
 Slurm jobs use it to skip a conversion that is already done:
-    emoe-llm verify "$SRC" "$DST" --experts 64 --top-k 16 --layers 28,30 || emoe-llm convert "$SRC" "$DST" ...
+    emoe-llm verify "$SRC" "$DST" --experts 64 --layers 28,30
+(``emoe-llm convert --verify`` runs it too before reusing a DST.)
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="the dense source checkpoint dir")
     parser.add_argument("dst", metavar="DST", help="the converted checkpoint dir")
     parser.add_argument("--experts", type=int, metavar="N", help="also require DST to have N experts")
-    parser.add_argument("--top-k", type=int, metavar="K", help="also require DST's top-k to be K")
-    parser.add_argument("--layers", help="also require DST's EMoE layers to be these ('28,30', '28:2', 'all')")
+    parser.add_argument("--layers", help="also require these layers to be permuted in DST, i.e. usable as EMoE layers "
+                        "('28,30', '28:2', 'all'); top-k is a training-time setting and is not checked")
     parser.add_argument("--skip-copied", action="store_true",
                         help="do not byte-compare the copied-through tensors (faster on big models)")
     parser.add_argument("--no-logits", action="store_true", help="skip the whole-model dense logits check")
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         report = verify_checkpoint(
-            args.src, args.dst, n_experts=args.experts, top_k=args.top_k, layers=args.layers,
+            args.src, args.dst, n_experts=args.experts, layers=args.layers,
             check_copied=not args.skip_copied, check_logits=not args.no_logits,
             max_logits_bytes=int(args.max_logits_gib * 2**30), n_tokens=args.tokens, atol=args.atol,
             allow_pickle=args.allow_pickle,

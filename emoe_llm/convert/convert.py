@@ -16,6 +16,7 @@ there so ``resume=True`` continues an interrupted run.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -31,7 +32,7 @@ from .. import emoe
 from .errors import ConversionError
 from .names import NEURON_AXIS, check_mlp_layout, mlp_tensor_names
 from .safetensors_io import DTYPE_CODES, OutputEntry, ShardWriter
-from .source import SAFE_INDEX, SAFE_SINGLE, SourceCheckpoint, open_source
+from .source import SAFE_INDEX, SAFE_SINGLE, SourceCheckpoint, check_required_tensors, open_source
 from .workspace import Workspace
 
 OUTPUT_DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -45,7 +46,7 @@ def convert_checkpoint(
     n_experts: int,
     top_k: int,
     layers,
-    all_layers: bool = False,
+    permute_layers=None,
     seed: int = 0,
     method: str = "kmeans",
     n_init: int = 3,
@@ -62,8 +63,8 @@ def convert_checkpoint(
 
     Args:
         layers: EMoE layers ("28,30", "28:2", "all" or a list); they go into config.json's ``emoe.layers``.
-        all_layers: cluster and permute every layer (``emoe.permuted_layers`` = all), so the EMoE layer set can be
-            changed later without re-converting; ``layers`` stays the EMoE set.
+        permute_layers: the layers to cluster and permute (same forms as ``layers``; default: ``layers``), recorded
+            as ``emoe.permuted_layers``. "all" lets the EMoE layer set be changed later without re-converting.
         device: where to cluster ("cpu", "cuda", "cuda:1"); weights are streamed on CPU either way.
         dtype: "keep" the stored dtypes, or cast floating tensors to "bf16" / "fp16" / "fp32" (clustering always
             runs in fp32 on the stored values).
@@ -80,6 +81,8 @@ def convert_checkpoint(
     """
     start = time.perf_counter()
     log = _logger(progress)
+    if not Path(src).is_dir():
+        open_source(src)  # raises, with the download hint when SRC looks like a Hub id (before resolve() hides it)
     src, dst = Path(src).resolve(), Path(dst).resolve()
     _check_paths(src, dst, overwrite=overwrite)
     if dtype not in OUTPUT_DTYPES:
@@ -88,19 +91,22 @@ def convert_checkpoint(
         raise ConversionError(f"method must be one of {', '.join(emoe.CLUSTER_METHODS)}, got '{method}'")
     _check_device(device)
     source = open_source(src, allow_pickle=allow_pickle)
-    settings = _plan(source, n_experts=n_experts, top_k=top_k, layers=layers, all_layers=all_layers, seed=seed,
-                     method=method)
+    settings = _plan(source, n_experts=n_experts, top_k=top_k, layers=layers, permute_layers=permute_layers,
+                     seed=seed, method=method)
     out_dtype = OUTPUT_DTYPES[dtype]
     key = {
         "src": str(src), "src_files": source.files_signature(), "n_experts": n_experts, "seed": seed,
         "method": method, "n_init": n_init, "max_iter": max_iter, "permuted_layers": settings.permuted_layers,
         "dtype": dtype, "device": str(device),
     }
-    ws = Workspace.open(dst, key, resume=resume, log=log)
+    try:
+        ws = Workspace.open(dst, key, resume=resume, log=log)
+    except OSError as e:  # read-only or full filesystem, no permission: nothing was started
+        raise ConversionError(os_error_message(e, dst.parent)) from None
     try:
         _check_disk_space(source, ws, out_dtype)
     except ConversionError:
-        ws.release() if (ws.layers or ws.shards) else ws.discard()  # finished work stays for --resume
+        _keep_or_discard(ws)
         raise
     counters = {"bytes_read": 0}
     try:
@@ -118,11 +124,42 @@ def convert_checkpoint(
     except ConversionError:
         ws.discard()  # bad input found mid-way: nothing here is worth resuming
         raise
+    except OSError as e:  # disk full, filesystem turned read-only, quota: finished shards stay for --resume
+        kept = _keep_or_discard(ws)
+        raise ConversionError(
+            os_error_message(e, ws.path) + (f"; finished work is kept in {ws.path}: fix this, then rerun with --resume"
+                                            if kept else "")
+        ) from None
     except BaseException:
         ws.release()
         log(f"conversion stopped; finished work is kept in {ws.path}; rerun with --resume to continue")
         raise
     return summary
+
+
+def _keep_or_discard(ws: Workspace) -> bool:
+    """Release the lock, keeping the workspace only if it holds finished layers/shards worth a --resume."""
+    if ws.layers or ws.shards:
+        ws.release()
+        return True
+    ws.discard()
+    return False
+
+
+def os_error_message(e: OSError, where: Path) -> str:
+    """One line for a failed write: which path, what the filesystem said, what to do."""
+    path = e.filename or where
+    what = {
+        errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+        errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+    }.get(e.errno, e.strerror or str(e))
+    hint = {
+        errno.ENOSPC: "free space there", errno.EDQUOT: "free space there",
+        errno.EROFS: "choose a DST on a writable filesystem", errno.EACCES: "choose a DST you can write",
+        errno.EPERM: "choose a DST you can write",
+    }.get(e.errno, "check the destination filesystem")
+    return f"cannot write {path}: {what} ({hint})"
 
 
 # --- checks and plan ------------------------------------------------------------------------------------------------
@@ -165,19 +202,24 @@ def _check_device(device: str) -> None:
         raise ConversionError(f"device '{device}' requested but CUDA is not available; use --device cpu")
 
 
-def _plan(source: SourceCheckpoint, *, n_experts, top_k, layers, all_layers, seed, method) -> emoe.EMoESettings:
+def _plan(source: SourceCheckpoint, *, n_experts, top_k, layers, permute_layers, seed, method) -> emoe.EMoESettings:
     config = source.config
     if config.get("emoe"):
         raise ConversionError(f"{source.root / 'config.json'} already has an 'emoe' block: SRC is already converted")
     n_layers = config["num_hidden_layers"]
     try:
         layer_list = emoe.parse_layer_spec(layers, n_layers)
-        permuted = list(range(n_layers)) if all_layers else list(layer_list)
+        permuted = emoe.parse_layer_spec(permute_layers, n_layers) if permute_layers is not None else list(layer_list)
+        missing = sorted(set(layer_list) - set(permuted))
+        if missing:
+            raise ValueError(f"EMoE layers {missing} are not in permute_layers {permuted}: every EMoE layer must be "
+                             "clustered")
         emoe.validate_settings(n_experts=n_experts, top_k=top_k, layers=layer_list, d_ff=config["intermediate_size"],
                                n_layers=n_layers, model_type=config.get("model_type"))
     except ValueError as e:
         raise ConversionError(f"{source.root}: {e}") from None
     check_mlp_layout(source, permuted)
+    check_required_tensors(source)
     return emoe.EMoESettings(n_experts=n_experts, top_k=top_k, layers=layer_list, permuted_layers=permuted, seed=seed,
                              method=method)
 

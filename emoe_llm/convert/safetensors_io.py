@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,7 +188,11 @@ class ShardWriter:
         self._next = 0
         self.data_bytes = offset
         self._file = open(self.path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        try:
+            self._file.write(struct.pack("<Q", len(raw)) + raw)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
         self.bytes_written = 8 + len(raw)
 
     def write_chunks(self, name: str, chunks: Iterable[memoryview | bytes]) -> None:
@@ -224,5 +229,8 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:
+        else:  # a half-written shard is worth nothing and may fill the disk: remove it
+            if isinstance(exc, OSError) and exc.filename is None:
+                exc.filename = str(self.path)  # write() errors (ENOSPC) name no file; the user needs to know which
             self._file.close()
+            self.path.unlink(missing_ok=True)

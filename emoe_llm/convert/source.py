@@ -186,10 +186,13 @@ def _open_safetensors(root: Path, config: dict, weight_map: dict[str, str] | Non
                 f"{root / SAFE_INDEX} says '{absent[0]}' is in {shard}, but that shard does not contain it "
                 f"({len(absent)} such tensors); the index and shards do not belong together"
             )
-        extra = len(header) - len(wanted)
-        if extra:
-            notes.append(f"{shard}: {extra} tensors not listed in the index were dropped (as transformers would)")
-        for name in sorted(wanted, key=lambda n: header[n].start):  # file order: sequential reads
+        # A tensor stored in a shard but missing from the index is still loaded by transformers 5 (it reads every
+        # shard's header), so dropping it would change the model: copy it through and list it in DST's index.
+        unlisted = [n for n in header if weight_map is not None and n not in weight_map]
+        if unlisted:
+            notes.append(f"{shard}: {len(unlisted)} tensor(s) not listed in the index were copied through and added "
+                         f"to DST's index (e.g. '{unlisted[0]}')")
+        for name in sorted([*wanted, *unlisted], key=lambda n: header[n].start):  # file order: sequential reads
             infos[name] = header[name]
     tensors = {n: TensorMeta(n, i.path.name, i.dtype, i.shape) for n, i in infos.items()}
     return SourceCheckpoint(root, config, "safetensors", shards, tensors, index_meta, notes, _infos=infos)
@@ -216,6 +219,31 @@ def _open_pickle(root: Path, config: dict) -> SourceCheckpoint:
             tensors[name] = TensorMeta(name, shard, DTYPE_CODES[t.dtype], tuple(t.shape))
         del state
     return SourceCheckpoint(root, config, "pickle", shards, tensors, index_meta)
+
+
+def check_required_tensors(source: SourceCheckpoint) -> None:
+    """Every parameter and persistent buffer the architecture in config.json declares is in the checkpoint.
+
+    The model is built on the meta device (no memory, no weights), so this costs the same for 7B as for a tiny model.
+    A config transformers cannot instantiate is left to the MLP layout checks.
+    """
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model(**{k: v for k, v in source.config.items() if k != "emoe"})
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - unknown architecture: nothing to compare against
+        return
+    params = {n for n, _ in model.named_parameters()}  # tied weights appear once, under their first name
+    all_params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    required = params | (set(model.state_dict()) - all_params)
+    missing = sorted(required - set(source.tensors))
+    if missing:
+        raise ConversionError(
+            f"{source.root}: {len(missing)} tensor(s) that {config.model_type} needs are not in its weight files, "
+            f"e.g. '{missing[0]}'; the checkpoint is incomplete (re-download it)"
+        )
 
 
 def _torch_load(path: Path) -> dict:

@@ -62,6 +62,8 @@ class Workspace:
             if resume and manifest is not None:
                 if manifest.get("key") != key:
                     raise ConversionError(_mismatch_message(path, manifest.get("key") or {}, key))
+                for stale in [*path.glob("*.tmp"), *path.glob("labels/*.tmp")]:
+                    stale.unlink()  # a write a hard kill interrupted: it only takes disk space from the space check
                 ws = cls(path, key)
                 ws.layers = dict(manifest.get("layers", {}))
                 ws.shards = {s: n for s, n in manifest.get("shards", {}).items() if _has_size(path / s, n)}
@@ -82,7 +84,11 @@ class Workspace:
     def save(self) -> None:
         data = {"format": MANIFEST_FORMAT, "key": self.key, "layers": self.layers, "shards": self.shards}
         tmp = self.path / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
+        try:
+            tmp.write_text(json.dumps(data, indent=1))
+        except OSError as e:  # disk full: name the file (write errors carry none)
+            e.filename = e.filename or str(tmp)
+            raise
         os.replace(tmp, self.path / MANIFEST)
 
     # --- layers -------------------------------------------------------------------------------------------------

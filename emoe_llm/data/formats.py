@@ -66,10 +66,17 @@ def iter_raw_rows(path: str, *, max_rows: int | None = None) -> Iterator[tuple[i
         return
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        with open(p, encoding="utf-8") as f:
-            yield from iter_jsonl_lines(path, f, max_rows)
+        with open(p, "rb") as f:
+            yield from iter_jsonl_lines(path, decode_lines(path, f), max_rows)
     elif suffix == ".json":
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            if raw.lstrip().startswith(b"{") and b"\n" in raw.strip():  # JSON lines: only that line is bad
+                yield from iter_jsonl_lines(path, decode_lines(path, raw.splitlines(keepends=True)), max_rows)
+                return
+            raise _not_utf8(path, raw, e) from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -105,11 +112,15 @@ def iter_raw_rows(path: str, *, max_rows: int | None = None) -> Iterator[tuple[i
                 yield i, rec, False
                 i += 1
     elif suffix in TEXT_SUFFIXES:
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f):
+        with open(p, "rb") as f:
+            for i, line in enumerate(decode_lines(path, f)):
                 if max_rows is not None and count >= max_rows:
                     return
-                line = line.rstrip("\n")
+                if isinstance(line, DataError):
+                    count += 1
+                    yield i, line, True  # skippable with skip_bad_rows, like a bad JSON line
+                    continue
+                line = line.rstrip("\r\n")
                 if not line.strip():
                     continue  # blank lines separate nothing in one-doc-per-line corpora
                 count += 1
@@ -119,12 +130,35 @@ def iter_raw_rows(path: str, *, max_rows: int | None = None) -> Iterator[tuple[i
                         "or a datasets.save_to_disk directory", path=path)
 
 
+def decode_lines(path: str, lines) -> Iterator[str | DataError]:
+    """UTF-8-decode byte lines one at a time: an undecodable line becomes a DataError naming file and line (so
+    ``skip_bad_rows`` can skip just that line) instead of a codec error for the whole file."""
+    for i, raw in enumerate(lines):
+        try:
+            yield raw.decode("utf-8-sig" if i == 0 else "utf-8")
+        except UnicodeDecodeError as e:
+            yield DataError(f"{path}: line {i + 1}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                            f"{e.start + 1}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) or skip such "
+                            "rows (--skip-bad-rows)", path=path, row=i)
+
+
+def _not_utf8(path: str, raw: bytes, e: UnicodeDecodeError) -> DataError:
+    line = raw[: e.start].count(b"\n")
+    column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+    return DataError(f"{path}: line {line + 1}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}); "
+                     "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)", path=path, row=line)
+
+
 def iter_jsonl_lines(path: str, lines, max_rows: int | None):
     """(line index, parsed record or a DataError naming the line, True) for each non-blank JSON line."""
     count = 0
     for i, line in enumerate(lines):
         if max_rows is not None and count >= max_rows:
             return
+        if isinstance(line, DataError):
+            count += 1
+            yield i, line, True
+            continue
         if not line.strip():
             continue
         try:

@@ -47,6 +47,7 @@ def _data_section(args) -> tuple[dict, str | None]:
         with open(args.config, encoding="utf-8") as f:
             recipe = yaml.safe_load(f) or {}
         data = dict(recipe.get("data") or {})
+        data.setdefault("seed", recipe.get("seed", 42))  # a recipe has one seed, the top-level one
         model = recipe.get("model") or {}
         tokenizer = model.get("tokenizer") or model.get("path")
     if args.source:
@@ -70,13 +71,18 @@ def render_masked(tokenizer, input_ids: list[int], labels: list[int]) -> str:
 
 def run(args) -> int:
     from .config import data_config_from_dict
-    from .formats import DataError, iter_records
+    from .formats import iter_records
+
+    import yaml
 
     try:
         data, tokenizer_path = _data_section(args)
         cfg = data_config_from_dict(data)
+    except yaml.YAMLError as e:
+        print(f"emoe-llm data: error: {args.config}: not valid YAML: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"emoe-llm data: error: {e}", file=sys.stderr)
         return 2
     try:
         if args.validate_only:
@@ -92,19 +98,21 @@ def run(args) -> int:
                     print(f"  skipped: {msg}")
             return 0
         if not tokenizer_path:
-            print("error: --tokenizer is required (or model.tokenizer / model.path in --config)", file=sys.stderr)
+            print("emoe-llm data: error: --tokenizer is required (or model.tokenizer / model.path in --config)",
+                  file=sys.stderr)
             return 2
         from .pipeline import build_sft_datasets
         from .tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer_path)
         train, eval_ds, stats = build_sft_datasets(cfg, tok)
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, FileNotFoundError) as e:  # DataError included: the message names file, row and field
+        print(f"emoe-llm data: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the cache dir: full, read-only, no permission
+        print(f"emoe-llm data: error: cannot write {e.filename or cfg.cache_dir or 'the data cache'}: "
+              f"{e.strerror or e} (set --cache-dir / data.cache_dir to a writable place)", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(stats, indent=1))
     else:

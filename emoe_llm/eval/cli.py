@@ -53,6 +53,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def check_checkpoint_files(path: str) -> None:
+    """The weight files are complete (every shard the index names exists, every header fits its file, every tensor
+    the architecture needs is there), checked from the headers alone with convert's checks: a truncated download
+    fails here naming the shard instead of deep inside from_pretrained."""
+    from emoe_llm.convert.errors import ConversionError
+    from emoe_llm.convert.source import SAFE_INDEX, SAFE_SINGLE, check_required_tensors, open_source
+
+    root = Path(path)
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(f"{root / 'config.json'} not found: expected an HF checkpoint dir")
+    if not ((root / SAFE_INDEX).is_file() or (root / SAFE_SINGLE).is_file()):
+        return  # pickle weights: transformers checks them itself (with weights_only)
+    try:
+        check_required_tensors(open_source(root))
+    except ConversionError as e:
+        raise ValueError(f"checkpoint {root} is incomplete or corrupt: {e}") from None
+
+
 def load_for_eval(path: str, *, mode: str, device: str, dtype: str, top_k: int | None = None):
     """(model, tokenizer, info) -- plain transformers, EMoE masking added for mode emoe. ``info``: the resolved
     ``mode``, ``mode_source``, the checkpoint's training record and, when masked, the ``top_k`` / ``layers`` used."""
@@ -90,26 +108,30 @@ def load_for_eval(path: str, *, mode: str, device: str, dtype: str, top_k: int |
 
 
 def run(args: argparse.Namespace) -> int:
-    from .mmlu import evaluate_mmlu, format_report
+    from .mmlu import evaluate_mmlu, format_report, read_mmlu
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t != "mmlu"]
     if unknown:
-        print(f"emoe-llm eval: unknown task(s) {unknown}; available: mmlu", file=sys.stderr)
+        print(f"emoe-llm eval: error: unknown task(s) {unknown}; available: mmlu", file=sys.stderr)
         return 2
     try:
+        # Everything cheap first (CSVs, shard headers): a bad row must not cost the minutes a 7B load takes.
+        questions = read_mmlu(args.mmlu_dir, split=args.split, shots=args.shots, subjects=args.subjects,
+                              limit=args.limit)
+        check_checkpoint_files(args.checkpoint)
         model, tokenizer, info = load_for_eval(args.checkpoint, mode=args.mode, device=args.device, dtype=args.dtype,
                                                top_k=args.top_k)
     except (FileNotFoundError, ValueError) as e:
-        print(f"emoe-llm eval: {e}", file=sys.stderr)
+        print(f"emoe-llm eval: error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     try:
         result = evaluate_mmlu(model, tokenizer, args.mmlu_dir, split=args.split, shots=args.shots,
                                subjects=args.subjects, limit=args.limit, batch_size=args.batch_size,
-                               max_length=args.max_length, progress=not args.no_progress)
+                               max_length=args.max_length, progress=not args.no_progress, questions=questions)
     except (FileNotFoundError, ValueError) as e:
-        print(f"emoe-llm eval: {e}", file=sys.stderr)
+        print(f"emoe-llm eval: error: {e}", file=sys.stderr)
         return 2
     result["checkpoint"] = str(Path(args.checkpoint).resolve())
     result.update(info)
@@ -121,9 +143,9 @@ def run(args: argparse.Namespace) -> int:
     print(format_report(result))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps(result, indent=2))
+        atomic_write_text(out, json.dumps(result, indent=2, allow_nan=False))
         print(f"wrote {out}")
     except OSError as e:
-        print(f"emoe-llm eval: could not write {out}: {e} (use --output)", file=sys.stderr)
+        print(f"emoe-llm eval: error: could not write {out}: {e} (use --output)", file=sys.stderr)
         return 1
     return 0

@@ -26,6 +26,7 @@ when the prompt would not fit ``max_length`` (as the original evaluation does).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -45,17 +46,37 @@ class Question:
 
 
 def _read_csv(path: Path, subject: str) -> list[Question]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (each subject needs dev/<subject>_dev.csv for the shots and "
+                                f"<split>/<subject>_<split>.csv)")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                         "MMLU CSVs must be UTF-8") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise ValueError(f"{path}:{line}: contains NUL bytes: a binary file, not an MMLU CSV")
     out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for line_no, row in enumerate(csv.reader(f), 1):
-            if not row:
-                continue
-            if len(row) != 6:
-                raise ValueError(f"{path}:{line_no}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
-            answer = row[5].strip().upper()
-            if answer not in CHOICES:
-                raise ValueError(f"{path}:{line_no}: answer must be one of A/B/C/D, got {row[5]!r}")
-            out.append(Question(subject, row[0], tuple(row[1:5]), answer))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise ValueError(f"{path}:{reader.line_num}: malformed CSV: {e}") from None
+        line_no = reader.line_num
+        if not row:
+            continue
+        if len(row) != 6:
+            raise ValueError(f"{path}:{line_no}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
+        answer = row[5].strip().upper()
+        if answer not in CHOICES:
+            raise ValueError(f"{path}:{line_no}: answer must be one of A/B/C/D, got {row[5]!r}")
+        out.append(Question(subject, row[0], tuple(row[1:5]), answer))
     return out
 
 
@@ -109,15 +130,13 @@ def answer_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-@torch.no_grad()
-def evaluate_mmlu(model, tokenizer, mmlu_dir: str | Path = "data/eval/mmlu", *, split: str = "val", shots: int = 5,
-                  subjects=None, limit: int = 0, batch_size: int = 8, max_length: int | None = None,
-                  device=None, progress: bool = True) -> dict:
-    """Accuracy per subject, per category and overall (micro average over questions, as in the MMLU paper).
-
-    Returns {"overall": {"acc", "n"}, "categories": {cat: {"acc", "n"}}, "subjects": {subj: {"acc", "n"}},
-    "settings": {...}}."""
+def read_mmlu(mmlu_dir: str | Path, *, split: str = "val", shots: int = 5, subjects=None, limit: int = 0
+              ) -> dict[str, tuple[list[Question], list[Question]]]:
+    """{subject: (dev shots, questions)}, every CSV read and checked: cheap, so ``emoe-llm eval`` runs it before
+    loading the weights. Raises ValueError/FileNotFoundError naming the file (and line) on bad or empty input."""
     mmlu_dir = Path(mmlu_dir)
+    if shots < 0 or limit < 0:
+        raise ValueError(f"--shots and --limit must be >= 0, got shots={shots}, limit={limit}")
     all_subjects = list_subjects(mmlu_dir, split)
     if subjects:
         wanted = [s.strip() for s in (subjects.split(",") if isinstance(subjects, str) else subjects) if s.strip()]
@@ -127,6 +146,30 @@ def evaluate_mmlu(model, tokenizer, mmlu_dir: str | Path = "data/eval/mmlu", *, 
                 f"unknown MMLU subject(s) {unknown} in {mmlu_dir}/{split}; known: {', '.join(all_subjects)}"
             )
         all_subjects = wanted
+    out = {}
+    for subject in all_subjects:
+        dev = _read_csv(mmlu_dir / "dev" / f"{subject}_dev.csv", subject) if shots else []
+        path = mmlu_dir / split / f"{subject}_{split}.csv"
+        qs = _read_csv(path, subject)
+        if not qs:  # an empty split would score nan% and write NaN, which is not JSON
+            raise ValueError(f"{path}: no questions (empty file); remove it or pass --subjects without it")
+        out[subject] = (dev, qs[:limit] if limit else qs)
+    return out
+
+
+@torch.no_grad()
+def evaluate_mmlu(model, tokenizer, mmlu_dir: str | Path = "data/eval/mmlu", *, split: str = "val", shots: int = 5,
+                  subjects=None, limit: int = 0, batch_size: int = 8, max_length: int | None = None,
+                  device=None, progress: bool = True, questions=None) -> dict:
+    """Accuracy per subject, per category and overall (micro average over questions, as in the MMLU paper).
+
+    ``questions``: the result of :func:`read_mmlu` when the caller already read (and checked) the CSVs.
+    Returns {"overall": {"acc", "n"}, "categories": {cat: {"acc", "n"}}, "subjects": {subj: {"acc", "n"}},
+    "settings": {...}}."""
+    mmlu_dir = Path(mmlu_dir)
+    if questions is None:
+        questions = read_mmlu(mmlu_dir, split=split, shots=shots, subjects=subjects, limit=limit)
+    all_subjects = list(questions)
     categories = load_categories(mmlu_dir)
     device = device or model.get_input_embeddings().weight.device  # first device when sharded (device_map)
     if max_length is None:
@@ -136,11 +179,7 @@ def evaluate_mmlu(model, tokenizer, mmlu_dir: str | Path = "data/eval/mmlu", *, 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     items = []  # (subject, ids, answer_idx, shots_used)
-    for subject in all_subjects:
-        dev = _read_csv(mmlu_dir / "dev" / f"{subject}_dev.csv", subject) if shots else []
-        qs = _read_csv(mmlu_dir / split / f"{subject}_{split}.csv", subject)
-        if limit:
-            qs = qs[:limit]
+    for subject, (dev, qs) in questions.items():
         for q in qs:
             k = min(shots, len(dev))
             while True:

@@ -20,6 +20,7 @@ weights and the optimizer states for the new world size.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -191,124 +192,109 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Final export: streaming gather of ZeRO-3 partitions into safetensors shards on rank 0
+# Final export: HF safetensors shards filled one ZeRO-3 gather at a time on rank 0
 
 
-def _parse_size(size) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", str(size).upper())
-    if not m:
-        raise ValueError(f"bad shard size '{size}' (expected e.g. '5GB', '500MB')")
-    return int(float(m.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}[m.group(2)])
+@contextlib.contextmanager
+def _gathered(params: list):
+    """Full tensors of ZeRO-3 partitioned ``params`` inside the block (read-only: changes are dropped on exit)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
 
 
-def _export_tensors(model, *, lora_merge: bool):
-    """Yield (hf_key, module_of_params, [params], fn(gathered params)->tensor) in state-dict order.
+def _merged_base_weight(layer) -> torch.Tensor:
+    """``W`` of a peft LoRA layer with its adapters merged by peft itself (``LoraLayer.merge``, the step
+    ``merge_and_unload`` takes per layer: LoRA, rsLoRA and DoRA alike), then undone, so the model stays as trained."""
+    base = layer.get_base_layer()
+    original = base.weight.data.clone()
+    layer.merge()
+    merged = base.weight.data.detach().clone()
+    base.weight.data = original
+    layer.merged_adapters.clear()
+    return merged
 
-    Handles plain HF models and peft LoRA models (merging W + scale * B @ A when ``lora_merge``)."""
+
+def _export_tensors(model) -> dict:
+    """{hf_key: (params to gather, fn() -> tensor)} in state-dict order; peft LoRA layers export their merged
+    weight under the plain HF key (``.base_layer.`` and the adapters drop out)."""
+    from peft.tuners.lora import LoraLayer
+
     peft_prefix = "base_model.model."
-    is_peft = hasattr(model, "peft_config")
     modules = dict(model.named_modules())
-    seen = set()
+    out = {}
     for name, param in model.named_parameters(remove_duplicate=True):
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        key = name[len(peft_prefix):] if is_peft and name.startswith(peft_prefix) else name
+        key = name.removeprefix(peft_prefix)
         if ".lora_" in key:
-            continue  # merged into the base weight below (or saved by the adapter export)
+            continue  # merged into the base weight below (and saved by the adapter export)
+        owner = modules.get(name.rsplit(".", 2)[0]) if name.endswith(".base_layer.weight") else None
         key = key.replace(".base_layer.", ".")
-        owner_name = name.rsplit(".", 1)[0].replace(".base_layer", "") if ".base_layer." in name else None
-        owner = modules.get(owner_name) if owner_name else None
-        if owner is not None and lora_merge and hasattr(owner, "lora_A") and name.endswith("base_layer.weight"):
-            adapters = [a for a in owner.lora_A.keys()]
-            extra = []
-            for a in adapters:
-                extra += [owner.lora_A[a].weight, owner.lora_B[a].weight]
-
-            def merge(tensors, owner=owner, adapters=adapters):
-                w = tensors[0].float()
-                for i, a in enumerate(adapters):
-                    A, B = tensors[1 + 2 * i].float(), tensors[2 + 2 * i].float()
-                    w = w + (B @ A) * owner.scaling[a]
-                return w.to(tensors[0].dtype)
-
-            yield key, [param] + extra, merge
+        if isinstance(owner, LoraLayer):
+            out[key] = (list(owner.parameters()), lambda owner=owner: _merged_base_weight(owner))
         else:
-            yield key, [param], lambda t: t[0]
+            out[key] = ([param], lambda param=param: param.data)
+    persistent = set(model.state_dict().keys())
+    for name, buf in model.named_buffers():  # none in Llama; keeps other architectures complete
+        if name in persistent and buf is not None:
+            out[name.removeprefix(peft_prefix)] = ([], lambda buf=buf: buf)
+    return out
+
+
+def _shape(params: list, fn) -> tuple[torch.Size, torch.dtype]:
+    if not params:  # a buffer: never partitioned
+        t = fn()
+        return t.shape, t.dtype
+    p = params[0]
+    return getattr(p, "ds_shape", p.shape), p.dtype
 
 
 @torch.no_grad()
 def export_hf(engine_or_model, out_dir, *, config, tokenizer, rank: int, max_shard_size="5GB",
-              lora_merge: bool = True, dtype: torch.dtype | None = None) -> Path | None:
-    """Collective. Gather every (ZeRO-3 partitioned) tensor one at a time and write HF safetensors shards on rank 0
-    into ``out_dir`` (via a temp dir + rename). Rank 0 holds at most one shard in memory.
+              dtype: torch.dtype | None = None) -> Path | None:
+    """Collective. Write the (LoRA-merged) model as HF safetensors into ``out_dir`` (temp dir + rename), with
+    ``config`` (its 'emoe' block included) and ``tokenizer`` beside it.
 
-    ``config`` is the HF config to save (with its 'emoe' block); ``tokenizer`` is saved beside it."""
-    import deepspeed
+    huggingface_hub's ``split_torch_state_dict_into_shards`` plans the shards and the index from shapes alone (meta
+    tensors); each shard is then filled one tensor at a time -- gathered from its ZeRO-3 partitions, copied to CPU on
+    rank 0, released -- and written. So rank 0 holds at most one shard, never the whole model, which a gathered
+    state dict (``save_torch_state_dict``, or DeepSpeed's 16-bit consolidation on rank 0) would need: 60 GB of bf16
+    weights for Llama-30B."""
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     model = getattr(engine_or_model, "module", engine_or_model)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp-export")
-    limit = _parse_size(max_shard_size)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    shards: list[dict] = []
-    current: dict[str, torch.Tensor] = {}
-    current_bytes = 0
-    weight_map: dict[str, str] = {}
-    total_bytes = 0
-    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
-
-    def flush():
-        nonlocal current, current_bytes
-        if current:
-            shards.append(current)
-            idx = len(shards)
-            save_file(current, str(tmp / f"shard-{idx:05d}.safetensors"), metadata={"format": "pt"})
-            shards[-1] = list(current.keys())
-            current, current_bytes = {}, 0
-
-    tied_out = bool(getattr(config, "tie_word_embeddings", False))
-    for key, params, fn in _export_tensors(model, lora_merge=lora_merge):
-        if tied_out and key == "lm_head.weight":
-            continue
-        if zero3:
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                tensor = fn([p.data for p in params]).detach().to("cpu", copy=True) if rank == 0 else None
-        else:
-            tensor = fn([p.data for p in params]).detach().to("cpu", copy=True) if rank == 0 else None
-        if rank != 0:
-            continue
-        if dtype is not None:
-            tensor = tensor.to(dtype)
-        tensor = tensor.contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and current_bytes + nbytes > limit:
-            flush()
-        current[key] = tensor
-        current_bytes += nbytes
-        total_bytes += nbytes
-    # persistent buffers (none in Llama, but keep other architectures complete)
-    persistent = set(model.state_dict().keys())
+    tensors = _export_tensors(model)
+    if getattr(config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    meta = {}
+    for key, (params, fn) in tensors.items():
+        shape, src_dtype = _shape(params, fn)
+        meta[key] = torch.empty(shape, dtype=dtype or src_dtype, device="meta")
+    plan = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size,
+                                              filename_pattern="model{suffix}.safetensors")
+    for filename, keys in plan.filename_to_tensors.items():
+        shard = {}
+        for key in keys:
+            params, fn = tensors[key]
+            with _gathered(params):
+                if rank == 0:
+                    shard[key] = fn().detach().to("cpu", dtype or None, copy=True).contiguous()
+        if rank == 0:
+            save_file(shard, str(tmp / filename), metadata={"format": "pt"})
+        del shard
     if rank == 0:
-        for name, buf in model.named_buffers():
-            if name in persistent and buf is not None:
-                key = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
-                current[key] = buf.detach().cpu().contiguous()
-        flush()
-        n = len(shards)
-        for i, keys in enumerate(shards, 1):
-            final_name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-            os.replace(tmp / f"shard-{i:05d}.safetensors", tmp / final_name)
-            for k in keys:
-                weight_map[k] = final_name
-        if n > 1:
+        if plan.is_sharded:
             _write_json_atomic(tmp / "model.safetensors.index.json",
-                               {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
+                               {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename})
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -318,11 +304,7 @@ def export_hf(engine_or_model, out_dir, *, config, tokenizer, rank: int, max_sha
                 pass
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(out_dir.name + f".old-{int(time.time())}")
-            os.replace(out_dir, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out_dir)
+        _replace_dir(tmp, out_dir)
     if dist.is_initialized():
         dist.barrier()
     return out_dir if rank == 0 else None
@@ -330,35 +312,35 @@ def export_hf(engine_or_model, out_dir, *, config, tokenizer, rank: int, max_sha
 
 @torch.no_grad()
 def export_lora_adapter(engine_or_model, out_dir, *, rank: int) -> Path | None:
-    """Collective. Write the peft adapter (adapter_config.json + adapter_model.safetensors, peft's key names) so it
-    can be loaded with ``PeftModel.from_pretrained(base, out_dir)`` on the converted base checkpoint."""
-    import deepspeed
+    """Collective. Write the peft adapter (``get_peft_model_state_dict``: peft's key names, DoRA magnitudes included,
+    + adapter_config.json) so ``PeftModel.from_pretrained(base, out_dir)`` loads it on the converted base."""
+    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     model = getattr(engine_or_model, "module", engine_or_model)
     if not hasattr(model, "peft_config"):
         return None
     out_dir = Path(out_dir)
-    tensors = {}
-    for name, p in model.named_parameters():
-        if ".lora_" not in name:
-            continue
-        if hasattr(p, "ds_id"):
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                t = p.data.detach().to("cpu", copy=True) if rank == 0 else None
-        else:
-            t = p.data.detach().to("cpu", copy=True) if rank == 0 else None
+    with _gathered([p for n, p in model.named_parameters() if ".lora_" in n]):  # small: the adapters only
         if rank == 0:
-            tensors[name.replace(".default.", ".")] = t.contiguous()  # peft drops the adapter name on save
+            state = {k: v.detach().to("cpu", copy=True).contiguous()
+                     for k, v in get_peft_model_state_dict(model).items()}
     if rank == 0:
         tmp = out_dir.with_name(out_dir.name + ".tmp-export")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         model.peft_config["default"].save_pretrained(str(tmp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        _replace_dir(tmp, out_dir)
     if dist.is_initialized():
         dist.barrier()
     return out_dir if rank == 0 else None
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished ``tmp`` onto ``out_dir`` (an older one is moved aside first, then deleted)."""
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + f".old-{int(time.time())}")
+        os.replace(out_dir, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, out_dir)

@@ -1,7 +1,13 @@
 """The training recipe's typed config tree: YAML + ``key=value`` overrides, unknown keys raise.
 
     cfg = load_config("configs/tiny_cpu.yaml", ["train.lr=1e-4", "model.mode=dense"])
+    check_runnable(cfg)                       # paths, model dir, emoe section vs checkpoint: before any process group
     ds = fill_ds_config(json.load(open("ds_configs/z3.json")), cfg, world_size=8)
+
+One tree, data section included (``cfg.data`` is the data package's ``DataConfig``). The coercer below is kept
+rather than OmegaConf structured configs: OmegaConf cannot type unions such as ``emoe.layers`` ("28,30", "28:2",
+"all" or a list) and a data source given as a bare path or a mapping, and the data section keeps its own stricter
+checks (``emoe_llm.data.config``) so ``emoe-llm data`` validates a ``data:`` section the same way.
 
 The DeepSpeed JSON holds ZeRO stage/offload/precision; batch sizes, grad clipping and accumulation come from the
 recipe and are filled into the DS dict here (``"auto"`` values, or keys the JSON leaves out), with the check
@@ -21,6 +27,7 @@ from typing import Any
 import yaml
 
 from ..emoe.settings import CLUSTER_METHODS
+from ..data.config import BUILTIN_TEMPLATES, DataConfig, data_config_from_dict
 
 
 class ConfigError(ValueError):
@@ -30,16 +37,10 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = ""
-    """HF checkpoint dir. For mode emoe: a converted checkpoint (config.json has an 'emoe' block), or a dense one
-    together with `convert` (on-the-fly conversion, small models only)."""
+    """HF checkpoint dir: a converted checkpoint (config.json has an 'emoe' block matching the emoe: section), or a
+    dense one, which the run converts into output_dir/converted first (emoe: section set; small models)."""
     mode: str = "emoe"
     """dense | emoe: the same loop either way, so baselines are apples to apples."""
-    top_k: int | None = None
-    """override the checkpoint's top-k (mode emoe)"""
-    layers: Any = None
-    """override the checkpoint's EMoE layers ("28,30", "28:2", list); they must have been permuted at conversion"""
-    convert: dict | None = None
-    """on-the-fly conversion of a dense checkpoint: {n_experts, top_k, layers[, seed, method]} (small models)"""
     tokenizer: str | None = None
     """tokenizer dir (default: model.path)"""
     attn_implementation: str = "auto"
@@ -53,6 +54,39 @@ class ModelConfig:
     """the demo recipes: when `path` does not exist, build the embedded tiny model there first (what `emoe-llm demo`
     builds: a random 4-layer Llama converted to EMoE), so the recipe runs on a fresh checkout. Only for the recipe's
     own path: a model.path given on the command line must exist"""
+
+
+@dataclass
+class EMoEConfig:
+    """The method (``emoe:`` section). n_experts, permute_layers, seed and method decide the converted weights
+    (changing them means converting again); top_k and layers are training-time settings (any k, any subset of the
+    permuted layers, no re-clustering)."""
+
+    n_experts: int = 0
+    """N experts per EMoE layer (must divide intermediate_size)"""
+    top_k: int = 0
+    """k experts kept per token while training (1 <= k <= N; k = N is the dense model)"""
+    layers: Any = None
+    """layers that run as EMoE: "28,30", the paper's START:EVERY "28:2", "all", or a list"""
+    permute_layers: Any = None
+    """layers clustered and permuted at conversion (default: layers); "all" lets `layers` change later"""
+    seed: int = 0
+    """clustering seed"""
+    method: str = "kmeans"
+    """kmeans (EMoE; fast balanced assignment) | kmeans_exact (optimal balanced assignment in every Lloyd step, as
+    k-means-constrained; slow at 30B widths) | random (the paper's random-split ablation)"""
+
+    def __post_init__(self):
+        # `emoe.layers=30` on the command line (or `layers: 30` in YAML) parses as an int: one layer
+        for name in ("layers", "permute_layers"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, str(value))
+
+    def conversion(self) -> dict:
+        """The keyword arguments of ``emoe_llm.convert.prepare_emoe_checkpoint``."""
+        return {"n_experts": self.n_experts, "top_k": self.top_k, "layers": self.layers,
+                "permute_layers": self.permute_layers, "seed": self.seed, "method": self.method}
 
 
 @dataclass
@@ -93,6 +127,8 @@ class TrainConfig:
     log_every_steps: int = 1
     eval_every_steps: int = 0
     """held-out loss every N optimizer steps (0 = only at the end); needs data.eval_split/eval_sources"""
+    dataloader_workers: int = 1
+    """processes collating training batches ahead of the step (0 = on the training thread)"""
     eval_max_batches: int = 0
     """0 = the whole held-out split"""
     eval_micro_batch_size: int = 0
@@ -112,9 +148,8 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list = field(default_factory=lambda: ["q_proj", "v_proj"])
     quantize: str = "none"
-    """none | 4bit (QLoRA: bitsandbytes NF4, CUDA only)"""
-    merge_on_export: bool = True
-    """final/ gets the merged full model (plain AutoModelForCausalLM); the adapter is kept in final/adapter/"""
+    """none | 4bit (QLoRA: bitsandbytes NF4, CUDA only). The export always merges (final/ is a plain
+    AutoModelForCausalLM); the adapter alone goes to final/adapter/."""
 
 
 @dataclass
@@ -132,9 +167,12 @@ class RecipeConfig:
     resume: str = "auto"
     """auto (latest complete checkpoint in output_dir/checkpoints, else start fresh) | none | a checkpoint dir"""
     seed: int = 42
+    """the run's one seed: weight init of new parameters, the data order, the held-out split and mixing"""
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: dict = field(default_factory=dict)
-    """passed to emoe_llm.data.data_config_from_dict (validated there)"""
+    emoe: EMoEConfig | None = None
+    """needed for mode emoe; with a dense model.path the run converts it first"""
+    data: DataConfig | None = None
+    """the data pipeline's section (emoe_llm/data/config.py); its seed is the recipe's `seed`"""
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -189,9 +227,6 @@ def _list_index(node: list, part: str, path: list[str]) -> int:
         raise ConfigError(
             f"override key '{'.'.join(path)}': '{part}' is not an index of a list of {len(node)}"
         ) from None
-
-
-_FLOAT_TYPES = (float,)
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -267,12 +302,33 @@ def _from_dict(cls, d: dict, where: str):
 
 
 def config_from_dict(d: dict, *, source: str = "config") -> RecipeConfig:
+    d = dict(d or {})
+    data = d.pop("data", None)
     try:
-        cfg = _from_dict(RecipeConfig, d or {}, "")
+        cfg = _from_dict(RecipeConfig, d, "")
+        cfg.data = _data_section(data, seed=cfg.seed)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     validate_config(cfg, source=source)
     return cfg
+
+
+def _data_section(data, *, seed: int) -> DataConfig | None:
+    """The data package's own checks (``emoe-llm data`` applies the same), with the recipe's one seed."""
+    if data is None:
+        return None
+    if isinstance(data, DataConfig):
+        data = dataclasses.asdict(data)
+        data.pop("seed")
+    if not isinstance(data, dict):
+        raise ConfigError(f"data: expected a section (mapping), got {data!r}")
+    if "seed" in data:
+        raise ConfigError("data.seed: a recipe has one seed, the top-level `seed` (it also drives the held-out split "
+                          "and the mixing); remove data.seed")
+    try:
+        return data_config_from_dict({**data, "seed": seed})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RecipeConfig:
@@ -304,7 +360,10 @@ def config_to_dict(cfg: RecipeConfig) -> dict:
             return {k: clean(x) for k, x in v.items()}
         return v
 
-    return clean(dataclasses.asdict(cfg))
+    tree = clean(dataclasses.asdict(cfg))
+    if tree.get("data"):
+        tree["data"].pop("seed", None)  # it is the top-level seed
+    return tree
 
 
 def dump_config(cfg: RecipeConfig) -> str:
@@ -320,16 +379,18 @@ def validate_config(cfg: RecipeConfig, *, source: str = "config") -> None:
     if cfg.model.attn_implementation not in ("auto", "flash_attention_2", "sdpa", "eager"):
         errors.append(f"model.attn_implementation must be auto|flash_attention_2|sdpa|eager, "
                       f"got '{cfg.model.attn_implementation}'")
-    if cfg.model.convert is not None:
-        unknown = set(cfg.model.convert) - {"n_experts", "top_k", "layers", "seed", "method", "permute_layers"}
-        missing = {"n_experts", "top_k", "layers"} - set(cfg.model.convert)
-        if unknown:
-            errors.append(f"model.convert: unknown key(s) {sorted(unknown)}")
-        if missing:
-            errors.append(f"model.convert: missing {sorted(missing)}")
-    if cfg.model.convert is not None and cfg.model.convert.get("method", "kmeans") not in CLUSTER_METHODS:
-        errors.append(f"model.convert.method must be one of {'|'.join(CLUSTER_METHODS)}, "
-                      f"got '{cfg.model.convert.get('method')}'")
+    if cfg.emoe is not None:
+        e = cfg.emoe
+        if e.n_experts < 1:
+            errors.append(f"emoe.n_experts must be >= 1, got {e.n_experts}")
+        if not 1 <= e.top_k <= max(1, e.n_experts):
+            errors.append(f"emoe.top_k must be in [1, emoe.n_experts={e.n_experts}], got {e.top_k}")
+        if e.layers in (None, "", []):
+            errors.append("emoe.layers is empty: e.g. '28,30', the paper's START:EVERY '28:2', or 'all'")
+        if e.method not in CLUSTER_METHODS:
+            errors.append(f"emoe.method must be one of {'|'.join(CLUSTER_METHODS)}, got '{e.method}'")
+    elif cfg.model.mode == "emoe":
+        errors.append("model.mode=emoe needs an emoe: section (n_experts, top_k, layers); or model.mode=dense")
     if cfg.model.load_dtype not in ("auto", "float32"):
         errors.append(f"model.load_dtype must be auto|float32, got '{cfg.model.load_dtype}'")
     elif cfg.model.load_dtype == "float32" and cfg.lora.enabled:
@@ -344,6 +405,7 @@ def validate_config(cfg: RecipeConfig, *, source: str = "config") -> None:
     if t.micro_batch_size < 1:
         errors.append(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     for name in ("epochs", "max_steps", "global_batch_size", "grad_accum", "warmup_steps", "save_every_steps",
+                 "dataloader_workers",
                  "keep_last", "eval_every_steps", "eval_max_batches", "eval_micro_batch_size"):
         if getattr(t, name) < 0:
             errors.append(f"train.{name} must be >= 0, got {getattr(t, name)}")
@@ -372,17 +434,75 @@ def validate_config(cfg: RecipeConfig, *, source: str = "config") -> None:
         raise ConfigError(f"{source}: " + "; ".join(errors))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
 def check_runnable(cfg: RecipeConfig) -> None:
-    """What a launched run needs beyond a well-formed recipe (kept apart so configs can be validated offline)."""
+    """What a launched run needs beyond a well-formed recipe, checked before any process group exists (every rank
+    reaches the same verdict; rank 0 prints it): output_dir, the model dir and its tokenizer, the data files, the chat
+    template, the resume checkpoint, and the emoe section against the checkpoint. Kept apart from ``load_config`` so
+    shipped recipes validate on a machine without the models."""
     errors = []
     if not cfg.output_dir:
         errors.append("output_dir is empty (set it in the recipe or output_dir=... on the command line)")
+    model = Path(cfg.model.path)
     if not cfg.model.path:
         errors.append("model.path is empty (an HF checkpoint dir)")
-    if not cfg.data:
+    elif not (model / "config.json").is_file():
+        if not cfg.model.build_tiny_if_missing:  # else the run builds the embedded tiny model there first
+            errors.append(f"model.path: {model / 'config.json'} not found (expected an HF checkpoint dir)")
+    else:
+        errors += _emoe_against_checkpoint(cfg, model)
+    tokenizer = Path(cfg.model.tokenizer or cfg.model.path)
+    if (cfg.model.tokenizer or (model / "config.json").is_file()) and not any((tokenizer / f).is_file() for f in TOKENIZER_FILES):
+        key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
+        errors.append(f"{key}: no tokenizer in {tokenizer} (expected one of {', '.join(TOKENIZER_FILES)})")
+    if cfg.data is None:
         errors.append("the data section is empty")
+    else:
+        for key, sources in (("data.sources", cfg.data.sources), ("data.eval_sources", cfg.data.eval_sources)):
+            errors += [f"{key}[{i}].path: {s.path} does not exist" for i, s in enumerate(sources)
+                       if not Path(s.path).exists()]
+        template = cfg.data.template
+        if template not in BUILTIN_TEMPLATES and not Path(template).is_file():
+            errors.append(f"data.template: '{template}' is neither a built-in template ({', '.join(BUILTIN_TEMPLATES)})"
+                          " nor an existing .jinja file")
+    if cfg.resume not in ("auto", "none") and not Path(cfg.resume).is_dir():
+        errors.append(f"resume: checkpoint dir '{cfg.resume}' does not exist")
     if errors:
         raise ConfigError("; ".join(errors))
+
+
+def _emoe_against_checkpoint(cfg: RecipeConfig, model: Path) -> list[str]:
+    """The emoe section must fit the model (N divides d_ff, layers exist, k <= N) and, when model.path is already
+    converted, be *its* conversion: same N, permuted layers, seed and method (k and the active layers may differ)."""
+    if cfg.emoe is None:
+        return []
+    from ..convert.errors import ConversionError
+    from ..convert.prepare import conversion_key, existing_key, key_differences
+    from ..emoe.settings import parse_layer_spec, validate_settings
+
+    hf = json.loads((model / "config.json").read_text())
+    e = cfg.emoe
+    try:
+        layers = parse_layer_spec(e.layers, hf["num_hidden_layers"])
+        validate_settings(n_experts=e.n_experts, top_k=e.top_k, layers=layers, d_ff=hf.get("intermediate_size"),
+                          n_layers=hf["num_hidden_layers"], model_type=hf.get("model_type"))
+        want = conversion_key(model, n_experts=e.n_experts, layers=e.layers, permute_layers=e.permute_layers,
+                              seed=e.seed, method=e.method)
+    except (ValueError, KeyError, ConversionError) as err:
+        return [f"emoe (against {model / 'config.json'}): {err}"]
+    if not set(layers) <= set(want["permuted_layers"]):
+        return [f"emoe.layers {layers} are not all in emoe.permute_layers {want['permuted_layers']}"]
+    have = existing_key(model)
+    if have is None:
+        return []  # a dense checkpoint: the run converts it into output_dir/converted first
+    diffs = key_differences(have, want, permute_layers_given=e.permute_layers is not None)
+    if diffs:
+        return [f"model.path {model} is another EMoE conversion than the emoe: section asks for (checkpoint -> recipe: "
+                f"{', '.join(diffs)}); convert the dense checkpoint again (emoe-llm convert DENSE DST --config RECIPE) "
+                "or fix the recipe"]
+    return []
 
 
 # --------------------------------------------------------------------------------------------------------------------

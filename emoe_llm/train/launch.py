@@ -6,6 +6,12 @@
 
 becomes ``deepspeed --num_gpus N --master_port P --module emoe_llm.train --ds_config ... --config ... key=value``
 (the installed package, no repo checkout needed). For several nodes use the Slurm scripts in ``slurm/``.
+
+Kept on purpose, and kept thin: it only fills in ``--nproc`` (all visible GPUs, or 2 CPU ranks) and a free
+``--master_port``, prints the launcher command, and ``exec``s ``deepspeed`` / ``torchrun`` in its place -- nothing of
+ours stays between the launcher and the ranks (signals reach the launcher directly), and ``--dry-run`` shows the plain
+command to run by hand. The recipe never re-launches itself: ``deepspeed ... train.py`` and ``torchrun ... train.py``
+work the same.
 """
 
 from __future__ import annotations
@@ -75,12 +81,14 @@ def build_command(argv: list[str]) -> list[str]:
         if key in ("--nproc", "--nproc_per_node", "--num_gpus", "--launcher", "--master-port", "--master_port"):
             value = inline or (argv[i + 1] if i + 1 < len(argv) else None)
             if value is None:
-                raise SystemExit(f"emoe-llm train: {key} needs a value")
+                raise SystemExit(f"emoe-llm train: error: {key} needs a value")
             i += 1 if inline else 2
             if key == "--launcher":
                 if value not in ("deepspeed", "torchrun"):
-                    raise SystemExit(f"emoe-llm train: --launcher must be deepspeed or torchrun, got {value}")
+                    raise SystemExit(f"emoe-llm train: error: --launcher must be deepspeed or torchrun, got {value}")
                 launcher = value
+            elif not value.isdigit() or int(value) < 1:
+                raise SystemExit(f"emoe-llm train: error: {key} needs a positive integer, got {value!r}")
             elif key in ("--master-port", "--master_port"):
                 port = int(value)
             else:
@@ -89,7 +97,7 @@ def build_command(argv: list[str]) -> list[str]:
         rest.append(a)
         i += 1
     if not any(r == "--config" or r.startswith("--config=") for r in rest):
-        raise SystemExit("emoe-llm train: --config RECIPE.yaml is required (see configs/)\n\n" + _LAUNCH_HELP)
+        raise SystemExit("emoe-llm train: error: --config RECIPE.yaml is required (see configs/)\n\n" + _LAUNCH_HELP)
     nproc = nproc or _default_nproc()
     port = port or _free_port()
     if launcher == "deepspeed":

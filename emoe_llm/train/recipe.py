@@ -45,14 +45,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from deepspeed.accelerator import get_accelerator
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
 
-from ..convert import convert_checkpoint
-from ..data import SFTCollator, build_sft_datasets, data_config_from_dict, load_tokenizer
+from ..convert.prepare import prepare_emoe_checkpoint
+from ..data import SFTCollator, build_sft_datasets, load_tokenizer
 from ..emoe import TRAINED_KEY, enable_emoe, pop_expert_load, trained_record
 from ..fileio import atomic_write_text
+from ..tiny import build_demo_model
 from . import checkpoint
 from .config import (
     ConfigError,
@@ -69,6 +71,7 @@ from .config import (
 )
 from .loss import count_sequences, sequence_ce_sum
 from .master_weights import load_fp32_master
+from .failure import handle_failure, note_output_dir
 from .runlog import MetricsLogger, write_run_dir
 
 IGNORE_INDEX = -100
@@ -143,28 +146,17 @@ def pick_attn_implementation(requested: str, dtype: torch.dtype) -> str:
 
 
 def prepare_model_path(cfg: RecipeConfig, *, rank: int) -> Path:
-    """The checkpoint to load. Converts a dense checkpoint on the fly (rank 0, once) when ``model.convert`` is set."""
+    """Collective. The checkpoint to load: model.path when it is converted (check_runnable made sure it is the emoe:
+    section's conversion) or when there is no emoe: section; else rank 0 converts it into output_dir/converted (kept
+    and reused while N, the permuted layers, seed and method stay the same; small models only)."""
     src = Path(cfg.model.path)
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"model.path: {src}/config.json not found (expected an HF checkpoint dir)")
-    has_emoe = bool(json.loads((src / "config.json").read_text()).get("emoe"))
+    if cfg.emoe is None or json.loads((src / "config.json").read_text()).get("emoe"):
+        return src
     # mode dense converts too: the permutation keeps the dense function, and the exported model can then be run
     # with the expert mask at inference (the paper's "LoRA2EMoE") and compared with the EMoE run key for key.
-    if has_emoe or not cfg.model.convert:
-        if cfg.model.mode == "emoe" and not has_emoe:
-            raise ConfigError(
-                f"model.mode=emoe but {src}/config.json has no 'emoe' block: convert it first "
-                f"(emoe-llm convert {src} DST --experts N --top-k K --layers ...) or set model.convert="
-                "{n_experts: N, top_k: K, layers: ...} to convert on the fly (small models)"
-            )
-        return src
     dst = Path(cfg.output_dir) / "converted"
-    if rank == 0 and not (dst / "config.json").is_file():
-        c = dict(cfg.model.convert)
-        log0(f"converting {src} -> {dst} (n_experts={c['n_experts']}, top_k={c['top_k']}, layers={c['layers']})")
-        convert_checkpoint(src, dst, n_experts=int(c["n_experts"]), top_k=int(c["top_k"]), layers=c["layers"],
-                           seed=int(c.get("seed", 0)), method=c.get("method", "kmeans"), overwrite=True,
-                           progress=False)
+    if rank == 0:
+        prepare_emoe_checkpoint(src, dst, **cfg.emoe.conversion(), overwrite=True, progress=False, log=log0)
     dist.barrier()
     return dst
 
@@ -179,7 +171,7 @@ def load_model(cfg: RecipeConfig, path: Path, *, dtype: torch.dtype):
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     model.config.use_cache = False
     if cfg.model.mode == "emoe":
-        settings = enable_emoe(model, top_k=cfg.model.top_k, layers=cfg.model.layers)
+        settings = enable_emoe(model, top_k=cfg.emoe.top_k, layers=cfg.emoe.layers)
         log0(f"EMoE: layers {settings.layers}, {settings.n_experts} experts, top-{settings.top_k}")
     if cfg.model.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -241,19 +233,18 @@ def build_optimizer(model, cfg: RecipeConfig, ds_config: dict):
 
 
 def build_scheduler(optimizer, cfg: RecipeConfig, total_steps: int):
+    """(LambdaLR, warmup steps): transformers' warmup-stable-decay schedule, which expresses all three of ours --
+    linear warmup, then cosine or linear decay to ``lr * min_lr_ratio`` at ``total_steps`` (``constant``: no decay).
+    (``cosine_with_min_lr`` has no linear variant.) The warmup rises from ``lr * min_lr_ratio`` (0 by default, as in
+    the HF Trainer) to ``lr``."""
     t = cfg.train
     warmup = t.warmup_steps or int(math.ceil(t.warmup_ratio * total_steps))
-
-    def factor(step: int) -> float:  # step = optimizer steps done so far
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if t.lr_scheduler == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if t.lr_scheduler == "cosine" else 1.0 - progress
-        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * shape
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), warmup
+    decay = 0 if t.lr_scheduler == "constant" else max(0, total_steps - warmup)
+    shape = {"num_decay_steps": decay, "num_stable_steps": max(0, total_steps - warmup - decay),
+             "decay_type": "linear" if t.lr_scheduler == "linear" else "cosine", "min_lr_ratio": t.min_lr_ratio}
+    scheduler = get_scheduler("warmup_stable_decay", optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps, scheduler_specific_kwargs=shape)
+    return scheduler, warmup
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -463,7 +454,8 @@ def nothing_to_do(cfg: RecipeConfig) -> bool:
     output_dir = Path(cfg.output_dir)
     completed = read_completed(output_dir)
     if completed is not None and cfg.resume != "none" and completed.get("config_sha") == config_sha(cfg):
-        log0(f"{output_dir / 'COMPLETED'} exists for this exact recipe: nothing to do (final: {completed.get('final')})")
+        log0(f"{output_dir / 'COMPLETED'} exists for this exact recipe: nothing to do "
+             f"(final: {completed.get('final')})")
         return True
     if cfg.resume == "none" and checkpoint.list_checkpoints(output_dir):
         raise ConfigError(f"resume=none but {output_dir}/checkpoints holds checkpoints of an earlier run; use "
@@ -487,7 +479,9 @@ def prepare_output_dir(cfg: RecipeConfig, *, rank: int) -> Path:
     """Collective. Rank 0 creates output_dir and removes what a restart must not see: a stale STOP (the previous run
     was preempted; this one is the restart) and COMPLETED (a finished run being extended, e.g. more steps)."""
     output_dir = Path(cfg.output_dir)
+    created = not output_dir.exists()
     dist.barrier()  # every rank has read the run state (nothing_to_do) before rank 0 changes it
+    note_output_dir(output_dir, created=created)  # a failed run removes it again while it is still empty
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         if (output_dir / "STOP").exists():
@@ -498,13 +492,11 @@ def prepare_output_dir(cfg: RecipeConfig, *, rank: int) -> Path:
     return output_dir
 
 
-def ensure_tiny_model(path: Path, *, rank: int) -> None:
+def ensure_tiny_model(path: Path, *, conversion: dict | None, rank: int) -> None:
     """Collective. The demo recipes on a fresh checkout: rank 0 builds the embedded tiny EMoE model at ``path``."""
     if rank == 0 and not (path / "config.json").is_file():
-        from ..tiny import build_demo_model
-
         log0(f"{path} not found: building the embedded tiny model there (model.build_tiny_if_missing)")
-        build_demo_model(path)
+        build_demo_model(path, conversion=conversion)
     dist.barrier()
 
 
@@ -518,10 +510,9 @@ def build_data(cfg: RecipeConfig, *, rank: int):
     """(tokenizer, train_ds, eval_ds or None, data_stats). Rank 0 tokenizes and fills the cache first; the other
     ranks then read it."""
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    data_cfg = data_config_from_dict(cfg.data)
     if rank != 0:
         dist.barrier()
-    train_ds, eval_ds, data_stats = build_sft_datasets(data_cfg, tokenizer)
+    train_ds, eval_ds, data_stats = build_sft_datasets(cfg.data, tokenizer)
     if rank == 0:
         dist.barrier()
     return tokenizer, train_ds, eval_ds, data_stats
@@ -609,7 +600,7 @@ def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) 
     output_dir = prepare_output_dir(cfg, rank=rank)
     stop = StopRequest(output_dir / "STOP")
     if cfg.model.build_tiny_if_missing:
-        ensure_tiny_model(Path(cfg.model.path), rank=rank)
+        ensure_tiny_model(Path(cfg.model.path), conversion=cfg.emoe.conversion() if cfg.emoe else None, rank=rank)
     ckpt, elastic = elastic_resume(cfg, ds_config, world=world)
     ds_config = fill_ds_config(ds_config, cfg, world_size=world)
     ds_config, note = resolve_precision(ds_config, cfg.train.precision, on_cpu=device.type == "cpu")
@@ -705,12 +696,15 @@ def fit(run: Run, state: TrainState) -> str:
 
 
 def epoch_batches(run: Run, state: TrainState):
-    """Iterator over this rank's collated micro-batches from ``state.step_in_epoch`` to the end of the epoch."""
-    micro, accum = run.micro, run.accum
+    """Iterator over this rank's collated micro-batches from ``state.step_in_epoch`` to the end of the epoch: a torch
+    DataLoader (collation in ``train.dataloader_workers`` processes, pinned memory on CUDA) over the deterministic
+    per-rank order, so a resumed run sees exactly the batches the uninterrupted one did."""
+    micro, workers = run.micro, run.cfg.train.dataloader_workers
     order = epoch_indices(len(run.train_ds), epoch=state.epoch, seed=run.cfg.seed, rank=run.rank, world=run.world,
-                          per_rank=state.steps_per_epoch * accum * micro)
-    for first in range(state.step_in_epoch * accum * micro, len(order), micro):
-        yield run.collator([run.train_ds[i] for i in order[first:first + micro]])
+                          per_rank=state.steps_per_epoch * run.accum * micro)
+    batches = [order[i:i + micro] for i in range(state.step_in_epoch * run.accum * micro, len(order), micro)]
+    return iter(DataLoader(run.train_ds, batch_sampler=batches, collate_fn=run.collator, num_workers=workers,
+                           pin_memory=run.device.type == "cuda", prefetch_factor=4 if workers else None))
 
 
 class Throughput:
@@ -844,19 +838,23 @@ def export(run: Run) -> Path | None:
     setattr(hf_config, TRAINED_KEY, trained_record(run.cfg.model.mode, getattr(hf_config, "emoe", None),
                                                    lora=run.cfg.lora.enabled))
     final = checkpoint.export_hf(run.engine, run.output_dir / "final", config=hf_config, tokenizer=run.tokenizer,
-                                 rank=run.rank, max_shard_size=run.cfg.train.export_max_shard_size, lora_merge=True)
+                                 rank=run.rank, max_shard_size=run.cfg.train.export_max_shard_size)
     if run.cfg.lora.enabled:
         checkpoint.export_lora_adapter(run.engine, run.output_dir / "final" / "adapter", rank=run.rank)
     return final
 
 
 def load_recipe(args: argparse.Namespace) -> tuple[RecipeConfig, dict]:
-    """The recipe and the DeepSpeed JSON, checked before any process group exists."""
+    """The whole recipe and the DeepSpeed JSON, checked before any process group exists: types, unknown keys,
+    template, paths, model dir, the emoe: section against the checkpoint, and the batch layout for the launcher's
+    WORLD_SIZE. Every rank reaches the same verdict; ``cli`` prints it once."""
     cfg = load_config(args.config, args.overrides)
     if any(o.partition("=")[0].strip() == "model.path" for o in args.overrides):
         cfg.model.build_tiny_if_missing = False  # a model.path typed on the command line must exist, not be built
     check_runnable(cfg)
-    return cfg, load_ds_config(args.ds_config)
+    ds_config = load_ds_config(args.ds_config)
+    fill_ds_config(ds_config, cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    return cfg, ds_config
 
 
 def close(run: Run, outcome: str) -> int:
@@ -886,10 +884,8 @@ def cli(argv=None, *, entry=None) -> int:
                             category=FutureWarning)
     try:
         return (entry or main)(argv)
-    except (ConfigError, FileNotFoundError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"[emoe-llm] error: {e}", file=sys.stderr, flush=True)
-        return 2
+    except Exception as e:  # noqa: BLE001 - every failure ends as one line from one rank (see failure.py)
+        return handle_failure(e)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1258 @@
+"""The bad-input table: every surface (convert, verify, data, train, eval, Slurm scripts) x the bad inputs a user hits.
+
+Each case builds a broken input in a fresh directory, runs the real command in-process (``emoe-llm ...`` through
+``emoe_llm.cli.main``, ``train.py`` through ``emoe_llm.train.recipe.cli``; the Slurm scripts with bash) and asserts:
+  * the message: exactly one ``error:`` line, matching the case's pattern, no traceback;
+  * the exit code;
+  * nothing lost: the sources hash the same before and after, no output under its final name, no partial dir or
+    lock left that would block a retry;
+  * the retry: after ``fix`` repairs the input, the same command succeeds (where a retry makes sense).
+A couple of cases need real DeepSpeed ranks; they are at the end, marked slow.
+
+docs/errors.md is this table (case -> message); ``python tests/test_bad_inputs.py`` prints it, and a test keeps the
+two in sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from emoe_llm.tiny import DATA_DIR  # noqa: E402
+
+TOKENIZER = DATA_DIR / "tokenizers" / "tiny_llama3_style"
+CONVERT = ["--experts", "8", "--top-k", "2", "--layers", "1,3", "--quiet"]
+
+
+# ---------------------------------------------------------------------------------------------------- the table
+
+
+@dataclass
+class Run:
+    """What a case set up: the command, what must survive it, what must not appear, how to fix the input."""
+
+    argv: list[str]
+    sources: list[Path] = field(default_factory=list)  # hashed before/after: must be untouched
+    outputs: list[Path] = field(default_factory=list)  # must not exist after the failure
+    fix: Callable[[], None] | None = None  # repair the input; the same argv must then succeed
+    retry_argv: list[str] | None = None  # what to rerun after fix (default: argv)
+    surface: str = "cli"  # cli (emoe-llm main) | train (recipe.cli) | bash (argv is a bash command line)
+    env: dict = field(default_factory=dict)
+    cwd: Path | None = None
+    cleanup: Callable[[], None] | None = None
+
+
+@dataclass
+class Case:
+    surface: str
+    name: str
+    what: str  # the bad input, in words (docs/errors.md)
+    message: str  # regex the one error line must match
+    code: int
+    build: Callable[["World"], Run]
+    slow: bool = False
+    traceback: bool = False  # a crash (not bad input): the traceback follows the one line
+
+    @property
+    def id(self) -> str:
+        return f"{self.surface}-{self.name}"
+
+
+CASES: list[Case] = []
+
+
+def case(surface: str, name: str, what: str, message: str, code: int = 2, slow: bool = False,
+         traceback: bool = False):
+    def register(build):
+        CASES.append(Case(surface, name, what, message, code, build, slow, traceback))
+        return build
+    return register
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+
+
+class World:
+    """Per-test scratch dir plus module-wide read-only fixtures (a tiny sharded checkpoint, its conversion, MMLU)."""
+
+    def __init__(self, tmp: Path, shared: dict):
+        self.tmp = tmp
+        self.shared = shared
+
+    def src(self, name: str = "src") -> Path:
+        """A private copy of the tiny dense checkpoint (100 KB shards) this test may break."""
+        return Path(shutil.copytree(self.shared["dense"], self.tmp / name))
+
+    def converted(self, name: str = "emoe") -> Path:
+        return Path(shutil.copytree(self.shared["emoe"], self.tmp / name))
+
+    def mmlu(self) -> Path:
+        return Path(shutil.copytree(self.shared["mmlu"], self.tmp / "mmlu"))
+
+    def file(self, name: str, data: bytes | str) -> Path:
+        p = self.tmp / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data.encode() if isinstance(data, str) else data)
+        return p
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    from emoe_llm.convert import convert_checkpoint
+    from emoe_llm.tiny import save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    dense = save_tiny_checkpoint(root / "dense", tokenizer_dir=TOKENIZER, max_shard_size="100KB", seed=5)
+    emoe = root / "emoe"
+    convert_checkpoint(dense, emoe, n_experts=8, top_k=2, layers="1,3", progress=False)
+    mmlu = root / "mmlu"
+    for sub in ("dev", "val"):
+        (mmlu / sub).mkdir(parents=True)
+        for subject in ("abstract_algebra", "anatomy"):
+            rows = (DATA_DIR / "eval" / "mmlu" / sub / f"{subject}_{sub}.csv").read_text().splitlines(keepends=True)
+            (mmlu / sub / f"{subject}_{sub}.csv").write_text("".join(rows[:3]))
+    return {"dense": dense, "emoe": emoe, "mmlu": mmlu}
+
+
+def tree_hash(paths: list[Path]) -> dict[str, str]:
+    out = {}
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for p in files:
+            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def leftovers(path: Path) -> list[str]:
+    """Partial conversions and locks beside an output that would block (or confuse) a retry."""
+    if not path.parent.is_dir():
+        return []
+    return sorted(p.name for p in path.parent.iterdir()
+                  if p.name.startswith(f".{path.name}.") and p.name.endswith((".emoe-partial", ".emoe-lock")))
+
+
+def invoke(run: Run, capsys, argv: list[str]) -> tuple[int, str]:
+    """Run the command; (exit code, everything it printed)."""
+    if run.surface == "deepspeed":  # 2 real CPU ranks, as `emoe-llm train --nproc 2` runs them
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+               str(REPO / "tests" / "dist" / "train_with_faults.py"), *argv]  # the recipe + monkeypatched faults
+        env = {**os.environ, "PYTHONPATH": str(REPO), **run.env}
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+        # the launcher's own log lines ("[2026-.. INFO] Killing subprocess ...") are not ours to judge
+        ours = [line for line in (proc.stdout + proc.stderr).splitlines() if not line.startswith("[20")]
+        return proc.returncode, "\n".join(ours)
+    if run.surface == "bash":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+        proc = subprocess.run(["bash", "-c", argv[0]], capture_output=True, text=True, cwd=run.cwd or REPO,
+                              env={**env, **run.env}, timeout=300)
+        return proc.returncode, proc.stdout + proc.stderr
+    with _env(run.env):
+        from emoe_llm.cli import main
+        from emoe_llm.train.recipe import cli as train_cli
+
+        try:
+            code = (train_cli if run.surface == "train" else main)(argv)
+        except SystemExit as e:  # argparse, the train launcher
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = 2 if isinstance(e.code, str) else e.code
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+@contextlib.contextmanager
+def _env(extra: dict):
+    old = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if re.search(r"\berror\b[^:]*:|ERROR:|FAILED:", line)]
+
+
+def check_case(c: Case, shared, tmp_path, capsys, monkeypatch):
+    world = World(tmp_path, shared)
+    world.monkeypatch = monkeypatch
+    run = c.build(world)
+    try:
+        before = tree_hash(run.sources)
+        code, output = invoke(run, capsys, run.argv)
+        assert code == c.code, f"exit {code}, expected {c.code}; output:\n{output}"
+        assert ("Traceback" in output) == c.traceback, output
+        if c.code != 0:
+            lines = error_lines(output)
+            assert len(lines) == 1, f"expected one error line, got {lines}:\n{output}"
+            assert re.search(c.message, lines[0]), f"{c.message!r} not in {lines[0]!r}"
+            if c.traceback:  # the one line first, the traceback below it
+                assert output.index(lines[0]) < output.index("Traceback"), output
+            assert not re.search(r"Connection closed by peer|ProcessGroupGloo|NCCL error|TCPStore", output), output
+        else:
+            assert re.search(c.message, output), f"{c.message!r} not in:\n{output}"
+        assert tree_hash(run.sources) == before, "a source was modified"
+        for out in run.outputs:
+            assert not out.exists(), f"{out} exists after a failed run: {sorted(p.name for p in out.iterdir())}"
+            assert leftovers(out) == [] or c.name in RESUMABLE, f"left behind: {leftovers(out)}"
+        if run.fix is not None:
+            run.fix()
+            code, output = invoke(run, capsys, run.retry_argv or run.argv)
+            assert code == 0, f"the retry after fixing the input failed (exit {code}):\n{output}"
+            for out in run.outputs:
+                assert leftovers(out) == [], f"left behind after the retry: {leftovers(out)}"
+    finally:
+        if run.cleanup is not None:
+            run.cleanup()
+
+
+RESUMABLE = {"disk-full", "resume-mismatch"}  # a failure that keeps finished work beside DST on purpose, for --resume
+
+
+# ---------------------------------------------------------------------------------------------------- convert
+
+
+def _index(src: Path) -> dict:
+    return json.loads((src / "model.safetensors.index.json").read_text())
+
+
+def _shard_of(src: Path, tensor: str) -> Path:
+    return src / _index(src)["weight_map"][tensor]
+
+
+def _convert(w: World, src: Path, *extra: str, dst: Path | None = None) -> Run:
+    dst = dst or w.tmp / "dst"
+    return Run(["convert", str(src), str(dst), *CONVERT, *extra], sources=[src], outputs=[dst])
+
+
+def _restore_src(w: World, src: Path) -> Callable[[], None]:
+    def fix():
+        shutil.rmtree(src)
+        shutil.copytree(w.shared["dense"], src)
+    return fix
+
+
+@case("convert", "src-missing", "SRC does not exist", r"SRC .*missing-model is not a directory")
+def _(w):
+    run = _convert(w, w.tmp / "missing-model")
+    run.sources = []
+    return run
+
+
+@case("convert", "hub-id", "SRC is a Hub id, not a local dir", r"download it first: huggingface-cli download")
+def _(w):
+    run = _convert(w, Path("meta-llama/Llama-2-7b-hf"))
+    run.sources = []
+    return run
+
+
+@case("convert", "no-config", "SRC has no config.json", r"config.json is missing")
+def _(w):
+    src = w.src()
+    (src / "config.json").rename(w.tmp / "config.json.bak")
+    run = _convert(w, src)
+    run.fix = lambda: (w.tmp / "config.json.bak").rename(src / "config.json")
+    return run
+
+
+@case("convert", "config-not-json", "config.json is not JSON", r"config.json: cannot parse")
+def _(w):
+    src = w.src()
+    (src / "config.json").write_text("{'hidden_size': 64,")
+    run = _convert(w, src)
+    run.fix = _restore_src(w, src)
+    return run
+
+
+@case("convert", "config-not-lm", "config.json lacks intermediate_size",
+      r"'intermediate_size' is missing or not an int")
+def _(w):
+    src = w.src()
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["intermediate_size"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    return _convert(w, src)
+
+
+@case("convert", "no-weights", "SRC has config.json but no weight files", r"no weights found: expected")
+def _(w):
+    src = w.tmp / "src"
+    src.mkdir()
+    shutil.copy2(w.shared["dense"] / "config.json", src)
+    return _convert(w, src)
+
+
+@case("convert", "index-missing-shard", "the index names a shard that is not there (incomplete download)",
+      r"points at missing file model-\d{5}-of-\d{5}\.safetensors .*download is incomplete")
+def _(w):
+    src = w.src()
+    shard = _shard_of(src, "model.layers.1.mlp.up_proj.weight")
+    shard.rename(w.tmp / "shard.bak")
+    run = _convert(w, src)
+    run.fix = lambda: (w.tmp / "shard.bak").rename(shard)
+    return run
+
+
+@case("convert", "index-not-json", "model.safetensors.index.json is not JSON", r"index.json: not a valid index")
+def _(w):
+    src = w.src()
+    (src / "model.safetensors.index.json").write_text("{")
+    return _convert(w, src)
+
+
+@case("convert", "index-wrong-shard", "the index puts a tensor in a shard that lacks it",
+      r"says 'model.norm.weight' is in .*that shard does not contain it")
+def _(w):
+    src = w.src()
+    index = _index(src)
+    index["weight_map"]["model.norm.weight"] = next(s for s in index["weight_map"].values()
+                                                    if s != index["weight_map"]["model.norm.weight"])
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    return _convert(w, src)
+
+
+@case("convert", "truncated-shard", "a shard is cut short",
+      r"model-\d{5}-of-\d{5}\.safetensors: corrupt .* \(truncated\?\)")
+def _(w):
+    src = w.src()
+    shard = _shard_of(src, "model.layers.3.mlp.down_proj.weight")
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    run = _convert(w, src)
+    run.fix = lambda: shard.write_bytes(data)
+    return run
+
+
+@case("convert", "garbage-shard", "a shard is not safetensors", r"corrupt safetensors file: header is not valid JSON")
+def _(w):
+    src = w.src()
+    _shard_of(src, "model.embed_tokens.weight").write_bytes(b"\x10" + bytes(7) + b"not json at all!" + bytes(64))
+    return _convert(w, src)
+
+
+@case("convert", "empty-shard", "a shard is an empty file", r"corrupt safetensors file: only 0 bytes, no header")
+def _(w):
+    src = w.src()
+    _shard_of(src, "model.norm.weight").write_bytes(b"")
+    return _convert(w, src)
+
+
+def _drop_tensor(src: Path, name: str, *, from_index: bool, from_shard: bool) -> None:
+    from safetensors.torch import load_file, save_file
+
+    shard = _shard_of(src, name)
+    if from_shard:
+        tensors = load_file(str(shard))
+        del tensors[name]
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+    if from_index:
+        index = _index(src)
+        del index["weight_map"][name]
+        (src / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@case("convert", "tensor-missing", "a tensor the architecture needs is in neither index nor shards (issue #12.1)",
+      r"tensor\(s\) that llama needs are not in .*'model.norm.weight'.*incomplete")
+def _(w):
+    src = w.src()
+    _drop_tensor(src, "model.norm.weight", from_index=True, from_shard=True)
+    run = _convert(w, src)
+    run.fix = _restore_src(w, src)
+    return run
+
+
+@case("convert", "tensor-unlisted", "a tensor is in a shard but not in the index: copied through, exit 0 (#12.1)",
+      r"not listed in the index were copied through", code=0)
+def _(w):
+    src = w.src()
+    _drop_tensor(src, "model.norm.weight", from_index=True, from_shard=False)
+    run = _convert(w, src)
+    run.outputs = []
+
+    def check_dst():  # DST has the tensor and its index lists it
+        assert "model.norm.weight" in _index(w.tmp / "dst")["weight_map"]
+    run.cleanup = check_dst
+    return run
+
+
+@case("convert", "mlp-names", "a non-Llama MLP (fc_in/fc_out)", r"EMoE needs a Llama-style SwiGLU MLP")
+def _(w):
+    from safetensors.torch import load_file, save_file
+
+    src = w.src()
+    rename = lambda n: n.replace("gate_proj", "fc_in").replace("down_proj", "fc_out")  # noqa: E731
+    for shard in set(_index(src)["weight_map"].values()):
+        tensors = load_file(str(src / shard))
+        save_file({rename(n): t for n, t in tensors.items()}, str(src / shard), metadata={"format": "pt"})
+    index = _index(src)
+    index["weight_map"] = {rename(n): s for n, s in index["weight_map"].items()}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    return _convert(w, src)
+
+
+@case("convert", "model-type", "an unsupported model_type", r"model_type 'gpt2' is not supported")
+def _(w):
+    src = w.src()
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    return _convert(w, src)
+
+
+@case("convert", "already-converted", "SRC is already an EMoE checkpoint", r"already has an 'emoe' block")
+def _(w):
+    return _convert(w, w.converted("src"))
+
+
+@case("convert", "pickle", "SRC holds only pytorch_model.bin", r"only pickle weights .*--allow-pickle")
+def _(w):
+    import torch
+    from safetensors.torch import load_file
+
+    src = w.tmp / "pickled"
+    src.mkdir()
+    tensors = {}
+    for shard in set(_index(w.shared["dense"])["weight_map"].values()):
+        tensors.update(load_file(str(w.shared["dense"] / shard)))
+    torch.save(tensors, src / "pytorch_model.bin")
+    shutil.copy2(w.shared["dense"] / "config.json", src)
+    run = _convert(w, src)
+    run.retry_argv = [*run.argv, "--allow-pickle"]
+    run.fix = lambda: None
+    return run
+
+
+@case("convert", "experts-divide", "--experts does not divide d_ff",
+      r"n_experts=7 does not divide intermediate_size=256")
+def _(w):
+    run = _convert(w, w.src())
+    run.argv[run.argv.index("--experts") + 1] = "7"
+    run.retry_argv = _convert(w, w.tmp / "src").argv
+    run.fix = lambda: None
+    return run
+
+
+@case("convert", "top-k", "--top-k larger than --experts", r"top_k=9 must satisfy")
+def _(w):
+    run = _convert(w, w.src())
+    run.argv[run.argv.index("--top-k") + 1] = "9"
+    return run
+
+
+@case("convert", "layer-range", "--layers beyond the model's depth", r"EMoE layer 4 is out of range")
+def _(w):
+    run = _convert(w, w.src())
+    run.argv[run.argv.index("--layers") + 1] = "4"
+    return run
+
+
+@case("convert", "layer-spec", "--layers is not a layer spec", r"layer")
+def _(w):
+    run = _convert(w, w.src())
+    run.argv[run.argv.index("--layers") + 1] = "one,two"
+    return run
+
+
+@case("convert", "no-cuda", "--device cuda on a machine without CUDA", r"CUDA is not available; use --device cpu")
+def _(w):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    return _convert(w, w.src(), "--device", "cuda")
+
+
+@case("convert", "dst-not-empty", "DST holds something else", r"DST .* is not empty; pass --overwrite")
+def _(w):
+    dst = w.tmp / "dst"
+    w.file("dst/notes.txt", "mine")
+    run = _convert(w, w.src(), dst=dst)
+    run.sources = [w.tmp / "src", dst]  # DST's own content must survive too
+    run.outputs = []
+    run.retry_argv = [*run.argv, "--overwrite"]
+    run.fix = lambda: None
+    return run
+
+
+@case("convert", "dst-is-file", "DST is a file", r"exists and is not a directory")
+def _(w):
+    dst = w.file("dst", "a file")
+    run = _convert(w, w.src(), dst=dst)
+    run.sources.append(dst)
+    run.outputs = []
+    return run
+
+
+@case("convert", "dst-in-src", "DST inside SRC", r"must not be SRC .* inside it")
+def _(w):
+    src = w.src()
+    return _convert(w, src, dst=src / "emoe")
+
+
+@case("convert", "dst-parent-missing", "DST's parent directory does not exist", r"parent directory of DST")
+def _(w):
+    return _convert(w, w.src(), dst=w.tmp / "no" / "such" / "dst")
+
+
+@case("convert", "locked", "another convert is writing the same DST",
+      r"another emoe-llm convert is writing .* right now")
+def _(w):
+    import fcntl
+
+    dst = w.tmp / "dst"
+    lock = open(w.tmp / ".dst.emoe-lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    run = _convert(w, w.src(), dst=dst)
+    run.outputs = []
+
+    def fix():  # the other job ends (it removes its lock file as it unlocks)
+        (w.tmp / ".dst.emoe-lock").unlink()
+        lock.close()
+    run.fix = fix
+    return run
+
+
+@case("convert", "resume-mismatch", "--resume with options other than the interrupted run's",
+      r"cannot resume .*different SRC or with different options \(n_experts: 4 -> 8")
+def _(w):
+    from emoe_llm.convert import convert_checkpoint
+
+    src, dst = w.src(), w.tmp / "dst"
+
+    def stop(kind, info):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(src, dst, n_experts=4, top_k=2, layers="1,3", progress=False, on_step=stop)
+    run = _convert(w, src, "--resume", dst=dst)
+    run.outputs = [dst]
+    run.retry_argv = [a for a in run.argv if a != "--resume"]  # starting over replaces the stale partial
+    run.fix = lambda: None
+    return run
+
+
+def _mount_tmpfs(w: World, size: str) -> Path | None:
+    """A small tmpfs (root only); None where mounting is not allowed (then the case simulates the error)."""
+    mnt = w.tmp / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or os.environ.get("EMOE_TEST_NO_MOUNT"):  # the latter to test the fallbacks as root
+        return None
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        return None
+    return mnt
+
+
+def _umount(mnt: Path) -> None:
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@case("convert", "disk-full", "the disk fills up mid-write (ENOSPC); retry with --resume after freeing space (#12.2)",
+      r"cannot write .*\.tmp: the disk is full \(free space there\); finished work "
+      r"is kept in .*rerun with --resume")
+def _(w):
+    import emoe_llm.convert.convert as conv
+
+    src = w.src()
+    mnt = _mount_tmpfs(w, "1200k")  # the tiny model is ~2 MB: the write fails part-way
+    # A disk that fills while we write (another job): the up-front space check sees enough room.
+    w.monkeypatch.setattr(conv.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, 1 << 40))
+    if mnt is None:  # no mount allowed here: the same OSError the kernel raises, from the shard writer
+        from emoe_llm.convert import safetensors_io
+
+        real = safetensors_io.ShardWriter.write_chunks
+        calls = {"n": 0}
+
+        def full(self, name, chunks):
+            calls["n"] += 1
+            if calls["n"] == 20:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(self, name, chunks)
+        w.monkeypatch.setattr(safetensors_io.ShardWriter, "write_chunks", full)
+        mnt = w.tmp / "mnt"
+    dst = mnt / "dst"
+    run = _convert(w, src, dst=dst)
+    run.retry_argv = [*run.argv, "--resume"]
+
+    def fix():
+        partial = mnt / ".dst.emoe-partial"
+        assert not list(partial.glob("*.tmp")), "a half-written shard was left in the partial dir"
+        if os.path.ismount(mnt):
+            subprocess.run(["mount", "-o", "remount,size=16m", str(mnt)], check=True)
+        else:
+            w.monkeypatch.undo()
+    run.fix = fix
+    run.cleanup = lambda: _umount(mnt)
+    return run
+
+
+@case("convert", "read-only-dst", "DST is on a read-only filesystem (#12.3)",
+      r"cannot write .*: the filesystem is read-only \(choose a DST on a writable filesystem\)")
+def _(w):
+    src = w.src()
+    mnt = _mount_tmpfs(w, "16m")
+    if mnt is not None:
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    else:
+        import emoe_llm.convert.workspace as ws
+
+        def read_only(dst):
+            raise OSError(errno.EROFS, "Read-only file system", str(dst.parent / f".{dst.name}.emoe-lock"))
+        w.monkeypatch.setattr(ws, "_lock_dst", read_only)
+        mnt = w.tmp / "mnt"
+    run = _convert(w, src, dst=mnt / "dst")
+
+    def fix():
+        if os.path.ismount(mnt):
+            subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
+        else:
+            w.monkeypatch.undo()
+    run.fix = fix
+    run.cleanup = lambda: _umount(mnt)
+    return run
+
+
+@case("convert", "not-enough-space", "the disk is too small from the start", r"not enough disk space beside DST")
+def _(w):
+    import emoe_llm.convert.convert as conv
+
+    w.monkeypatch.setattr(conv.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1000))
+    run = _convert(w, w.src())
+    run.fix = w.monkeypatch.undo
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------- verify
+
+
+def _verify(src: Path, dst: Path, *extra: str) -> Run:
+    return Run(["verify", str(src), str(dst), "--no-logits", *extra], sources=[src, dst] if dst.exists() else [src])
+
+
+@case("verify", "other-architecture", "DST was converted from another model: configs compared first (#12.4)",
+      r"does not describe SRC's model: .*hidden_size: SRC 64, DST 128", code=1)
+def _(w):
+    from emoe_llm.convert import convert_checkpoint
+    from emoe_llm.tiny import save_tiny_checkpoint
+
+    other = save_tiny_checkpoint(w.tmp / "other", hidden_size=128, seed=1)
+    convert_checkpoint(other, w.tmp / "other_emoe", n_experts=8, top_k=2, layers="1,3", progress=False)
+    return _verify(w.shared["dense"], w.tmp / "other_emoe")
+
+
+@case("verify", "dst-missing", "DST does not exist", r"is not a converted checkpoint \(no config.json\)", code=1)
+def _(w):
+    return _verify(w.shared["dense"], w.tmp / "nothing")
+
+
+@case("verify", "dst-dense", "DST is a dense (unconverted) checkpoint", r"has no 'emoe' block", code=1)
+def _(w):
+    return _verify(w.shared["dense"], w.src("dense_copy"))
+
+
+@case("verify", "dst-truncated", "one of DST's shards is truncated",
+      r"DST is incomplete or corrupt: .*truncated", code=1)
+def _(w):
+    dst = w.converted()
+    shard = _shard_of(dst, "model.layers.1.mlp.up_proj.weight")
+    shard.write_bytes(shard.read_bytes()[:-64])
+    return _verify(w.shared["dense"], dst)
+
+
+@case("verify", "wrong-experts", "DST has other settings than asked for", r"DST has 8 experts, expected 4", code=1)
+def _(w):
+    return _verify(w.shared["dense"], w.shared["emoe"], "--experts", "4")
+
+
+@case("verify", "src-missing", "SRC does not exist", r"SRC .* is not a directory")
+def _(w):
+    return _verify(w.tmp / "nothing", w.shared["emoe"])
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def _data(path: Path, *extra: str) -> Run:
+    return Run(["data", "--source", str(path), "--validate-only", *extra], sources=[path])
+
+
+ALPACA = '{"instruction": "Name a colour.", "output": "Blue."}\n'
+
+
+@case("data", "non-utf8-jsonl", "a .jsonl line in Latin-1 (#12.5)",
+      r"bad\.jsonl: line 2: not UTF-8 text \(byte 0xe9 at column \d+\)")
+def _(w):
+    p = w.file("bad.jsonl", ALPACA.encode() + b'{"instruction": "caf\xe9", "output": "x"}\n' + ALPACA.encode())
+    run = _data(p)
+    run.retry_argv = [*run.argv, "--skip-bad-rows"]  # skips just that line
+    run.fix = lambda: None
+    return run
+
+
+@case("data", "non-utf8-skipped", "--skip-bad-rows skips the undecodable line, keeps the others (#12.5)",
+      r"usable=2 read=3 skipped_bad_rows=1", code=0)
+def _(w):
+    p = w.file("bad.jsonl", ALPACA.encode() + b'{"instruction": "caf\xe9", "output": "x"}\n' + ALPACA.encode())
+    return _data(p, "--skip-bad-rows")
+
+
+@case("data", "non-utf8-txt", "a .txt corpus line in Latin-1 (#12.5)", r"corpus\.txt: line 2: not UTF-8 text")
+def _(w):
+    return _data(w.file("corpus.txt", b"first document\nsecond caf\xe9\nthird\n"))
+
+
+@case("data", "non-utf8-json", "a .json array file in Latin-1 (#12.5)", r"bad\.json: line 3: not UTF-8 text")
+def _(w):
+    return _data(w.file("bad.json", b'[\n {"instruction": "a", "output": "b"},\n'
+                               b' {"instruction": "\xe9", "output": "c"}\n]'))
+
+
+@case("data", "bad-json-line", "one .jsonl line is not JSON", r"bad\.jsonl: line 2: not valid JSON")
+def _(w):
+    p = w.file("bad.jsonl", ALPACA + '{"instruction": "a", "output": \n' + ALPACA)
+    run = _data(p)
+    run.fix = lambda: p.write_text(ALPACA * 2)
+    return run
+
+
+@case("data", "missing-field", "an alpaca row without output", r"line 2: missing field 'output'")
+def _(w):
+    return _data(w.file("bad.jsonl", ALPACA + '{"instruction": "a"}\n'))
+
+
+@case("data", "unknown-role", "a ShareGPT turn from an unknown speaker", r"row 0: unknown role 'robot'")
+def _(w):
+    rows = [{"conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]
+    return _data(w.file("chat.json", json.dumps(rows)))
+
+
+@case("data", "turn-order", "two user turns in a row", r"turns must alternate user/assistant")
+def _(w):
+    rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                          {"role": "assistant", "content": "c"}]}]
+    return _data(w.file("chat.json", json.dumps(rows)))
+
+
+@case("data", "empty-reply", "an empty assistant reply", r"empty response")
+def _(w):
+    return _data(w.file("bad.jsonl", '{"instruction": "a", "output": "  "}\n'))
+
+
+@case("data", "empty-file", "an empty data file", r"empty\.jsonl: no usable rows")
+def _(w):
+    return _data(w.file("empty.jsonl", ""))
+
+
+@case("data", "unsupported-type", "a .csv data file", r"unsupported file type '\.csv'")
+def _(w):
+    return _data(w.file("data.csv", "a,b\n"))
+
+
+@case("data", "source-missing", "the data file does not exist", r"missing\.jsonl: file not found")
+def _(w):
+    run = _data(w.tmp / "missing.jsonl")
+    run.sources = []
+    run.fix = lambda: w.file("missing.jsonl", ALPACA)
+    return run
+
+
+@case("data", "json-not-list", "a .json object with two lists", r"expected a JSON list of records")
+def _(w):
+    return _data(w.file("data.json", json.dumps({"train": [], "test": []})))
+
+
+@case("data", "parquet-corrupt", "a .parquet file that is not parquet", r"not a readable parquet file")
+def _(w):
+    return _data(w.file("data.parquet", b"PAR1 but not really"))
+
+
+@case("data", "unknown-format", "rows whose keys fit no known format", r"cannot detect the format .*\['prompt'\]")
+def _(w):
+    return _data(w.file("data.jsonl", '{"prompt": "a"}\n'))
+
+
+@case("data", "unknown-template", "a template name that does not exist", r"template 'nonexistent' is neither one of")
+def _(w):
+    p = w.file("ok.jsonl", ALPACA * 2)
+    return Run(["data", "--source", str(p), "--tokenizer", str(TOKENIZER), "--template", "nonexistent",
+                "--cache-dir", str(w.tmp / "cache")], sources=[p])
+
+
+@case("data", "tokenizer-missing", "the tokenizer dir does not exist", r"tokenizer not found: .*no-tokenizer")
+def _(w):
+    p = w.file("ok.jsonl", ALPACA * 2)
+    return Run(["data", "--source", str(p), "--tokenizer", str(w.tmp / "no-tokenizer"), "--cache-dir",
+                str(w.tmp / "cache")], sources=[p])
+
+
+@case("data", "cache-read-only", "the data cache dir is on a read-only filesystem",
+      r"cannot write .*cache.*: Read-only file system \(set --cache-dir")
+def _(w):
+    p = w.file("ok.jsonl", ALPACA * 4)
+    mnt = _mount_tmpfs(w, "16m")
+    if mnt is not None:
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    else:  # no mount allowed here: the OSError the kernel raises, from mkdir
+        mnt = w.tmp / "mnt"
+        real_mkdir = Path.mkdir
+
+        def mkdir(self, *a, **k):
+            if str(self).startswith(str(mnt)):
+                raise OSError(errno.EROFS, "Read-only file system", str(self))
+            return real_mkdir(self, *a, **k)
+        w.monkeypatch.setattr(Path, "mkdir", mkdir)
+    run = Run(["data", "--source", str(p), "--tokenizer", str(TOKENIZER), "--template", "alpaca", "--cache-dir",
+               str(mnt / "cache"), "--show", "0"], sources=[p])
+
+    def fix():
+        if os.path.ismount(mnt):
+            subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
+        else:
+            w.monkeypatch.undo()
+    run.fix = fix
+    run.cleanup = lambda: _umount(mnt)
+    return run
+
+
+@case("data", "config-yaml", "--config is not YAML", r"recipe\.yaml: not valid YAML")
+def _(w):
+    p = w.file("recipe.yaml", "data: [unclosed\n")
+    return Run(["data", "--config", str(p), "--validate-only"], sources=[p])
+
+
+@case("data", "config-unknown-key", "a typo in the data section", r"unknown key\(s\) \['tempalte'\]")
+def _(w):
+    src = w.file("ok.jsonl", ALPACA)
+    p = w.file("recipe.yaml", f"data:\n  sources: [{{path: {src}}}]\n  tempalte: alpaca\n")
+    return Run(["data", "--config", str(p), "--validate-only"], sources=[p, src])
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+
+
+def _eval(w: World, ckpt: Path, mmlu: Path, *extra: str, before_weights: bool = True) -> Run:
+    if before_weights:  # the CSV/shard checks must come before the (slow, on 7B) weight load (#12.12)
+        import emoe_llm.eval.cli as eval_cli
+
+        real = eval_cli.load_for_eval
+
+        def must_not_load(*a, **k):
+            raise AssertionError("the weights were loaded before the inputs were checked")
+        w.monkeypatch.setattr(eval_cli, "load_for_eval", must_not_load)
+        w.restore_load = lambda: w.monkeypatch.setattr(eval_cli, "load_for_eval", real)
+    out = w.tmp / "results.json"
+    return Run(["eval", str(ckpt), "--mmlu-dir", str(mmlu), "--shots", "1", "--limit", "1", "--subjects",
+                "anatomy", "--no-progress", "--device", "cpu", "--output", str(out), *extra],
+               sources=[ckpt, mmlu], outputs=[out])
+
+
+def _eval_fix(w: World, repair: Callable[[], None]) -> Callable[[], None]:
+    def fix():
+        repair()
+        w.restore_load()
+    return fix
+
+
+@case("eval", "binary-csv", "an MMLU CSV that is binary (#12.9)", r"anatomy_val\.csv:1: (not UTF-8 text|contains NUL)")
+def _(w):
+    mmlu = w.mmlu()
+    csv_path = mmlu / "val" / "anatomy_val.csv"
+    good = csv_path.read_bytes()
+    csv_path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    run = _eval(w, w.shared["emoe"], mmlu)
+    run.sources = [w.shared["emoe"]]
+    run.fix = _eval_fix(w, lambda: csv_path.write_bytes(good))
+    return run
+
+
+@case("eval", "latin1-csv", "an MMLU CSV in Latin-1", r"anatomy_val\.csv:2: not UTF-8 text \(byte 0xe9")
+def _(w):
+    mmlu = w.mmlu()
+    csv_path = mmlu / "val" / "anatomy_val.csv"
+    lines = csv_path.read_bytes().splitlines(keepends=True)
+    csv_path.write_bytes(lines[0] + b"caf\xe9?,a,b,c,d,A\n")
+    return _eval(w, w.shared["emoe"], mmlu)
+
+
+@case("eval", "empty-split", "an empty MMLU split file: error, not nan% and NaN in the JSON (#12.10)",
+      r"anatomy_val\.csv: no questions \(empty file\)")
+def _(w):
+    mmlu = w.mmlu()
+    csv_path = mmlu / "val" / "anatomy_val.csv"
+    good = csv_path.read_bytes()
+    csv_path.write_bytes(b"")
+    run = _eval(w, w.shared["emoe"], mmlu)
+    run.sources = [w.shared["emoe"]]
+
+    def check_json():
+        out = w.tmp / "results.json"
+        if out.exists():  # after the retry: strict JSON (no NaN)
+            json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the results JSON"))
+    run.fix = _eval_fix(w, lambda: csv_path.write_bytes(good))
+    run.cleanup = check_json
+    return run
+
+
+@case("eval", "truncated-checkpoint", "a truncated checkpoint shard: named, before loading (#12.11)",
+      r"incomplete or corrupt: .*model-\d{5}-of-\d{5}\.safetensors: corrupt safetensors file: .*truncated")
+def _(w):
+    ckpt = w.converted()
+    shard = _shard_of(ckpt, "model.layers.3.mlp.down_proj.weight")
+    good = shard.read_bytes()
+    shard.write_bytes(good[: len(good) // 2])
+    run = _eval(w, ckpt, w.shared["mmlu"])
+    run.sources = [w.shared["mmlu"]]
+    run.fix = _eval_fix(w, lambda: shard.write_bytes(good))
+    return run
+
+
+@case("eval", "missing-shard", "the checkpoint index names a missing shard", r"points at missing file")
+def _(w):
+    ckpt = w.converted()
+    _shard_of(ckpt, "model.norm.weight").unlink()
+    run = _eval(w, ckpt, w.shared["mmlu"])
+    run.sources = [w.shared["mmlu"]]
+    return run
+
+
+@case("eval", "missing-tensor", "a tensor the model needs is not in the checkpoint",
+      r"tensor\(s\) that llama needs are not in")
+def _(w):
+    ckpt = w.converted()
+    _drop_tensor(ckpt, "model.norm.weight", from_index=True, from_shard=True)
+    run = _eval(w, ckpt, w.shared["mmlu"])
+    run.sources = [w.shared["mmlu"]]
+    return run
+
+
+@case("eval", "columns", "a CSV row with 5 columns", r"anatomy_val\.csv:\d+: expected 6 columns")
+def _(w):
+    mmlu = w.mmlu()
+    with open(mmlu / "val" / "anatomy_val.csv", "a") as f:
+        f.write("q,a,b,c,A\n")
+    return _eval(w, w.shared["emoe"], mmlu)
+
+
+@case("eval", "answer-letter", "an answer that is not A-D", r"answer must be one of A/B/C/D, got 'E'")
+def _(w):
+    mmlu = w.mmlu()
+    (mmlu / "val" / "anatomy_val.csv").write_text("q,a,b,c,d,E\n")
+    return _eval(w, w.shared["emoe"], mmlu)
+
+
+@case("eval", "unknown-subject", "--subjects names a subject with no CSV", r"unknown MMLU subject\(s\) \['anatomyy'\]")
+def _(w):
+    run = _eval(w, w.shared["emoe"], w.shared["mmlu"])
+    run.argv[run.argv.index("--subjects") + 1] = "anatomyy"
+    return run
+
+
+@case("eval", "split-missing", "--split test where there is no test/ dir", r"MMLU split dir .*test not found")
+def _(w):
+    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--split", "test")
+
+
+@case("eval", "dev-missing", "the few-shot dev CSV is missing", r"anatomy_dev\.csv not found")
+def _(w):
+    mmlu = w.mmlu()
+    (mmlu / "dev" / "anatomy_dev.csv").unlink()
+    run = _eval(w, w.shared["emoe"], mmlu)
+    run.retry_argv = [*run.argv, "--shots", "0"]
+    run.fix = _eval_fix(w, lambda: None)
+    return run
+
+
+@case("eval", "checkpoint-missing", "the checkpoint dir does not exist", r"nothing/config\.json not found")
+def _(w):
+    run = _eval(w, w.tmp / "nothing", w.shared["mmlu"])
+    run.sources = [w.shared["mmlu"]]
+    return run
+
+
+@case("eval", "mode-emoe-dense", "--mode emoe on a dense checkpoint", r"has no 'emoe' block .*use --mode dense")
+def _(w):
+    return _eval(w, w.shared["dense"], w.shared["mmlu"], "--mode", "emoe", before_weights=False)
+
+
+@case("eval", "unknown-task", "--tasks names an unknown task", r"unknown task\(s\) \['hellaswag'\]")
+def _(w):
+    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--tasks", "hellaswag")
+
+
+@case("eval", "negative-shots", "--shots -1", r"--shots and --limit must be >= 0")
+def _(w):
+    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--shots", "-1")
+
+
+# ---------------------------------------------------------------------------------------------------- train (pre-init)
+
+
+def _train(w: World, *overrides: str, config: Path | None = None) -> Run:
+    out = w.tmp / "run"
+    return Run(["--config", str(config or REPO / "configs" / "tiny_cpu.yaml"), f"output_dir={out}", *overrides],
+               surface="train", outputs=[out], env={"RANK": "0"})
+
+
+@case("train", "config-missing", "--config names no file", r"--config .*nope\.yaml: file not found")
+def _(w):
+    return _train(w, config=w.tmp / "nope.yaml")
+
+
+@case("train", "config-yaml", "the recipe is not YAML", r"recipe\.yaml: not valid YAML")
+def _(w):
+    return _train(w, config=w.file("recipe.yaml", "train: {lr: [1\n"))
+
+
+@case("train", "unknown-key", "a typo in a recipe key", r"unknown config key\(s\) train\.lrr")
+def _(w):
+    return _train(w, "train.lrr=1e-4")
+
+
+@case("train", "wrong-type", "a string where a number goes", r"train\.lr: expected a number, got 'fast'")
+def _(w):
+    return _train(w, "train.lr=fast")
+
+
+@case("train", "override-syntax", "an override without =",
+      r"unexpected argument\(s\) \['train\.lr'\]: overrides are key=value")
+def _(w):
+    return _train(w, "train.lr")
+
+
+@case("train", "not-a-section", "an override into a value", r"'train\.lr' is a value, not a section")
+def _(w):
+    return _train(w, "train.lr.x=1")
+
+
+def _converted(w: World) -> list[str]:
+    """model.path = the shared tiny conversion, and the emoe: section that matches it (8 experts, layers 1,3)."""
+    return [f"model.path={w.shared['emoe']}", "emoe.n_experts=8", "emoe.top_k=2", "emoe.layers=1,3"]
+
+
+@case("train", "emoe-mismatch", "model.path is another EMoE conversion than the emoe: section asks for",
+      r"model\.path .* is another EMoE conversion than the emoe: section asks for \(checkpoint -> recipe: "
+      r"n_experts 8 -> 16")
+def _(w):
+    return _train(w, f"model.path={w.shared['emoe']}")
+
+
+@case("train", "model-missing", "model.path is not a checkpoint dir: said before any rank starts (#12.8)",
+      r"model\.path: .*nothing/config\.json not found \(expected an HF checkpoint dir\)")
+def _(w):
+    return _train(w, f"model.path={w.tmp / 'nothing'}")
+
+
+@case("train", "template-pre-init", "an unknown data.template: said before tokenizing or any rank starts (#12.8)",
+      r"data\.template: 'nonexistent' is neither a built-in template")
+def _(w):
+    return _train(w, *_converted(w), "data.template=nonexistent")
+
+
+@case("train", "data-missing", "a data source that does not exist: said before any rank starts",
+      r"data\.sources\[0\]\.path: nope\.jsonl does not exist")
+def _(w):
+    return _train(w, *_converted(w), "data.sources.0.path=nope.jsonl")
+
+
+@case("train", "ds-config-missing", "--ds_config names no file", r"--ds_config .*z4\.json: file not found")
+def _(w):
+    run = _train(w, *_converted(w))
+    run.argv += ["--ds_config", str(w.tmp / "z4.json")]
+    return run
+
+
+@case("train", "ds-config-json", "the DeepSpeed config is not JSON", r"ds\.json: not valid JSON")
+def _(w):
+    run = _train(w, *_converted(w))
+    run.argv += ["--ds_config", str(w.file("ds.json", '{"zero_optimization": {"stage": 3},}'))]
+    return run
+
+
+@case("train", "empty-model-path", "model.path set to nothing", r"model\.path is empty")
+def _(w):
+    return _train(w, "model.path=")
+
+
+@case("train", "launcher-nproc", "emoe-llm train --nproc two", r"--nproc needs a positive integer, got 'two'")
+def _(w):
+    return Run(["train", "--nproc", "two", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--dry-run"])
+
+
+@case("train", "launcher-no-config", "emoe-llm train without --config", r"--config RECIPE\.yaml is required")
+def _(w):
+    run = Run(["train", "--nproc", "2", "--dry-run"])
+    run.retry_argv = ["train", "--nproc", "2", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--dry-run"]
+    run.fix = lambda: None
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------- train (ranks)
+
+
+def _ranks(w: World, *overrides: str, faults: tuple[str, ...] = ()) -> Run:
+    out = w.tmp / "run"
+    dense = w.shared.get("dense_single")
+    if dense is None:
+        from emoe_llm.tiny import save_tiny_checkpoint
+
+        dense = w.shared["dense_single"] = save_tiny_checkpoint(w.tmp.parent / "dense_single",
+                                                                 tokenizer_dir=TOKENIZER)
+    return Run([*faults, "--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"output_dir={out}",
+                f"model.path={dense}", "model.mode=dense", "logging.progress_bar=false", "train.max_steps=2",
+                "train.save_every_steps=0", "train.eval_every_steps=0", "train.export=false",
+                f"data.cache_dir={w.tmp / 'cache'}", *overrides],
+               surface="deepspeed", outputs=[out])
+
+
+@case("train", "rank1-crash", "an exception on rank 1 mid-run: its one line first, traceback below, rank 0 silent, "
+      "all ranks end", r"^\[emoe-llm\] error \(rank 1\): RuntimeError: injected fault on rank 1 at step 2$", code=1,
+      slow=True, traceback=True)
+def _(w):
+    run = _ranks(w, faults=("--raise-at-step", "2", "--raise-on-rank", "1"))
+    run.outputs = []  # step 1 ran: its logs are kept
+    return run
+
+
+@case("train", "template-in-run", "a data template that does not exist, launched on 2 real ranks: one line (rank 0), "
+      "no output_dir left (#12.6-8)", r"^\[emoe-llm\] error: .*template:? 'nonexistent'", slow=True)
+def _(w):
+    return _ranks(w, "data.template=nonexistent")
+
+
+# ---------------------------------------------------------------------------------------------------- Slurm scripts
+
+
+def _slurm(w: World, script: str, **env) -> Run:
+    out = w.tmp / "out"
+    base = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "1", "SLURM_SUBMIT_DIR": str(REPO),
+            "SLURM_JOB_NODELIST": "localhost", "MASTER_ADDR": "localhost", "OUTPUT_DIR": str(out),
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return Run([f"bash {REPO / 'slurm' / script}"], surface="bash", env={**base, **env})
+
+
+@case("slurm", "outside-job", "a job script run with bash instead of sbatch", r"not inside a Slurm job")
+def _(w):
+    run = _slurm(w, "llama7b.sh")
+    run.env.pop("SLURM_JOB_ID")
+    return run
+
+
+@case("slurm", "no-model", "MODEL unset and no converted checkpoint", r"set MODEL=/path/to/the/dense/hf/checkpoint")
+def _(w):
+    run = _slurm(w, "llama7b.sh", EMOE_MODEL=str(w.tmp / "not-converted"))
+    run.outputs = [w.tmp / "out"]  # the OUTPUT_DIR the job created is gone again
+    return run
+
+
+@case("slurm", "recipe-missing", "RECIPE names no file: refused before the conversion and before srun",
+      r"RECIPE=configs/llama2_7b_emoee\.yaml: file not found")
+def _(w):
+    run = _slurm(w, "llama7b.sh", RECIPE="configs/llama2_7b_emoee.yaml", MODEL=str(w.shared["dense"]),
+                 EMOE_MODEL=str(w.tmp / "emoe"))
+    run.outputs = [w.tmp / "out", w.tmp / "emoe"]
+    return run
+
+
+@case("slurm", "ds-config-missing", "DS_CONFIG names no file", r"DS_CONFIG=ds_configs/z4\.json: file not found")
+def _(w):
+    run = _slurm(w, "llama30b.sh", DS_CONFIG="ds_configs/z4.json", MODEL=str(w.shared["dense"]),
+                 EMOE_MODEL=str(w.tmp / "emoe"))
+    run.outputs = [w.tmp / "out", w.tmp / "emoe"]
+    return run
+
+
+@case("slurm", "recipe-invalid", "a recipe that cannot run on this allocation: one line, before srun",
+      r"ERROR: configs/llama2_7b_emoe\.yaml \+ ds_configs/z3\.json with .*train\.lrr")
+def _(w):
+    script = (f"set -euo pipefail; OUTPUT_DIR={w.tmp / 'out'}; source {REPO / 'slurm' / 'common.sh'}; "
+              "emoe_snapshot configs/llama2_7b_emoe.yaml ds_configs/z3.json train.lrr=1")
+    run = _slurm(w, "common.sh")
+    run.argv = [script]
+    return run
+
+
+@case("slurm", "model-not-hf", "MODEL is not an HF checkpoint dir", r"MODEL=.*empty-dir is not an HF checkpoint dir")
+def _(w):
+    (w.tmp / "empty-dir").mkdir()
+    run = _slurm(w, "llama7b.sh", MODEL=str(w.tmp / "empty-dir"), EMOE_MODEL=str(w.tmp / "emoe"))
+    run.outputs = [w.tmp / "out", w.tmp / "emoe"]
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------- the tests
+
+
+FAST = [c for c in CASES if not c.slow]
+
+
+@pytest.mark.parametrize("c", FAST, ids=[c.id for c in FAST])
+def test_bad_input(c, shared, tmp_path, capsys, monkeypatch):
+    check_case(c, shared, tmp_path, capsys, monkeypatch)
+
+
+SLOW = [c for c in CASES if c.slow]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("c", SLOW, ids=[c.id for c in SLOW])
+def test_bad_input_across_ranks(c, shared, tmp_path, capsys, monkeypatch):
+    check_case(c, shared, tmp_path, capsys, monkeypatch)
+
+
+def test_table_size_and_ids():
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids))
+    assert len(CASES) >= 60
+    assert {c.surface for c in CASES} >= {"convert", "verify", "data", "train", "eval", "slurm"}
+
+
+def markdown() -> str:
+    lines = [
+        "# Bad inputs: what each one says",
+        "",
+        "Every row is a test case in `tests/test_bad_inputs.py` (regenerate this file with",
+        "`python tests/test_bad_inputs.py > docs/errors.md`). Each case checks the one error line (a regex, shown",
+        "here), the exit code, that sources are untouched and no partial output or lock is left behind, and, where",
+        "the case has a fix, that the same command succeeds once the input is fixed.",
+        "",
+        "Exit codes: 0 ok, 1 `verify` found DST wrong / an unexpected crash in training, 2 bad input.",
+        "",
+        "| case | bad input | exit | message (regex) |",
+        "|---|---|---|---|",
+    ]
+    for c in CASES:
+        msg = c.message.replace("|", "\\|")
+        lines.append(f"| `{c.id}` | {c.what} | {c.code} | `{msg}` |")
+    return "\n".join(lines) + "\n"
+
+
+def test_docs_table_is_current():
+    doc = (REPO / "docs" / "errors.md").read_text()
+    assert doc == markdown(), "docs/errors.md is stale: python tests/test_bad_inputs.py > docs/errors.md"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown())
