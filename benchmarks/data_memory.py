@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_json import add_json_args, print_config_and_exit, write_json  # noqa: E402
 PEAK_RSS = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]).returncode; "
             "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, 'RC', r)")
 
@@ -81,7 +83,10 @@ def main() -> int:
     ap.add_argument("--format", default="alpaca", choices=["alpaca", "text"],
                     help="alpaca rows (chat template, prompt masking) or plain-text rows (cheaper to tokenize)")
     ap.add_argument("--max-seq-len", type=int, default=1024)
+    add_json_args(ap)
     args = ap.parse_args()
+    if args.print_config:
+        print_config_and_exit(args)
 
     size = int(args.size_gb * 1e9)
     free = shutil.disk_usage(args.dir).free
@@ -122,6 +127,13 @@ def main() -> int:
         print(f"peak RSS {peak / 2**30:.2f} GiB (ru_maxrss: counts the memory-mapped Arrow pages it touched, which the "
               f"kernel can drop); of it, private memory peaked at {peaks['RssAnon'] / 2**30:.2f} GiB and mapped "
               f"file pages at {peaks['RssFile'] / 2**30:.2f} GiB (sampled every 0.2 s)")
+        write_json(args.json, {
+            "benchmark": "data_memory",
+            "settings": {k: v for k, v in vars(args).items() if k not in ("json", "print_config")},
+            "file_bytes": file_bytes, "rows": rows, "wall_s": round(wall, 2), "peak_rss_bytes": peak,
+            "peak_private_bytes": peaks["RssAnon"], "peak_mapped_bytes": peaks["RssFile"],
+            "rows_per_s": rows / wall, "data_stats": {k: stats.get(k) for k in ("documents", "rows", "tokens")},
+        })
         print(f"peak private memory {peaks['RssAnon'] / 2**30:.2f} GiB = {peaks['RssAnon'] / file_bytes:.3f} x the "
               f"{file_bytes / 1e9:.2f} GB file; peak RSS {peak / file_bytes:.3f} x; {rows / wall:,.0f} rows/s "
               f"({file_bytes / 1e6 / wall:.2f} MB/s)")
