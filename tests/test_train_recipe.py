@@ -84,10 +84,10 @@ def test_setup_fit_finish_then_preempt_and_resume_bit_exact(single_rank, monkeyp
     out = env["root"] / "interrupted"
     votes = iter([None, "STOP file"])
     monkeypatch.setattr(recipe, "stop_vote", lambda run: next(votes))
-    outcome, state = train(env, out)
+    outcome, state = train(env, out, "train.export=false")
     assert outcome == "preempted" and state.step == 2 and not (out / "COMPLETED").exists()
     monkeypatch.undo()
-    outcome, state = train(env, out)
+    outcome, state = train(env, out, "train.export=false")
     assert outcome == "done" and state.step == STEPS
     assert losses(out) == losses(ref)
 
@@ -102,7 +102,7 @@ def test_nonfinite_loss_stops_with_the_last_good_checkpoint(single_rank, monkeyp
         return real_ce(logits, labels) * (float("nan") if len(calls) == 5 else 1.0)
 
     monkeypatch.setattr(recipe, "token_ce_sum", nan_at_step_3)
-    outcome, state = train(env, out)
+    outcome, state = train(env, out, "train.export=false")
     assert outcome == "nonfinite" and state.step == 2
     assert json.loads((checkpoint_path(out, 2) / "trainer_state.json").read_text())["step"] == 2
     events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
