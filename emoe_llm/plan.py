@@ -362,7 +362,7 @@ def setup_from_recipe(args, s: Setup) -> tuple[Setup, str | None, dict | None]:
         s.micro_batch = args.micro_batch or t.micro_batch_size
         s.gradient_checkpointing = cfg.model.gradient_checkpointing
         s.lora, s.lora_r, s.lora_targets = cfg.lora.enabled, cfg.lora.r, tuple(cfg.lora.target_modules)
-        s.seq_len = args.seq_len or int(cfg.data.get("max_seq_len", s.seq_len))
+        s.seq_len = args.seq_len or int(cfg.data.max_seq_len if cfg.data is not None else s.seq_len)
         try:
             cfg.train.micro_batch_size = s.micro_batch
             _, s.grad_accum, global_bs = resolve_batch(cfg, s.world)
@@ -375,8 +375,8 @@ def setup_from_recipe(args, s: Setup) -> tuple[Setup, str | None, dict | None]:
         model_path = cfg.model.path or None
         if cfg.model.mode == "dense":
             emoe = False
-        elif cfg.model.convert:
-            emoe = {"n_experts": cfg.model.convert["n_experts"], "layers": _layer_count(cfg.model.convert["layers"])}
+        elif cfg.emoe is not None:  # the recipe's emoe: section decides N and the layers that run masked
+            emoe = {"n_experts": cfg.emoe.n_experts, "layers": _layer_count(cfg.emoe.layers)}
     if args.ds_config:
         try:
             ds = json.loads(Path(args.ds_config).read_text())

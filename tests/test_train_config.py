@@ -152,8 +152,8 @@ def test_bare_train_args_use_the_tiny_demo_recipe():
 def test_a_command_line_model_path_is_never_built(tmp_path):
     from emoe_llm.train.recipe import load_recipe
 
-    cfg, _ = load_recipe(parse_args([f"model.path={tmp_path / 'typo'}"]))
-    assert cfg.model.build_tiny_if_missing is False
+    with pytest.raises(ConfigError, match=r"model.path: .*typo/config.json not found"):  # checked, not built
+        load_recipe(parse_args([f"model.path={tmp_path / 'typo'}"]))
     cfg, _ = load_recipe(parse_args(["train.lr=1e-4"]))
     assert cfg.model.build_tiny_if_missing is True
 

@@ -20,7 +20,8 @@ from test_train_recipe import recipe_config, single_rank  # noqa: F401  (module-
 def _masters(env, out, *overrides) -> dict[str, torch.Tensor]:
     ds = json.loads(json.dumps(env["ds"]))
     ds["bf16"] = {"enabled": True}
-    run, _ = recipe.setup(recipe_config(env, out, *overrides), ds)
+    # train.precision=bf16: keep the JSON's bf16 on this CPU machine (auto would resolve it to fp32)
+    run, _ = recipe.setup(recipe_config(env, out, "train.precision=bf16", *overrides), ds)
     try:
         return {n: safe_get_full_fp32_param(p).detach().cpu().clone()
                 for n, p in run.engine.module.named_parameters() if p.requires_grad}
