@@ -128,7 +128,7 @@ def main() -> int:
     (work / "baseline.log").write_text(out.stdout + out.stderr)
     baseline = int([ln for ln in out.stdout.splitlines() if ln.startswith("SELF_RSS_KB")][-1].split()[1]) / 2**20
     overrides = [f"model.path={model}", f"output_dir={work / 'run'}", "resume=none", "model.mode=emoe",
-                 f"model.convert={{n_experts: {args.experts}, top_k: {args.top_k}, layers: '{args.layers}'}}",
+                 f"emoe.n_experts={args.experts}", f"emoe.top_k={args.top_k}", f"emoe.layers='{args.layers}'",
                  f"data.sources.0.path={REPO / 'data' / 'instruct' / 'alpaca_en_demo.json'}",
                  f"data.max_seq_len={args.seq_len}", "data.packing=true", "data.eval_fraction=0",
                  f"train.micro_batch_size={args.micro}", f"train.global_batch_size={args.micro * 2}",

@@ -150,7 +150,7 @@ def run_recipe(out: Path, checkpoint: Path, config: str, *overrides, ds_config: 
     return log, losses
 
 
-EMOE = ("configs/tiny_cpu.yaml", "model.convert={n_experts: 16, top_k: 4, layers: '2,3'}")
+EMOE = ("configs/tiny_cpu.yaml",)  # its emoe: section (16 experts, top-4, layers 2,3) converts the dense model first
 DENSE = ("configs/tiny_cpu_dense.yaml",)
 
 

@@ -8,27 +8,20 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint
+from test_train_zero3 import _free_port
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 STEPS, SAVE_AT = 6, 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +37,7 @@ def work(tmp_path_factory):
 def train(work, out: Path, nproc: int) -> str:
     cmd = [str(DEEPSPEED), "--num_gpus", str(nproc), "--master_port", str(_free_port()), "--module", "emoe_llm.train",
            "--ds_config", str(work["ds"]), "--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"output_dir={out}",
-           f"model.path={work['dense']}", "model.convert={n_experts: 16, top_k: 4, layers: '2,3'}",
+           f"model.path={work['dense']}",  # dense: converted first with the emoe: section
            f"data.cache_dir={work['cache']}", "logging.progress_bar=false", "logging.tensorboard=false",
            f"train.max_steps={STEPS}", f"train.save_every_steps={SAVE_AT}", "train.eval_every_steps=0",
            "train.export=false", "train.keep_last=0"]
