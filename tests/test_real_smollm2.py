@@ -82,7 +82,7 @@ def converted(smollm2, tmp_path_factory):
 def test_convert_and_verify(smollm2, converted):
     emoe = json.loads((converted / "config.json").read_text())["emoe"]
     assert (emoe["n_experts"], emoe["top_k"], emoe["layers"]) == (16, 4, [26, 28])
-    proc = _cli("verify", smollm2, converted, "--experts", 16, "--top-k", 4, "--layers", LAYERS)
+    proc = _cli("verify", smollm2, converted, "--experts", 16, "--layers", LAYERS)  # k is not a weight setting
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert fixtures._is_complete(smollm2) and not list(smollm2.glob("*.tmp*"))  # the source is untouched
 
@@ -148,7 +148,8 @@ def finetuned(converted, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2_run") / "run"
     cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "emoe_llm.train",
            "--ds_config", str(REPO / "ds_configs" / "z3.json"), "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
-           f"output_dir={out}", f"model.path={converted}", "data.template=auto", "data.max_seq_len=96",
+           f"output_dir={out}", f"model.path={converted}", f"emoe.layers='{LAYERS}'", "data.template=auto",
+           "data.max_seq_len=96",
            "data.packing=false", "data.eval_fraction=0", f"data.cache_dir={out.parent / 'cache'}",
            "data.sources=[{path: data/instruct/alpaca_en_demo.json, max_rows: 16}]",
            "train.max_steps=2", "train.micro_batch_size=1", "train.global_batch_size=2", "train.lr=1e-5",
