@@ -61,3 +61,7 @@ if rank == 0:
 with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
     json.dump({"loss": loss.item(), "world": world, "partitioned": partitioned, "load": load,
                "emoe_layers": [m.layer_idx for m in engine.module.modules() if isinstance(m, EMoEMLP)]}, f)
+# Leave together and tear the group down: a rank that exits while its peer still talks over gloo can abort in
+# gloo's threads at interpreter exit ("terminate called without an active exception", seen once in CI).
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
