@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .emoe.settings import parse_layer_spec
 
 GiB = 2**30
 
@@ -157,8 +158,11 @@ def shape_from_config(config: dict, *, name: str = "config.json", emoe: dict | N
         raise PlanError(f"{name}: missing {e.args[0]!r} (expected a Llama-family config.json)") from None
     block = emoe or config.get("emoe")
     if block:
-        layers = block.get("layers", [])
-        shape.emoe_layers = len(layers) if isinstance(layers, (list, tuple)) else len(str(layers).split(","))
+        try:  # the method's own parser: "28,30", the paper's "28:2", "all" or a list
+            layers = block.get("layers")
+            shape.emoe_layers = len(parse_layer_spec(layers, shape.layers)) if layers else 0
+        except ValueError as e:
+            raise PlanError(f"{name}: emoe layers: {e}") from None
         shape.n_experts = int(block.get("n_experts", 0))
     return shape
 
@@ -376,7 +380,7 @@ def setup_from_recipe(args, s: Setup) -> tuple[Setup, str | None, dict | None]:
         if cfg.model.mode == "dense":
             emoe = False
         elif cfg.emoe is not None:  # the recipe's emoe: section decides N and the layers that run masked
-            emoe = {"n_experts": cfg.emoe.n_experts, "layers": _layer_count(cfg.emoe.layers)}
+            emoe = {"n_experts": cfg.emoe.n_experts, "layers": cfg.emoe.layers}
     if args.ds_config:
         try:
             ds = json.loads(Path(args.ds_config).read_text())
@@ -393,10 +397,6 @@ def setup_from_recipe(args, s: Setup) -> tuple[Setup, str | None, dict | None]:
             if isinstance(zero.get(key), (int, float)):
                 setattr(s, attr, int(zero[key]))
     return s, model_path, emoe
-
-
-def _layer_count(spec) -> list:
-    return list(spec) if isinstance(spec, (list, tuple)) else [x for x in str(spec).split(",") if x]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
