@@ -188,9 +188,11 @@ def main(argv=None):
 
     from emoe_llm.emoe import emoe_modules
     from emoe_llm.train.recipe import train_step
+    from emoe_llm.train.shm import release_deepspeed_shm
 
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    release_deepspeed_shm()  # DeepSpeed's CPU comm op leaves a /dev/shm segment per rank otherwise
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")

@@ -109,7 +109,16 @@ def emoe_run(work):
     out = work["root"] / "emoe"
     proc = launch(work, out)
     assert proc.returncode == 0, output_of(proc)[-4000:]
+    work["emoe_run_port"] = proc.args[proc.args.index("--master_port") + 1]
     return out, output_of(proc)
+
+
+def test_two_rank_run_leaves_no_shared_memory_behind(emoe_run, work):
+    """DeepSpeed's CPU comm op makes a 67 MB /dev/shm segment per rank and never unlinks it: /dev/shm is RAM, and
+    a CI run's worth of leaked segments once filled the machine until the OOM killer took a rank."""
+    port = work["emoe_run_port"]
+    leaked = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert leaked == []
 
 
 def test_emoe_loss_decreases_and_logs(emoe_run):

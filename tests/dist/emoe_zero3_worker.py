@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from emoe_llm.emoe import EMoEMLP, enable_emoe, pop_expert_load
+from emoe_llm.train.shm import release_deepspeed_shm
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--checkpoint", required=True)
@@ -26,6 +27,7 @@ parser.add_argument("--local_rank", type=int, default=-1)
 args = parser.parse_args()
 
 deepspeed.init_distributed(dist_backend="gloo")
+release_deepspeed_shm()  # DeepSpeed's CPU comm op leaves a /dev/shm segment per rank otherwise
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 ds_config = {
     "train_micro_batch_size_per_gpu": 1,
