@@ -2,6 +2,12 @@
 
     python benchmarks/convert_memory.py                      # 3 layers, convert 2, 0.6 GiB shards, bf16
     python benchmarks/convert_memory.py --layers 4 --convert 4 --n-init 3 --max-iter 30   # paper-grade clustering
+    python benchmarks/convert_memory.py --readers            # also: our reader vs safetensors.safe_open
+
+``--readers`` is the measured reason convert/safetensors_io.py reads shards itself: every tensor of the checkpoint is
+streamed through a fresh process, once with the package's reader (``iter_tensor_bytes``, what copy-through does) and
+once with ``safetensors.safe_open`` + ``get_tensor`` per tensor (one handle per shard, as a converter built on it
+would hold), and each process's peak RSS is printed.
 
 The checkpoint (hidden 6656, d_ff 17920, 52 heads, bf16; small vocab, which does not change the per-layer bound) is
 streamed to disk with the package's own ShardWriter in ~0.6 GiB shards, arranged so that one converted layer's MLP
@@ -112,6 +118,48 @@ print(json.dumps({"ok": report["ok"], "failures": report["failures"], "seconds":
 """
 
 
+READER_CHILD = r"""
+import json, sys, zlib
+import psutil
+from safetensors import safe_open
+from emoe_llm.convert.convert import peak_rss_bytes
+from emoe_llm.convert.safetensors_io import iter_tensor_bytes, read_header, tensor_bytes
+baseline = psutil.Process().memory_info().rss
+reader, shards = sys.argv[1], sys.argv[2:]
+crc, copied = 0, 0
+for shard in shards:  # every byte read (CRC-32 over it), nothing kept: the copy-through of the unchanged tensors
+    if reader == "ours":
+        infos, _ = read_header(shard)
+        for info in infos.values():
+            for chunk in iter_tensor_bytes(info):
+                crc, copied = zlib.crc32(chunk, crc), copied + len(chunk)
+    else:
+        with safe_open(shard, framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                data = tensor_bytes(t)
+                crc, copied = zlib.crc32(data, crc), copied + len(data)
+                del data
+                del t
+print(json.dumps({"baseline_rss_bytes": baseline, "peak_rss_bytes": peak_rss_bytes(), "copied": copied, "crc32": crc}))
+"""
+
+
+def compare_readers(src: Path) -> None:
+    """Peak RSS of reading every tensor with our reader vs safe_open, each in a fresh process."""
+    shards = sorted(str(p) for p in src.glob("*.safetensors"))
+    largest = max(Path(s).stat().st_size for s in shards)
+    gib = 2**30
+    results = {r: run_child(READER_CHILD, r, *shards) for r in ("ours", "safe_open")}
+    assert results["ours"]["crc32"] == results["safe_open"]["crc32"]  # the same bytes, all of them
+    print(f"readers: every tensor byte of {len(shards)} shards (largest {largest / gib:.2f} GiB) through CRC-32 "
+          f"({results['ours']['copied'] / gib:.2f} GiB), nothing kept")
+    for reader, r in results.items():
+        above = r["peak_rss_bytes"] - r["baseline_rss_bytes"]
+        print(f"  {reader:9s} peak RSS {r['peak_rss_bytes'] / gib:.3f} GiB = imports {r['baseline_rss_bytes'] / gib:.3f}"
+              f" + {above / gib:.3f} GiB ({above / largest:.2f} x the largest shard)")
+
+
 def run_child(code: str, *args: str) -> dict:
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if out.returncode:
@@ -130,6 +178,8 @@ def main() -> None:
     parser.add_argument("--max-iter", type=int, default=10, help="k-means iterations per restart")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--verify", action="store_true", help="also time `verify` (streamed, no logits) and its RSS")
+    parser.add_argument("--readers", action="store_true",
+                        help="also compare peak RSS of reading the checkpoint with our reader vs safe_open")
     parser.add_argument("--workdir", help="where to write SRC/DST (default: a temp dir, removed at the end)")
     args = parser.parse_args()
 
@@ -155,6 +205,8 @@ def main() -> None:
                           device=args.device)
         summary = run_child(CHILD, json.dumps(child_args))
         verify = run_child(VERIFY_CHILD, str(src), str(dst)) if args.verify else None
+        if args.readers:
+            compare_readers(src)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
