@@ -16,8 +16,9 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+# the in-process tests, one worker per core (the slow ones spawn their own ranks, so `make test` runs serially)
 test-fast: setup
-	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m "not slow" -n 2 $(PYTEST_ARGS)
 
 # Wheels for scripts/gpu_check.sh on the GPU machine (no registry there): into .whl/ (gitignored), then checked.
 gpu-wheels: setup

@@ -27,9 +27,9 @@ CASES = {
 }
 
 
-# train_throughput starts a DeepSpeed job (1 rank): slow, like every test that runs DeepSpeed in a subprocess
-@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s == "train_throughput" else s
-                                    for s in sorted(CASES)])
+# Each runs a whole benchmark script in a subprocess (train_throughput a 1-rank DeepSpeed job): slow, run by `make test`
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(CASES))
 def test_benchmark_script_runs_and_prints_its_figure_last(script, tmp_path):
     args, last_line_prefix = CASES[script]
     out = tmp_path / f"{script}.json"
@@ -56,6 +56,7 @@ def test_benchmark_script_runs_and_prints_its_figure_last(script, tmp_path):
         assert figures["emoe_dense_step_ratio"] == pytest.approx(ratio, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_clustering_real_weights_case_runs(tmp_path):
     """--real on a checkpoint dir (a tiny one here; the SmolLM2 fixture in BENCHMARKS.md): fast vs exact vs random."""
     from emoe_llm.tiny import save_tiny_checkpoint

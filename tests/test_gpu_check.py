@@ -67,6 +67,7 @@ def dry_run(results: Path, wheels: Path, *extra, script=SCRIPT, timeout=600):
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
+@pytest.mark.slow  # the whole script: a dozen Python processes
 def test_dry_run_checks_wheels_and_every_step_command_line(tmp_path, wheels):
     proc = dry_run(tmp_path / "results", wheels)
     out = proc.stdout + proc.stderr
@@ -92,6 +93,7 @@ def test_dry_run_checks_wheels_and_every_step_command_line(tmp_path, wheels):
         assert "logs/collect.log" in tar.getnames()
 
 
+@pytest.mark.slow  # the whole script: a dozen Python processes
 def test_dry_run_fails_on_a_broken_step_command_line(tmp_path, wheels):
     broken = tmp_path / "gpu_check.sh"
     text = SCRIPT.read_text()
@@ -103,6 +105,7 @@ def test_dry_run_fails_on_a_broken_step_command_line(tmp_path, wheels):
     assert "command line BROKEN" in out and "--micro-roundz" in out and "dry run FAILED" in out
 
 
+@pytest.mark.slow  # the whole script: a dozen Python processes
 def test_dry_run_fails_without_wheels(tmp_path):
     proc = dry_run(tmp_path / "results", tmp_path / "nowhere")
     assert proc.returncode != 0
