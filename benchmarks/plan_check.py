@@ -71,13 +71,16 @@ def _vm_hwm(pid: int) -> int:
 
 
 def _reset_hwm(pid: int) -> bool:
-    """Reset a process's VmHWM to its current RSS (Linux >= 4.0: write 5 to /proc/PID/clear_refs)."""
+    """Reset a process's VmHWM to its current RSS (Linux >= 4.0: write 5 to /proc/PID/clear_refs). False only if a
+    live process refused it (a process that has already exited does not matter)."""
     try:
         with open(f"/proc/{pid}/clear_refs", "w") as f:
             f.write("5")
         return True
+    except (FileNotFoundError, ProcessLookupError):
+        return True
     except OSError:
-        return False
+        return not Path(f"/proc/{pid}").exists()
 
 
 def training_peak_rss_gib(cmd: list[str], env: dict, log: Path, marker: str = "M params (") -> tuple[float, float]:

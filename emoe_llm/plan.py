@@ -316,7 +316,7 @@ def memory_bytes(shape: ModelShape, s: Setup, trainable: int, fixed: dict, micro
     (step_bytes) do not overlap in time. On a GPU the caching allocator reuses the train pass's freed blocks for the
     step, so only the part of the step above the train pass counts. On CPU the step's buffers are large enough to be
     fresh mmaps (glibc's mmap threshold is at most 32 MiB), while the train pass's freed memory stays in glibc's free
-    lists (measured on SmolLM2: malloc_trim after backward released 0.7-0.9 GiB), so the two add up; the logits held
+    lists (measured on SmolLM2: malloc_trim after backward released 0.54-0.73 GiB), so the two add up; the logits held
     by the loop are then already in the train pass's logits term."""
     act = activation_bytes(shape, s, micro)
     step = step_bytes(shape, s, trainable, micro)
