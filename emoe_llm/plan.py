@@ -236,8 +236,8 @@ def model_states(shape: ModelShape, s: Setup, trainable: int) -> tuple[dict, int
     # only if `tensor.device == self.device`, which compares a torch.device with a str and is always False (0.19.8;
     # stages 1/2 always clone). Measured on CPU: five partition-sized fp32 tensors (param, master, grad, 2 x Adam).
     base = P if full else P + trainable
-    opt_bytes = (4 + 8 + 4) if mixed else (8 + 4 if s.zero_stage >= 1 else 8)  # master + moments + fp32 grads |
-    # moments (+ master under ZeRO)
+    # mixed: fp32 master + moments + fp32 grads; fp32: moments, + the master under ZeRO
+    opt_bytes = (4 + 8 + 4) if mixed else (8 + 4 if s.zero_stage >= 1 else 8)
     shard = lambda x, stage: x / W if s.zero_stage >= stage else x  # noqa: E731
     params = shard(a * base, 3)
     grads = shard(a * trainable if mixed else 4 * trainable, 2)
