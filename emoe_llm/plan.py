@@ -58,6 +58,10 @@ GPUS = {
 }
 ASSUMED_MFU = 0.40  # a typical ZeRO-3 bf16 fine-tune figure on A100/H100; stated in the output when used
 GPU_RUNTIME_OVERHEAD_GB = 2.0  # CUDA context + NCCL buffers + allocator slack (stated assumption)
+# glibc malloc serves a request of at least its mmap threshold with a fresh mmap (and returns it on free); the
+# threshold adapts upwards but never beyond DEFAULT_MMAP_THRESHOLD_MAX = 32 MiB on 64-bit. Smaller requests come from
+# the heap's free lists.
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -301,7 +305,7 @@ def step_bytes(shape: ModelShape, s: Setup, trainable: int, micro: int) -> dict:
     if s.zero_stage != 3 or s.offload_optimizer:
         return {}
     a = 2 if s.precision in ("bf16", "fp16") else 4
-    n_sg = min(s.sub_group_size, -(-trainable // s.world)) if s.sub_group_size > 0 else -(-trainable // s.world)
+    n_sg = sub_group_elements(s, trainable)
     out = {"optimizer step: flat fp32 gradient": (a + 4 if a < 4 else 4) * n_sg,
            "optimizer step: logits held by the loop": a * micro * s.seq_len * shape.vocab}
     if s.device == "cpu":
@@ -309,18 +313,27 @@ def step_bytes(shape: ModelShape, s: Setup, trainable: int, micro: int) -> dict:
     return {k: int(v) for k, v in out.items()}
 
 
+def sub_group_elements(s: Setup, trainable: int) -> int:
+    """Elements in this rank's largest ZeRO-3 optimizer sub-group: its partition (trainable / world), split into
+    sub-groups of at most ``sub_group_size``."""
+    part = -(-trainable // s.world)
+    return min(s.sub_group_size, part) if s.sub_group_size > 0 else part
+
+
 def memory_bytes(shape: ModelShape, s: Setup, trainable: int, fixed: dict, micro: int) -> dict:
     """Per-GPU components for a micro batch; they add up to the peak.
 
     The train pass (forward + backward: activations, logits, EMoE mask, on top of ``fixed``) and the optimizer step
     (step_bytes) do not overlap in time. On a GPU the caching allocator reuses the train pass's freed blocks for the
-    step, so only the part of the step above the train pass counts. On CPU the step's buffers are large enough to be
-    fresh mmaps (glibc's mmap threshold is at most 32 MiB), while the train pass's freed memory stays in glibc's free
-    lists (measured on SmolLM2: malloc_trim after backward released 0.54-0.73 GiB), so the two add up; the logits held
-    by the loop are then already in the train pass's logits term."""
+    step, so only the part of the step above the train pass counts. On CPU the same holds while the step's buffers
+    (4 bytes x the sub-group each) are below glibc's mmap threshold: they come from the free lists the train pass left
+    (measured on the tiny model: 31.8 MiB buffers, the step peaked 0.03 GiB above its start). From 32 MiB up each is a
+    fresh mmap, while the train pass's freed memory stays in glibc's free lists (measured on SmolLM2: malloc_trim
+    after backward released 0.54-0.73 GiB), so the two add up; the logits held by the loop are then already in the
+    train pass's logits term."""
     act = activation_bytes(shape, s, micro)
     step = step_bytes(shape, s, trainable, micro)
-    if s.device == "cpu":
+    if s.device == "cpu" and step and 4 * sub_group_elements(s, trainable) >= GLIBC_MMAP_THRESHOLD_MAX:
         step.pop("optimizer step: logits held by the loop", None)
         return {**fixed, **act, **step}
     extra = sum(step.values()) - sum(act.values())

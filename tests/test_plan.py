@@ -175,6 +175,15 @@ def test_step_and_train_pass_add_on_cpu_and_take_the_larger_on_gpu(tmp_path):
     assert small_micro.per_gpu["optimizer step above the train pass"] > 1 * GiB
     assert make_plan(big, Setup(nodes=1, gpus_per_node=8, micro_batch=64, seq_len=512)).per_gpu[
         "optimizer step above the train pass"] == 0
+    # CPU, buffers below glibc's 32 MiB mmap threshold (the tiny model: 8.3M elements per rank = 31.8 MiB): they come
+    # from the free lists the train pass left, so the step combines as on a GPU
+    tiny = {**SMOLLM2, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 128256, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(tiny))
+    t = make_plan(load_shape(str(tmp_path)), Setup(nodes=1, gpus_per_node=2, precision="fp32", device="cpu",
+                                                   micro_batch=2, seq_len=256))
+    assert "optimizer step: AdamW temporaries (CPU)" not in t.per_gpu
+    assert t.per_gpu["optimizer step above the train pass"] == 0
 
 
 def test_sub_group_size_and_device_come_from_the_ds_json_and_gpu(tmp_path, capsys):
