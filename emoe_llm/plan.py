@@ -17,9 +17,9 @@ Per GPU it adds up:
   * the ZeRO-3 optimizer step's transient buffers: DeepSpeed concatenates each sub-group's gradient partitions into a
     new fp32 tensor (``_prepare_fp32_grad_for_sub_group``), and the training loop still holds the last micro batch's
     logits. On a GPU the caching allocator reuses the train pass's freed blocks, so the larger of the two phases
-    counts; on CPU (``--gpu cpu``) the step's buffers are fresh mmaps while the train pass's freed memory stays in
-    glibc's free lists, so they add up, and torch's single-tensor AdamW (the recipe uses ``fused=True`` only on CUDA)
-    adds two partition-sized temporaries (docs/planning.md, BENCHMARKS.md section 5).
+    counts; on CPU (``--gpu cpu``) step buffers of 32 MiB or more are fresh mmaps while the train pass's freed memory
+    stays in glibc's free lists, so they add up, and torch's single-tensor AdamW (the recipe uses ``fused=True`` only
+    on CUDA) adds two sub-group-sized temporaries (docs/planning.md, BENCHMARKS.md section 5).
 It then says whether that fits with a margin, the largest micro batch that fits, CPU memory per node for offload,
 and step time / tokens/s from the model FLOPs (6 N per token, 8 N with recomputation, plus attention) at an MFU
 figure: the one measured in BENCHMARKS.md (a ``plan-mfu: 0.xx`` line) when there is one, else a stated assumption.
