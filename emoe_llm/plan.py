@@ -13,7 +13,13 @@ Per GPU it adds up:
     are live during its recomputation), plus the logits and the fp32 cross-entropy on them;
   * the EMoE mask's extra: a saved (tokens, N) 0/1 mask per EMoE layer and, in 16-bit runs, one transient fp32 copy of
     the (tokens, d_ff) gate output for the expert scores (emoe_llm/emoe/mlp.py); nothing of size (tokens, d_ff) is kept;
-  * ZeRO-3 communication buckets and a fixed runtime overhead (CUDA context, NCCL buffers, allocator slack).
+  * ZeRO-3 communication buckets and a fixed runtime overhead (CUDA context, NCCL buffers, allocator slack);
+  * the ZeRO-3 optimizer step's transient buffers: DeepSpeed concatenates each sub-group's gradient partitions into a
+    new fp32 tensor (``_prepare_fp32_grad_for_sub_group``), and the training loop still holds the last micro batch's
+    logits. On a GPU the caching allocator reuses the train pass's freed blocks, so the larger of the two phases
+    counts; on CPU (``--gpu cpu``) step buffers of 32 MiB or more are fresh mmaps while the train pass's freed memory
+    stays in glibc's free lists, so they add up, and torch's single-tensor AdamW (the recipe uses ``fused=True`` only
+    on CUDA) adds two sub-group-sized temporaries (docs/planning.md, BENCHMARKS.md section 5).
 It then says whether that fits with a margin, the largest micro batch that fits, CPU memory per node for offload,
 and step time / tokens/s from the model FLOPs (6 N per token, 8 N with recomputation, plus attention) at an MFU
 figure: the one measured in BENCHMARKS.md (a ``plan-mfu: 0.xx`` line) when there is one, else a stated assumption.
@@ -52,6 +58,10 @@ GPUS = {
 }
 ASSUMED_MFU = 0.40  # a typical ZeRO-3 bf16 fine-tune figure on A100/H100; stated in the output when used
 GPU_RUNTIME_OVERHEAD_GB = 2.0  # CUDA context + NCCL buffers + allocator slack (stated assumption)
+# glibc malloc serves a request of at least its mmap threshold with a fresh mmap (and returns it on free); the
+# threshold adapts upwards but never beyond DEFAULT_MMAP_THRESHOLD_MAX = 32 MiB on 64-bit. Smaller requests come from
+# the heap's free lists.
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -110,6 +120,8 @@ class Setup:
     reduce_bucket: int = 0  # elements; 0 = hidden^2 (the recipe's "auto")
     prefetch_bucket: int = 0  # elements; 0 = 0.9 hidden^2
     max_live_parameters: int = int(1e9)  # ZeRO-3 stage3_max_live_parameters (DeepSpeed's default)
+    sub_group_size: int = int(1e9)  # ZeRO-3 sub_group_size: elements per optimizer sub-group (DeepSpeed's default)
+    device: str = "cuda"  # cuda | cpu: which allocator/optimizer terms apply (CPU runs: benchmarks/plan_check.py)
     runtime_overhead_gb: float = GPU_RUNTIME_OVERHEAD_GB
     margin: float = 0.10
     mfu: float | None = None
@@ -222,10 +234,14 @@ def model_states(shape: ModelShape, s: Setup, trainable: int) -> tuple[dict, int
         cpu, gpu = estimate_zero2_model_states_mem_needs(P, num_gpus_per_node=n, num_nodes=s.nodes,
                                                          cpu_offload=s.offload_optimizer)
         return {f"model states (ZeRO-{s.zero_stage})": gpu}, cpu, "deepspeed estimate_zero2_model_states_mem_needs"
-    # The same byte counts for what those estimators leave out: fp32 training (no master copy: 4 param + 4 grad +
-    # 8 Adam) and LoRA (frozen base params in the model dtype; only adapter params carry grads and Adam states).
+    # The same byte counts for what those estimators leave out: fp32 training and LoRA (frozen base params in the
+    # model dtype; only adapter params carry grads and Adam states). fp32 under ZeRO: 4 param + 4 grad + 4 master +
+    # 8 Adam. DeepSpeed keeps a separate fp32 master partition even when the model is fp32: stage 3 would alias it
+    # only if `tensor.device == self.device`, which compares a torch.device with a str and is always False (0.19.8;
+    # stages 1/2 always clone). Measured on CPU: five partition-sized fp32 tensors (param, master, grad, 2 x Adam).
     base = P if full else P + trainable
-    opt_bytes = (4 + 8 + 4) if mixed else 8  # master + moments + fp32 grads | moments
+    # mixed: fp32 master + moments + fp32 grads; fp32: moments, + the master under ZeRO
+    opt_bytes = (4 + 8 + 4) if mixed else (8 + 4 if s.zero_stage >= 1 else 8)
     shard = lambda x, stage: x / W if s.zero_stage >= stage else x  # noqa: E731
     params = shard(a * base, 3)
     grads = shard(a * trainable if mixed else 4 * trainable, 2)
@@ -274,6 +290,61 @@ def comm_buffers(shape: ModelShape, s: Setup) -> int:
     return int(a * (reduce + prefetch))
 
 
+def step_bytes(shape: ModelShape, s: Setup, trainable: int, micro: int) -> dict:
+    """Transient memory of the ZeRO-3 optimizer step (after the backward pass).
+
+    * DeepSpeed's stage-3 step (``_prepare_fp32_grad_for_sub_group``) flattens one optimizer sub-group's gradient
+      partitions into a new tensor and converts it to fp32: ``flatten(grads).to(fp32)``, so 16-bit runs briefly hold
+      the 16-bit and the fp32 copy (2 + 4 bytes per element), fp32 runs one copy (4 bytes). A sub-group is at most
+      ``sub_group_size`` elements of this rank's partition (trainable / world). Freed after that sub-group's update.
+    * The training loop's ``out`` (train_step) holds the micro batch's logits (model dtype) through backward and step.
+    * CPU only: torch's single-tensor AdamW (the recipe asks for ``fused=True`` on CUDA only) computes
+      ``denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)``: two sub-group-sized fp32 temporaries.
+    With optimizer offload the step runs in DeepSpeedCPUAdam on CPU buffers (counted in the CPU figure), so none of
+    this is on the GPU; ZeRO-1/2 steps are not modelled here."""
+    if s.zero_stage != 3 or s.offload_optimizer:
+        return {}
+    a = 2 if s.precision in ("bf16", "fp16") else 4
+    n_sg = sub_group_elements(s, trainable)
+    out = {"optimizer step: flat fp32 gradient": (a + 4 if a < 4 else 4) * n_sg,
+           "optimizer step: logits held by the loop": a * micro * s.seq_len * shape.vocab}
+    if s.device == "cpu":
+        out["optimizer step: AdamW temporaries (CPU)"] = 2 * 4 * n_sg
+    return {k: int(v) for k, v in out.items()}
+
+
+def sub_group_elements(s: Setup, trainable: int) -> int:
+    """Elements in this rank's largest ZeRO-3 optimizer sub-group: its partition (trainable / world), split into
+    sub-groups of at most ``sub_group_size``."""
+    part = -(-trainable // s.world)
+    return min(s.sub_group_size, part) if s.sub_group_size > 0 else part
+
+
+def memory_bytes(shape: ModelShape, s: Setup, trainable: int, fixed: dict, micro: int) -> dict:
+    """Per-GPU components for a micro batch; they add up to the peak.
+
+    The train pass (forward + backward: activations, logits, EMoE mask, on top of ``fixed``) and the optimizer step
+    (step_bytes) do not overlap in time. On a GPU the caching allocator reuses the train pass's freed blocks for the
+    step, so only the part of the step above the train pass counts. On CPU the same holds while the step's buffers
+    (4 bytes x the sub-group each) are below glibc's mmap threshold: they come from the free lists the train pass left
+    (measured on the tiny model: 31.8 MiB buffers, the step peaked 0.03 GiB above its start). From 32 MiB up each is a
+    fresh mmap, while the train pass's freed memory stays in glibc's free lists (measured on SmolLM2: malloc_trim
+    after backward released 0.54-0.73 GiB), so the two add up; the logits held by the loop are then already in the
+    train pass's logits term."""
+    act = activation_bytes(shape, s, micro)
+    step = step_bytes(shape, s, trainable, micro)
+    if s.device == "cpu" and step and 4 * sub_group_elements(s, trainable) >= GLIBC_MMAP_THRESHOLD_MAX:
+        step.pop("optimizer step: logits held by the loop", None)
+        return {**fixed, **act, **step}
+    extra = sum(step.values()) - sum(act.values())
+    if s.zero_stage == 3:  # the live parameters are released at the start of the step (_partition_all_parameters)
+        extra -= fixed.get("ZeRO-3 live parameters", 0)
+    parts = {**fixed, **act}
+    if step:
+        parts["optimizer step above the train pass"] = max(0, int(extra))
+    return parts
+
+
 def measured_mfu(benchmarks: Path = REPO_ROOT / "BENCHMARKS.md") -> float | None:
     """A measured MFU recorded as a ``plan-mfu: 0.xx`` line in BENCHMARKS.md (from benchmarks/train_throughput.py)."""
     try:
@@ -302,7 +373,7 @@ def make_plan(shape: ModelShape, s: Setup) -> Plan:
             s.max_live_parameters, P)
     fixed["runtime overhead"] = int(s.runtime_overhead_gb * GiB)
     plan = Plan(model=shape.name, n_params=P, trainable_params=trainable, world=s.world, model_states_source=source)
-    plan.per_gpu = {**fixed, **activation_bytes(shape, s, s.micro_batch)}
+    plan.per_gpu = memory_bytes(shape, s, trainable, fixed, s.micro_batch)
     plan.total_bytes = sum(plan.per_gpu.values())
     plan.usable_bytes = int(s.gpu_mem_gb * GiB * (1 - s.margin))
     plan.fits = plan.total_bytes <= plan.usable_bytes
@@ -311,10 +382,15 @@ def make_plan(shape: ModelShape, s: Setup) -> Plan:
         plan.fits = False
         plan.notes.append(f"offload needs {cpu / GiB:.0f} GiB of CPU memory per node, more than "
                           f"{s.cpu_mem_gb:g} GiB: use more nodes")
-    # largest micro batch: activations grow linearly with it
-    fixed_total = sum(fixed.values())
+    # largest micro batch: every micro-batch-dependent term grows linearly with it, so the total is monotonic
+    total = lambda m: sum(memory_bytes(shape, s, trainable, fixed, m).values())  # noqa: E731
     per_sample = sum(activation_bytes(shape, s, 1).values())
-    plan.max_micro_batch = max(0, (plan.usable_bytes - fixed_total) // per_sample) if per_sample else 0
+    hi = max(0, (plan.usable_bytes - sum(fixed.values())) // per_sample) if per_sample else 0  # an upper bound
+    lo = 0
+    while lo < hi:  # largest m in [0, hi] with total(m) <= usable
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if total(mid) <= plan.usable_bytes else (lo, mid - 1)
+    plan.max_micro_batch = lo
     # time: 6N per token (forward 2N + backward 4N; LoRA skips the weight gradients: 4N), +2N with recomputation,
     # plus attention 12 L h s (QK^T and AV: forward 4 L h s, backward twice that; +4 L h s recomputed)
     fwd = 2 * P
@@ -393,7 +469,7 @@ def setup_from_recipe(args, s: Setup) -> tuple[Setup, str | None, dict | None]:
         s.precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get(
             "enabled") else "fp32"
         for key, attr in (("reduce_bucket_size", "reduce_bucket"), ("stage3_prefetch_bucket_size", "prefetch_bucket"),
-                          ("stage3_max_live_parameters", "max_live_parameters")):
+                          ("stage3_max_live_parameters", "max_live_parameters"), ("sub_group_size", "sub_group_size")):
             if isinstance(zero.get(key), (int, float)):
                 setattr(s, attr, int(zero[key]))
     return s, model_path, emoe
@@ -431,7 +507,8 @@ def _setup(args, nodes: int) -> tuple[ModelShape, Setup]:
     gpu_tflops, gpu_mem = GPUS[args.gpu]
     s = Setup(nodes=nodes, gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem_gb or gpu_mem,
               peak_tflops=args.peak_tflops or gpu_tflops, margin=args.margin, cpu_mem_gb=args.cpu_mem_gb,
-              mfu=args.mfu, runtime_overhead_gb=args.runtime_overhead_gb)
+              mfu=args.mfu, runtime_overhead_gb=args.runtime_overhead_gb,
+              device="cpu" if args.gpu == "cpu" else "cuda")
     if args.micro_batch:
         s.micro_batch = args.micro_batch
     if args.seq_len:

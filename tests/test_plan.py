@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from emoe_llm.plan import GiB, PlanError, Setup, activation_bytes, load_shape, main, make_plan, model_states
+from emoe_llm.plan import (GiB, PlanError, Setup, activation_bytes, load_shape, main, make_plan, model_states,
+                            step_bytes)
 
 
 @pytest.mark.parametrize("preset,billions", [("llama-7b", 6.738), ("llama-13b", 13.016), ("llama-30b", 32.529),
@@ -50,7 +51,10 @@ def test_fp32_and_lora_use_the_same_byte_counts():
     P = shape.n_params()
     parts, _, source = model_states(shape, Setup(nodes=1, gpus_per_node=2, precision="fp32"), P)
     assert "emoe_llm.plan" in source
-    assert parts["parameters"] + parts["gradients"] + parts["optimizer states"] == pytest.approx(16 * P / 2, rel=1e-6)
+    # ZeRO keeps a separate fp32 master partition even in fp32 (measured: 5 partition-sized fp32 tensors per rank)
+    assert parts["parameters"] + parts["gradients"] + parts["optimizer states"] == pytest.approx(20 * P / 2, rel=1e-6)
+    plain, _, _ = model_states(shape, Setup(nodes=1, gpus_per_node=2, precision="fp32", zero_stage=0), P)
+    assert plain["parameters"] + plain["gradients"] + plain["optimizer states"] == pytest.approx(16 * P, rel=1e-6)
     full = make_plan(shape, Setup(nodes=1, gpus_per_node=8))
     lora = make_plan(shape, Setup(nodes=1, gpus_per_node=8, lora=True, lora_r=8))
     assert lora.trainable_params == 32 * 8 * (2 * 4096 + 2 * 4096)  # q_proj + v_proj
@@ -120,3 +124,77 @@ def test_offload_checks_cpu_memory_per_node():
     eight = make_plan(shape, Setup(nodes=8, gpus_per_node=8, offload_optimizer=True, offload_param=True,
                                    cpu_mem_gb=512))
     assert eight.fits and eight.cpu_per_node_bytes == pytest.approx(one.cpu_per_node_bytes / 8, rel=1e-6)
+
+
+SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}
+
+
+def test_optimizer_step_transients_follow_deepspeed_and_the_device():
+    """ZeRO-3's step flattens a sub-group's gradient partitions into a new fp32 tensor (16-bit: the 16-bit flat copy
+    and its fp32 conversion briefly coexist); the loop holds the logits; CPU adds torch AdamW's two temporaries."""
+    shape = load_shape("llama-7b")
+    P = shape.n_params()
+    gpu = step_bytes(shape, Setup(nodes=1, gpus_per_node=8, micro_batch=2, seq_len=512), P, 2)
+    assert gpu["optimizer step: flat fp32 gradient"] == 6 * -(-P // 8)  # 842M elements < sub_group_size 1e9
+    assert gpu["optimizer step: logits held by the loop"] == 2 * 2 * 512 * 32000
+    assert not any("CPU" in k for k in gpu)
+    capped = step_bytes(shape, Setup(nodes=1, gpus_per_node=1, sub_group_size=10**8), P, 1)
+    assert capped["optimizer step: flat fp32 gradient"] == 6 * 10**8
+    cpu = step_bytes(shape, Setup(nodes=1, gpus_per_node=2, precision="fp32", device="cpu"), P, 1)
+    n = 10**9  # 7B / 2 ranks = 3.4B elements: capped at DeepSpeed's default sub_group_size
+    assert cpu["optimizer step: flat fp32 gradient"] == 4 * n
+    assert cpu["optimizer step: AdamW temporaries (CPU)"] == 8 * n
+    assert step_bytes(shape, Setup(offload_optimizer=True), P, 1) == {}  # DeepSpeedCPUAdam on CPU buffers
+    assert step_bytes(shape, Setup(zero_stage=2), P, 1) == {}
+
+
+def test_step_and_train_pass_add_on_cpu_and_take_the_larger_on_gpu(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2))
+    shape = load_shape(str(tmp_path))
+    P = shape.n_params()
+    cpu = make_plan(shape, Setup(nodes=1, gpus_per_node=2, precision="fp32", device="cpu", micro_batch=2,
+                                 seq_len=256, runtime_overhead_gb=0))
+    step = step_bytes(shape, Setup(nodes=1, gpus_per_node=2, precision="fp32", device="cpu", seq_len=256), P, 2)
+    assert cpu.per_gpu["optimizer step: AdamW temporaries (CPU)"] == step["optimizer step: AdamW temporaries (CPU)"]
+    assert "optimizer step: logits held by the loop" not in cpu.per_gpu  # already in logits + cross-entropy
+    assert cpu.total_bytes == sum(cpu.per_gpu.values())
+    # the same run planned for a GPU: the step reuses the train pass's memory, only its excess counts
+    gpu = make_plan(shape, Setup(nodes=1, gpus_per_node=2, precision="fp32", micro_batch=2, seq_len=256,
+                                 runtime_overhead_gb=0))
+    assert gpu.total_bytes == sum(gpu.per_gpu.values())
+    train = sum(v for k, v in gpu.per_gpu.items() if k not in ("optimizer step above the train pass",))
+    assert gpu.total_bytes == max(train, train - gpu.per_gpu["ZeRO-3 live parameters"]
+                                  - sum(activation_bytes(shape, Setup(precision="fp32", seq_len=256), 2).values())
+                                  + sum(step_bytes(shape, Setup(nodes=1, gpus_per_node=2, precision="fp32",
+                                                                seq_len=256), P, 2).values()))
+    assert cpu.total_bytes > gpu.total_bytes
+    # 7B on 8 GPUs at micro 1: the flat fp32 gradient (4.7 GiB) exceeds the train pass; at micro 64 it does not
+    big = load_shape("llama-7b")
+    small_micro = make_plan(big, Setup(nodes=1, gpus_per_node=8, micro_batch=1, seq_len=512))
+    assert small_micro.per_gpu["optimizer step above the train pass"] > 1 * GiB
+    assert make_plan(big, Setup(nodes=1, gpus_per_node=8, micro_batch=64, seq_len=512)).per_gpu[
+        "optimizer step above the train pass"] == 0
+    # CPU, buffers below glibc's 32 MiB mmap threshold (the tiny model: 8.3M elements per rank = 31.8 MiB): they come
+    # from the free lists the train pass left, so the step combines as on a GPU
+    tiny = {**SMOLLM2, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 128256, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(tiny))
+    t = make_plan(load_shape(str(tmp_path)), Setup(nodes=1, gpus_per_node=2, precision="fp32", device="cpu",
+                                                   micro_batch=2, seq_len=256))
+    assert "optimizer step: AdamW temporaries (CPU)" not in t.per_gpu
+    assert t.per_gpu["optimizer step above the train pass"] == 0
+
+
+def test_sub_group_size_and_device_come_from_the_ds_json_and_gpu(tmp_path, capsys):
+    ds = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3, "sub_group_size": 1e8}}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    main(["--model", "llama-7b", "--ds-config", str(tmp_path / "ds.json"), "--micro-batch", "1", "--seq-len", "512",
+          "--json"])
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["setup"]["sub_group_size"] == 10**8 and plan["setup"]["device"] == "cuda"
+    main(["--model", "llama-7b", "--gpu", "cpu", "--gpu-mem-gb", "1000", "--ds-config", str(tmp_path / "ds.json"),
+          "--json"])
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["setup"]["device"] == "cpu"
+    assert plan["per_gpu"]["optimizer step: AdamW temporaries (CPU)"] == 8 * 10**8
