@@ -232,11 +232,11 @@ def _swap_refine(x: torch.Tensor, sq_norms: torch.Tensor, labels: torch.Tensor, 
                  - 2.0 * (sq_norms[p] + sq_norms[q] - 2.0 * (xp * xq).sum(-1)) / size)
         good = (exact < 0).nonzero().squeeze(1)
         good = good[torch.argsort(exact[good], stable=True)]
+        diff = xq.sub_(xp)  # row s: what cluster a gains (and b loses) by swap s
         change = 0.0
         while good.numel():
-            diff = xq[good] - xp[good]
             d_sums = torch.zeros(n_clusters, d, dtype=x.dtype, device=device)
-            d_sums = d_sums.index_add_(0, a[good], diff).index_add_(0, b[good], -diff).double()
+            d_sums = d_sums.index_add_(0, a[good], diff[good]).index_add_(0, b[good], diff[good], alpha=-1).double()
             change = -float(2.0 * (sums * d_sums).sum() + (d_sums * d_sums).sum()) / size
             if change < 0:
                 break
