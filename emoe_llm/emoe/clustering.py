@@ -22,7 +22,7 @@ and q in B (clusters of m points) the exact change of the inertia is
 i.e. the fixed-centroid (Lloyd) gain plus a term that always favours the swap. A swap keeps every cluster at exactly m
 points. ``swap_rounds`` rounds of such swaps refine the winning restart (see ``_swap_refine``); each round costs about
 one Lloyd iteration and applies hundreds of swaps. On real SmolLM2-135M gate_proj weights this takes the result from
-up to 0.66% above k-means-constrained (n_init 10) to 0.4-2.3% below it (BENCHMARKS.md section 2b).
+up to 0.66% above k-means-constrained (n_init 10) to 0.3-1.8% below it (BENCHMARKS.md section 2c).
 """
 
 from __future__ import annotations
