@@ -36,6 +36,8 @@ balanced assignment in every Lloyd step, same seeds) vs k-means-constrained with
 (n_init 10, max_iter 300) vs a random split:
 
     python benchmarks/clustering.py --real smollm2 --layers 0,10,20,29 --experts 16,64 --budget 300
+    python benchmarks/clustering.py --real smollm2 --solvers fast0,fast --kmc-ref benchmarks/kmc_smollm2.json
+                                    # issue #10: Lloyd only vs with the swap refinement, against earlier kmc results
 
 The last line is the figure: seconds for one 30B-shape layer (target <= 20 s on 2 CPU cores) and its inertia
 relative to unconstrained k-means and to a random split.
@@ -87,12 +89,20 @@ def parse_args(argv=None):
                    "is killed")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--swap-rounds", type=int, default=None,
+                   help="ours: rounds of the final swap refinement (default: balanced_kmeans's, 10; 0 = Lloyd only)")
     add_json_args(p)
     p.add_argument("--real", default=None, help="real-weights case: 'smollm2' (the fixture) or an HF checkpoint dir")
     p.add_argument("--layers", default="0,10,20,29", help="--real: decoder layers whose gate_proj is clustered")
     p.add_argument("--experts", default="16,64", help="--real: numbers of experts N")
     p.add_argument("--kmc-n-init", type=int, default=10, help="--real: k-means-constrained restarts (official: 10)")
     p.add_argument("--kmc-max-iter", type=int, default=300, help="--real: k-means-constrained iterations")
+    p.add_argument("--solvers", default="fast,exact,kmc",
+                   help="--real: comma list of fast (the default: swap refinement on), fast0 (the same with\n"
+                        "swap_rounds=0: Lloyd only, the default before issue #10), exact (assign='exact'), kmc")
+    p.add_argument("--kmc-ref", default=None,
+                   help="--real: JSON file {\"LAYER/N\": inertia} of earlier k-means-constrained results, used for\n"
+                        "the fast/kmc ratio when kmc is not run (it is slow)")
     args = p.parse_args(argv)
     if args.devices == "auto":
         args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -222,7 +232,9 @@ def solve_all(args, problem, x, n_clusters, planted, *, with_sklearn, kmc_budget
         if dev.startswith("cuda"):
             balanced_kmeans(x[: n_clusters * 2], n_clusters, n_init=1, max_iter=1, device=dev)  # CUDA context warm-up
             torch.cuda.synchronize()
-        res = balanced_kmeans(x, n_clusters, seed=args.seed, n_init=args.n_init, max_iter=args.max_iter, device=dev)
+        extra = {} if args.swap_rounds is None else dict(swap_rounds=args.swap_rounds)
+        res = balanced_kmeans(x, n_clusters, seed=args.seed, n_init=args.n_init, max_iter=args.max_iter, device=dev,
+                              **extra)
         assert torch.equal(torch.bincount(res.labels, minlength=n_clusters),
                            torch.full((n_clusters,), n // n_clusters)), "balanced_kmeans returned unbalanced labels"
         out[f"ours@{dev}"] = dict(seconds=res.seconds, inertia=inertia_of(x_unit, res.labels, n_clusters),
@@ -262,34 +274,50 @@ def real_weights(args):
         path = args.real
     print(f"real weights: {path}; ours n_init {args.n_init}, max_iter {args.max_iter}; k-means-constrained n_init "
           f"{args.kmc_n_init}, max_iter {args.kmc_max_iter}"
-          + ("" if KMeansConstrained is not None and not args.no_kmc else " (NOT INSTALLED: rows skipped)"))
-    print(f"{'layer':>5} {'N':>4} {'solver':<8} {'seconds':>8} {'inertia':>11} {'/exact':>7} {'/random':>8}")
-    ratios = []
+          + ("" if KMeansConstrained is not None and not args.no_kmc or "kmc" not in args.solvers.split(",")
+             else " (NOT INSTALLED: rows skipped)"))
+    import json
+
+    solvers = args.solvers.split(",")
+    if "kmc" in solvers and (KMeansConstrained is None or args.no_kmc):
+        solvers.remove("kmc")
+    kmc_ref = json.loads(open(args.kmc_ref).read()) if args.kmc_ref else {}
+    print(f"{'layer':>5} {'N':>4} {'solver':<8} {'seconds':>8} {'inertia':>11} {'swaps':>6} {'/exact':>7} {'/kmc':>7} "
+          f"{'/random':>8}")
+    ratios = {}  # (solver, reference) -> [ratio per case]
     for layer in [int(v) for v in args.layers.split(",")]:
         w = gate_proj(path, layer)
         x_unit = F.normalize(w, dim=-1)
         for n_clusters in [int(v) for v in args.experts.split(",")]:
             rows = {}
-            for assign in ("fast", "exact"):
+            for key in solvers:
+                if key == "kmc":
+                    labels, secs = run_capped("kmc", x_unit, n_clusters, n_init=args.kmc_n_init,
+                                              max_iter=args.kmc_max_iter, seed=args.seed, budget=args.budget)
+                    rows["kmc"] = (secs, None if labels is None else inertia_of(x_unit, labels, n_clusters), None)
+                    continue
+                extra = dict(swap_rounds=0) if key == "fast0" else {}
                 res = balanced_kmeans(w, n_clusters, seed=args.seed, n_init=args.n_init, max_iter=args.max_iter,
-                                      assign=assign)
-                rows[assign] = (res.seconds, inertia_of(x_unit, res.labels, n_clusters))
-            if KMeansConstrained is not None and not args.no_kmc:
-                labels, secs = run_capped("kmc", x_unit, n_clusters, n_init=args.kmc_n_init,
-                                          max_iter=args.kmc_max_iter, seed=args.seed, budget=args.budget)
-                rows["kmc"] = (secs, None if labels is None else inertia_of(x_unit, labels, n_clusters))
+                                      assign="exact" if key == "exact" else "fast", **extra)
+                rows[key] = (res.seconds, inertia_of(x_unit, res.labels, n_clusters), res.swaps)
             rand = inertia_of(x_unit, random_balanced_labels(w.shape[0], n_clusters, seed=args.seed), n_clusters)
-            rows["random"] = (None, rand)
-            exact = rows["exact"][1]
-            for key, (secs, inertia) in rows.items():
+            rows["random"] = (None, rand, None)
+            refs = {"exact": rows.get("exact", (None, None))[1],
+                    "kmc": rows.get("kmc", (None, None))[1] or kmc_ref.get(f"{layer}/{n_clusters}")}
+            for key, (secs, inertia, swaps) in rows.items():
                 if inertia is None:
                     print(f"{layer:>5} {n_clusters:>4} {key:<8} killed at --budget ({secs:.0f} s)")
                     continue
-                print(f"{layer:>5} {n_clusters:>4} {key:<8} {fmt(secs, '8.2f')} {inertia:11.3f} "
-                      f"{inertia / exact:7.4f} {inertia / rand:8.4f}", flush=True)
-            ratios.append(rows["fast"][1] / exact)
-    print(f"\nours (fast) / ours (exact assignment), real weights: mean {sum(ratios) / len(ratios):.4f}, "
-          f"worst {max(ratios):.4f} over {len(ratios)} layer x N cases")
+                rel = {r: inertia / v if v else None for r, v in refs.items()}
+                print(f"{layer:>5} {n_clusters:>4} {key:<8} {fmt(secs, '8.2f')} {inertia:11.3f} {fmt(swaps, '6.0f')} "
+                      f"{fmt(rel['exact'], '7.4f')} {fmt(rel['kmc'], '7.4f')} {inertia / rand:8.4f}", flush=True)
+                for r, v in rel.items():
+                    if v is not None and key in ("fast", "fast0", "exact") and key != r:
+                        ratios.setdefault((key, r), []).append(v)
+    print()
+    for (key, ref), vals in ratios.items():
+        print(f"ours ({key}) / {'ours (exact assignment)' if ref == 'exact' else 'k-means-constrained'}, real weights: "
+              f"mean {sum(vals) / len(vals):.4f}, worst {max(vals):.4f} over {len(vals)} layer x N cases")
 
 
 def main(argv=None):

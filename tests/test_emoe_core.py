@@ -77,6 +77,36 @@ def test_clustering_beats_random_split_on_objective():
     assert ours.inertia < 0.6 * float(inertia(random_balanced_labels(512, 16, seed=0)))
 
 
+def test_swap_refinement_never_increases_inertia_and_keeps_balance():
+    """The final swap refinement starts from the Lloyd result (swap_rounds=0) and may only lower its inertia, with
+    every cluster still exactly n / N points, deterministically; on unstructured points it finds improving swaps."""
+    from emoe_llm.emoe.clustering import _centroids, _inertia, _swap_refine
+
+    gen = torch.Generator().manual_seed(11)
+    for n, n_clusters, d in ((512, 16, 24), (600, 8, 200), (384, 64, 8)):
+        points = torch.randn(n, d, generator=gen)
+        base = balanced_kmeans(points, n_clusters, seed=0, n_init=1, max_iter=10, swap_rounds=0)
+        refined = balanced_kmeans(points, n_clusters, seed=0, n_init=1, max_iter=10, swap_rounds=10)
+        again = balanced_kmeans(points, n_clusters, seed=0, n_init=1, max_iter=10, swap_rounds=10)
+        assert torch.equal(refined.labels, again.labels) and refined.swaps == again.swaps
+        assert torch.bincount(refined.labels, minlength=n_clusters).tolist() == [n // n_clusters] * n_clusters
+        assert refined.swaps > 0 and refined.inertia < base.inertia
+        x = torch.nn.functional.normalize(points, dim=-1)
+        assert refined.inertia == pytest.approx(_inertia(x, refined.labels, _centroids(x, refined.labels, n_clusters)),
+                                                rel=1e-6)
+        # round by round, from an arbitrary (random) balanced start: never up, always balanced
+        labels = random_balanced_labels(n, n_clusters, seed=1)
+        prev = _inertia(x, labels, _centroids(x, labels, n_clusters))
+        for _ in range(4):
+            labels, swaps = _swap_refine(x, (x * x).sum(-1), labels, n_clusters, x, max_rounds=1)
+            assert torch.bincount(labels, minlength=n_clusters).tolist() == [n // n_clusters] * n_clusters
+            now = _inertia(x, labels, _centroids(x, labels, n_clusters))
+            assert now <= prev + 1e-9 * prev and (swaps == 0) == (now == prev)
+            prev = now
+    with pytest.raises(ValueError, match="swap_rounds"):
+        balanced_kmeans(torch.randn(16, 4), 4, swap_rounds=-1)
+
+
 def test_clustering_rejects_bad_input():
     with pytest.raises(ValueError, match="divide"):
         balanced_kmeans(torch.randn(10, 4), 3)

@@ -24,7 +24,7 @@ class EMoESettings:
     seed / method: how the clusters were made ("kmeans" = balanced k-means on gate_proj keys, "kmeans_exact" = the
         same with the optimal balanced assignment in every step, "random" = the
         paper's random-split ablation).
-    clustering: per-layer stats, {"28": {"inertia": ..., "iterations": ..., "seconds": ...}}.
+    clustering: per-layer stats, {"28": {"inertia": ..., "iterations": ..., "swaps": ..., "seconds": ...}}.
     """
 
     n_experts: int
