@@ -184,6 +184,12 @@ def load_shape(model: str, *, emoe_override: dict | None = None) -> ModelShape:
     if model in PRESETS:
         shape = ModelShape(name=model, **PRESETS[model])
         n, layers = PRESET_EMOE.get(model, (64, 2))
+        if isinstance(emoe_override, dict):  # the recipe's emoe: section, not the preset's paper default
+            n = emoe_override["n_experts"]
+            try:
+                layers = len(parse_layer_spec(emoe_override["layers"], shape.layers))
+            except ValueError as e:
+                raise PlanError(f"emoe.layers: {e}") from None
         if emoe_override is not False:
             shape.n_experts, shape.emoe_layers = n, layers
         return shape

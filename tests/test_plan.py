@@ -198,3 +198,13 @@ def test_sub_group_size_and_device_come_from_the_ds_json_and_gpu(tmp_path, capsy
     plan = json.loads(capsys.readouterr().out)
     assert plan["setup"]["device"] == "cpu"
     assert plan["per_gpu"]["optimizer step: AdamW temporaries (CPU)"] == 8 * 10**8
+
+
+def test_a_preset_takes_n_and_the_layers_from_the_recipe():
+    """The recipe's emoe: section, not the preset's paper default, sizes the mask term."""
+    assert (load_shape("llama-7b").n_experts, load_shape("llama-7b").emoe_layers) == (64, 2)
+    shape = load_shape("llama-7b", emoe_override={"n_experts": 128, "layers": "16:2"})
+    assert (shape.n_experts, shape.emoe_layers) == (128, 8)  # 16, 18, ..., 30 of 32 layers
+    assert load_shape("llama-7b", emoe_override=False).emoe_layers == 0  # a dense recipe
+    with pytest.raises(PlanError, match="emoe.layers"):
+        load_shape("llama-7b", emoe_override={"n_experts": 64, "layers": "40,41"})
