@@ -34,13 +34,13 @@ def work(tmp_path_factory):
     return {"root": root, "dense": dense, "ds": root / "z3_fp32.json", "cache": root / "data_cache"}
 
 
-def train(work, out: Path, nproc: int) -> str:
+def train(work, out: Path, nproc: int, *extra: str) -> str:
     cmd = [str(DEEPSPEED), "--num_gpus", str(nproc), "--master_port", str(_free_port()), "--module", "emoe_llm.train",
            "--ds_config", str(work["ds"]), "--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"output_dir={out}",
            f"model.path={work['dense']}",  # dense: converted first with the emoe: section
            f"data.cache_dir={work['cache']}", "logging.progress_bar=false", "logging.tensorboard=false",
            f"train.max_steps={STEPS}", f"train.save_every_steps={SAVE_AT}", "train.eval_every_steps=0",
-           "train.export=false", "train.keep_last=0"]
+           "train.export=false", "train.keep_last=0", *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=env)
@@ -108,4 +108,25 @@ def test_resume_at_another_world_size(work, full_runs, saved_on, resumed_on):
         assert a["loss"] == pytest.approx(b["loss"], rel=5e-3)
     state = json.loads((other / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())
     assert state["world_size"] == resumed_on and state["global_batch_size"] == 8 and state["step"] == STEPS
+    assert (other / "COMPLETED").is_file()
+
+
+LORA = ("lora.enabled=true", "lora.dropout=0")
+
+
+def test_lora_resume_at_another_world_size(work):
+    """LoRA freezes the base weights: only the adapters have optimizer state, and the universal checkpoint must carry
+    the frozen partitions too. 2 ranks stopped at step 3 finish on 1 rank with the loss of a 2-rank resume."""
+    full = work["root"] / "lora_full2"
+    train(work, full, 2, *LORA)
+    same = stopped_at_checkpoint(full, work["root"] / "lora_same2to2")
+    other = stopped_at_checkpoint(full, work["root"] / "lora_elastic2to1")
+    train(work, same, 2, *LORA)
+    log = train(work, other, 1, *LORA)
+    assert "universal checkpoint, 2 -> 1 ranks" in log
+    ref, got = resumed_steps(same), resumed_steps(other)
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(SAVE_AT + 1, STEPS + 1))
+    assert got[0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-5), (got[0], ref[0])
+    for a, b in zip(got, ref):
+        assert a["loss"] == pytest.approx(b["loss"], rel=5e-3)
     assert (other / "COMPLETED").is_file()
