@@ -13,13 +13,59 @@ from emoe_llm.data import IGNORE_INDEX, SFTCollator, build_sft_datasets, data_co
 from emoe_llm.data import load_tokenizer
 from emoe_llm.data.encode import DROPPED_TOO_LONG, KEPT, TRUNCATED, _labels_from_spans_loop, encode_text_batch
 from emoe_llm.data.encode import labels_from_spans
-from emoe_llm.data.packing import pack_arrays, pack_lengths, pack_rows
+from emoe_llm.data.packing import best_fit_bins, pack_arrays, pack_lengths, pack_rows
 from emoe_llm.tiny import DATA_DIR
 
 
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer(DATA_DIR / "tokenizers" / "tiny_llama3_style")
+
+
+def _pack_lengths_reference(lengths, capacity):
+    """pack_lengths as it was (lists all the way)."""
+    import bisect
+
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins, by_space, spaces = [], {}, []
+    for i in order:
+        n = lengths[i]
+        j = bisect.bisect_left(spaces, n)
+        if j < len(spaces):
+            space = spaces[j]
+            b = by_space[space].pop()
+            if not by_space[space]:
+                del by_space[space]
+                spaces.pop(j)
+        else:
+            b, space = len(bins), capacity
+            bins.append([])
+        bins[b].append(i)
+        left = space - n
+        if left > 0:
+            if left not in by_space:
+                by_space[left] = []
+                bisect.insort(spaces, left)
+            by_space[left].append(b)
+    return bins
+
+
+def test_best_fit_bins_equal_the_list_packing_and_the_seeded_row_order():
+    rng = random.Random(3)
+    for n, cap in ((0, 8), (1, 8), (50, 16), (3000, 1024), (2000, 64)):
+        lengths = [rng.randint(1, cap) for _ in range(n)]
+        ref = _pack_lengths_reference(lengths, cap)
+        assert pack_lengths(lengths, cap) == ref
+        # The pipeline's array form of `[sorted(bins[i]) for i in permutation]`.
+        bin_of, _ = best_fit_bins(lengths, cap)
+        order = np.random.default_rng(5).permutation(len(ref))
+        rank = np.empty(len(ref), dtype=np.int64)
+        rank[order] = np.arange(len(ref))
+        docs = np.argsort(rank[bin_of], kind="stable")
+        assert docs.tolist() == [d for i in order for d in sorted(ref[i])]
+        assert np.bincount(rank[bin_of], minlength=len(ref)).tolist() == [len(ref[i]) for i in order]
+    with pytest.raises(ValueError, match="document 1 has 9 tokens, more than the packing capacity 8"):
+        pack_lengths([3, 9, 9], 8)
 
 
 def test_pack_arrays_equals_pack_rows():

@@ -15,32 +15,47 @@ def pack_lengths(lengths: list[int], capacity: int) -> list[list[int]]:
     Deterministic (ties keep input order, so shuffle the input with the seed first). O(n log n + n * distinct_caps):
     bins are bucketed by remaining space, and the smallest remaining space that still fits is found by bisection.
     """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    bins: list[list[int]] = []
+    bin_of, order = best_fit_bins(lengths, capacity)
+    bins: list[list[int]] = [[] for _ in range(int(bin_of.max()) + 1 if len(bin_of) else 0)]
+    for i, b in zip(order.tolist(), bin_of[order].tolist()):
+        bins[b].append(i)
+    return bins
+
+
+def best_fit_bins(lengths, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """``pack_lengths`` as arrays (no Python list per row, for millions of documents): returns ``(bin_of, order)``,
+    the row of every document (rows numbered as ``pack_lengths`` numbers them) and the order the documents were
+    placed in (longest first, ties in input order)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")  # = sorted(range(n), key=lambda i: -lengths[i])
+    if len(order) and lengths[order[0]] > capacity:
+        raise ValueError(f"document {int(order[0])} has {int(lengths[order[0]])} tokens, more than the packing "
+                         f"capacity {capacity}")
+    bin_of = np.empty(len(lengths), dtype=np.int64)
+    n_bins = 0
     by_space: dict[int, list[int]] = {}  # remaining space -> bin ids with exactly that space
     spaces: list[int] = []  # sorted distinct remaining spaces that have at least one bin
-    for i in order:
-        n = lengths[i]
-        if n > capacity:
-            raise ValueError(f"document {i} has {n} tokens, more than the packing capacity {capacity}")
-        j = bisect.bisect_left(spaces, n)
-        if j < len(spaces):
-            space = spaces[j]
-            b = by_space[space].pop()
-            if not by_space[space]:
-                del by_space[space]
-                spaces.pop(j)
-        else:
-            b, space = len(bins), capacity
-            bins.append([])
-        bins[b].append(i)
-        left = space - n
-        if left > 0:
-            if left not in by_space:
-                by_space[left] = []
-                bisect.insort(spaces, left)
-            by_space[left].append(b)
-    return bins
+    for start in range(0, len(order), 1 << 16):  # in slices: no Python int per document held at once
+        idx = order[start:start + (1 << 16)]
+        for i, n in zip(idx.tolist(), lengths[idx].tolist()):
+            j = bisect.bisect_left(spaces, n)
+            if j < len(spaces):
+                space = spaces[j]
+                b = by_space[space].pop()
+                if not by_space[space]:
+                    del by_space[space]
+                    spaces.pop(j)
+            else:
+                b, space = n_bins, capacity
+                n_bins += 1
+            bin_of[i] = b
+            left = space - n
+            if left > 0:
+                if left not in by_space:
+                    by_space[left] = []
+                    bisect.insort(spaces, left)
+                by_space[left].append(b)
+    return bin_of, order
 
 
 def pack_rows(docs_input_ids: list[list[int]], docs_labels: list[list[int]], *, seq_len: int,

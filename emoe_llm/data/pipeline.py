@@ -23,7 +23,6 @@ import os
 import shutil
 import tempfile
 import time
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ import numpy as np
 from .config import DataConfig, DataSource
 from .encode import DROPPED_NO_TARGET, DROPPED_TOO_LONG, IGNORE_INDEX, KEPT, TRUNCATED, encode_batch
 from .formats import DataError, iter_records
-from .packing import pack_arrays, pack_lengths
+from .packing import best_fit_bins, pack_arrays
 from .templates import BUILTIN, resolve_template
 
 log = logging.getLogger(__name__)
@@ -316,12 +315,16 @@ def _pack(ds, cfg: DataConfig, pad_token_id: int, seed: int, work: Path):
 
     ids_col, labels_col = _ListColumn(ds, "input_ids"), _ListColumn(ds, "labels")
     lengths = ids_col.lengths()
-    bins = pack_lengths(lengths.tolist(), cfg.max_seq_len)
-    order = np.random.default_rng(seed).permutation(len(bins))
-    bins = [sorted(bins[i]) for i in order]
-    docs_per_row = np.fromiter(map(len, bins), dtype=np.int64, count=len(bins))
-    docs = np.fromiter(chain.from_iterable(bins), dtype=np.int64, count=int(docs_per_row.sum()))
-    del bins
+    bin_of, _ = best_fit_bins(lengths, cfg.max_seq_len)
+    n_rows = int(bin_of.max()) + 1 if len(bin_of) else 0
+    # Rows in a seeded order, each row's documents in index order: row r = sorted(pack_lengths(...)[order[r]]).
+    order = np.random.default_rng(seed).permutation(n_rows)
+    rank = np.empty(n_rows, dtype=np.int64)
+    rank[order] = np.arange(n_rows)
+    row_of_doc = rank[bin_of]
+    docs = np.argsort(row_of_doc, kind="stable")  # stable: index order within a row
+    docs_per_row = np.bincount(row_of_doc, minlength=n_rows)
+    del bin_of, rank, row_of_doc
     first_doc = np.concatenate([[0], np.cumsum(docs_per_row)])  # row r packs docs[first_doc[r]:first_doc[r + 1]]
 
     def build(batch):
