@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 PIPELINE_VERSION = 5  # bump when encoding or the cache layout changes so stale caches are not reused
 # (2: official Alpaca prompt; 3: ChatML replies end at their EOS; 4: sources streamed into Arrow; 5: int32 token columns)
 WRITER_BATCH = 1000  # rows per Arrow record batch while streaming a source to disk
-PACK_BATCH = 1024  # packed rows built per numpy batch
+PACK_BATCH = 256  # packed rows built per numpy batch
 
 
 def _token_features(*columns: str, extra: dict | None = None):
@@ -230,13 +230,6 @@ def _take(ds, count: int, rng: np.random.Generator):
     return ds if idx is None else ds.select(idx, keep_in_memory=True)  # an indices mapping only
 
 
-def _arrow_batches(ds, column: str, batch_size: int = 10_000):
-    """One column in record batches: bounded memory even through a shuffle/select indices mapping (taking the whole
-    column at once would materialise every token of the dataset in RAM)."""
-    for batch in ds.select_columns([column]).with_format("arrow").iter(batch_size=batch_size):
-        yield batch[column]
-
-
 class _ListColumn:
     """A list column of a dataset read straight from its (memory-mapped) Arrow buffers: lengths from the offsets
     alone, and the tokens of chosen rows as numpy, through the dataset's indices mapping (shuffle/select) if any.
@@ -269,7 +262,7 @@ class _ListColumn:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
-def _arrow_batches(ds, column: str, batch_size: int = 10_000):
+def _arrow_batches(ds, column: str, batch_size: int = 1_000):
     """One column in record batches: bounded memory even through a shuffle/select indices mapping (taking the whole
     column at once would materialise every token of the dataset in RAM)."""
     for batch in ds.select_columns([column]).with_format("arrow").iter(batch_size=batch_size):
