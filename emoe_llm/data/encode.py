@@ -8,6 +8,9 @@ predicts its first token; packed documents therefore can never be trained to pre
 from __future__ import annotations
 
 import re
+from itertools import chain
+
+import numpy as np
 
 IGNORE_INDEX = -100
 
@@ -18,7 +21,33 @@ KEPT, TRUNCATED, DROPPED_TOO_LONG, DROPPED_NO_TARGET = 0, 1, 2, 3
 def labels_from_spans(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
                       train_on_prompt: bool) -> list[int]:
     """A token is a target when its characters overlap a target span (a token that straddles the prompt/response
-    boundary, like Llama-2's ``▁Sure`` after ``[/INST]``, is one the model must generate, so it is a target)."""
+    boundary, like Llama-2's ``▁Sure`` after ``[/INST]``, is one the model must generate, so it is a target).
+
+    Vectorised (numpy) for the usual case: non-empty tokens and sorted, disjoint, non-empty spans. Anything else
+    (zero-width tokens or spans) goes through the reference loop ``_labels_from_spans_loop``; both give the same labels.
+    """
+    if train_on_prompt:
+        labels = list(input_ids)
+    else:
+        n = len(input_ids)
+        off = np.asarray(offsets, dtype=np.int64).reshape(n, 2)
+        sp = np.asarray(spans, dtype=np.int64).reshape(len(spans), 2)
+        if not (np.all(off[:, 0] < off[:, 1]) and np.all(sp[:, 0] < sp[:, 1]) and np.all(sp[1:, 0] >= sp[:-1, 1])):
+            return _labels_from_spans_loop(input_ids, offsets, spans, train_on_prompt)
+        # The first span ending after the token's start is the only one it can overlap (spans are sorted, disjoint).
+        k = np.searchsorted(sp[:, 1], off[:, 0], side="right")
+        hit = k < len(sp)
+        hit[hit] = sp[k[hit], 0] < off[hit, 1]
+        ids = np.asarray(input_ids, dtype=np.int64)
+        labels = np.where(hit, ids, IGNORE_INDEX).tolist()
+    if labels:
+        labels[0] = IGNORE_INDEX
+    return labels
+
+
+def _labels_from_spans_loop(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
+                            train_on_prompt: bool) -> list[int]:
+    """Reference implementation of ``labels_from_spans`` (one token at a time; handles zero-width tokens/spans)."""
     if train_on_prompt:
         labels = list(input_ids)
     else:
@@ -113,32 +142,79 @@ def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
     return ids, [IGNORE_INDEX] + ids[1:]
 
 
+def _token_ids_as_text(tokenizer, texts: list[str]) -> list[list[int]]:
+    """``tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]`` for each text, in one
+    call of the Rust backend (no offsets, no per-row Python call; it uses the cores the process has). Falls back to
+    the per-row call when the backend is not a plain one (truncation or padding set on it)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast") or backend.truncation or backend.padding:
+        return [tokenizer(t, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+                for t in texts]
+    before = backend.encode_special_tokens
+    backend.encode_special_tokens = True  # what split_special_tokens=True sets
+    try:
+        return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+    finally:
+        backend.encode_special_tokens = before
+
+
+def encode_text_batch(tokenizer, texts: list[str], *, max_seq_len: int, truncation: str):
+    """Text documents -> a ``pyarrow.Table`` (input_ids, labels: list<int32>; length, status) built with numpy.
+
+    Row for row the same as ``encode_text`` + chunking: each document is BOS + text + EOS, split into
+    ``max_seq_len`` chunks (each its own document, labels -100 at its first token; a lone trailing token is dropped;
+    ``length`` is the document's length on its first chunk, 0 on the others), or one empty DROPPED_TOO_LONG row when
+    ``truncation == "drop"`` and it is too long.
+    """
+    import pyarrow as pa
+
+    if tokenizer.eos_token_id is None:
+        raise ValueError("text documents end with EOS, and this tokenizer has no EOS token")
+    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    tail = [tokenizer.eos_token_id]
+    docs = _token_ids_as_text(tokenizer, texts)
+    n_docs = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)) + len(head) + 1
+    flat = np.fromiter(chain.from_iterable(chain(head, d, tail) for d in docs), dtype=np.int32, count=int(n_docs.sum()))
+    doc_start = np.concatenate([[0], np.cumsum(n_docs)[:-1]])
+    # Rows: (first token in flat, token count, length, status); a dropped document is one empty row.
+    starts, counts, lengths, status = [], [], [], []
+    for s0, n in zip(doc_start.tolist(), n_docs.tolist()):
+        if n > max_seq_len and truncation == "drop":
+            starts.append(s0), counts.append(0), lengths.append(n), status.append(DROPPED_TOO_LONG)
+            continue
+        st = KEPT if n <= max_seq_len else TRUNCATED
+        for c in range(0, n, max_seq_len):
+            size = min(max_seq_len, n - c)
+            if size < 2:
+                continue  # a lone trailing token has nothing to predict
+            starts.append(s0 + c), counts.append(size), lengths.append(n if c == 0 else 0), status.append(st)
+    starts_a, counts_a = np.asarray(starts, dtype=np.int64), np.asarray(counts, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts_a)]).astype(np.int32)
+    take = np.arange(int(offsets[-1]), dtype=np.int64) + np.repeat(starts_a - offsets[:-1], counts_a)
+    ids = flat[take]
+    labels = ids.copy()
+    labels[offsets[:-1][counts_a > 0]] = IGNORE_INDEX
+    pa_offsets = pa.array(offsets, type=pa.int32())
+    return pa.table({
+        "input_ids": pa.ListArray.from_arrays(pa_offsets, pa.array(ids, type=pa.int32())),
+        "labels": pa.ListArray.from_arrays(pa_offsets, pa.array(labels, type=pa.int32())),
+        "length": pa.array(lengths, type=pa.int64()),
+        "status": pa.array(status, type=pa.int64()),
+    })
+
+
 def encode_batch(batch: dict, *, tokenizer, template: str | None, is_text: bool, train_on_prompt: bool,
                  max_seq_len: int, truncation: str) -> dict:
-    """``datasets.map(batched=True)`` function: rows -> input_ids, labels, length, status.
+    """``datasets.map(batched=True)`` function: rows -> input_ids, labels, length, status (a dict of lists for
+    conversations, a ``pyarrow.Table`` for text, see ``encode_text_batch``; ``ENCODED_FEATURES`` types both).
 
     Conversations longer than ``max_seq_len`` are truncated (keeping the start) or dropped; a truncated row that
     lost all its targets is dropped. Text documents are split into ``max_seq_len`` chunks instead (continued
     pre-training must not throw text away); every chunk is its own document.
     """
-    out = {"input_ids": [], "labels": [], "length": [], "status": []}
     if is_text:
-        for text in batch["text"]:
-            ids, labels = encode_text(tokenizer, text)
-            n = len(ids)
-            if n > max_seq_len and truncation == "drop":
-                out["input_ids"].append([]), out["labels"].append([]), out["length"].append(n)
-                out["status"].append(DROPPED_TOO_LONG)
-                continue
-            for start in range(0, n, max_seq_len):
-                chunk = ids[start:start + max_seq_len]
-                if len(chunk) < 2:
-                    continue  # a lone trailing token has nothing to predict
-                out["input_ids"].append(chunk)
-                out["labels"].append([IGNORE_INDEX] + chunk[1:])
-                out["length"].append(n if start == 0 else 0)  # the document's length is counted once
-                out["status"].append(KEPT if n <= max_seq_len else TRUNCATED)
-        return out
+        return encode_text_batch(tokenizer, batch["text"], max_seq_len=max_seq_len, truncation=truncation)
+    out = {"input_ids": [], "labels": [], "length": [], "status": []}
     wheres = batch.get("where") or [None] * len(batch["messages"])
     for messages, where in zip(batch["messages"], wheres):
         try:

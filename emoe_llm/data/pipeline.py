@@ -30,14 +30,24 @@ import numpy as np
 from .config import DataConfig, DataSource
 from .encode import DROPPED_NO_TARGET, DROPPED_TOO_LONG, IGNORE_INDEX, KEPT, TRUNCATED, encode_batch
 from .formats import DataError, iter_records
-from .packing import pack_lengths, pack_rows
+from .packing import best_fit_bins, pack_arrays
 from .templates import BUILTIN, resolve_template
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 4  # bump when encoding or the cache layout changes so stale caches are not reused
-# (2: official Alpaca prompt; 3: ChatML replies end at their EOS; 4: sources streamed into Arrow)
+PIPELINE_VERSION = 5  # bump when encoding or the cache layout changes so stale caches are not reused
+# (2: official Alpaca prompt; 3: ChatML replies end at their EOS; 4: sources streamed into Arrow; 5: int32 token columns)
 WRITER_BATCH = 1000  # rows per Arrow record batch while streaming a source to disk
+PACK_BATCH = 256  # packed rows built per numpy batch
+
+
+def _token_features(*columns: str, extra: dict | None = None):
+    """Token columns are stored as int32 (every vocabulary is < 2**31 ids; half the disk and mapped pages of the
+    int64 that ``datasets`` infers from Python ints). The collator makes int64 tensors of them."""
+    import datasets
+
+    token = datasets.List(datasets.Value("int32"))
+    return datasets.Features({c: token for c in columns} | {k: datasets.Value(v) for k, v in (extra or {}).items()})
 
 
 def default_cache_dir() -> Path:
@@ -128,6 +138,7 @@ def tokenize_source(src: DataSource, cfg: DataConfig, tokenizer, *, get_template
                            train_on_prompt=cfg.train_on_prompt, max_seq_len=cfg.max_seq_len,
                            truncation=cfg.truncation),
             desc=f"tokenizing {Path(src.path).name}", cache_file_name=str(Path(work) / "encoded.arrow"),
+            features=_token_features("input_ids", "labels", extra={"length": "int64", "status": "int64"}),
         )
         stats, enc = _encode_stats(src, fmt, report, raw, enc, cfg, t0)
         _atomic_save({"dataset": enc}, stats, entry)
@@ -182,7 +193,9 @@ def _encode_stats(src, fmt, report, raw, enc, cfg, t0):
         "lengths_untruncated": lengths[lengths > 0].tolist(),
         "tokenize_seconds": round(time.time() - t0, 2),
     }
-    enc = enc.filter(lambda s: [x in (KEPT, TRUNCATED) for x in s], input_columns="status", batched=True)
+    keep = (status == KEPT) | (status == TRUNCATED)
+    if not keep.all():  # an indices mapping; nothing to do (and no copy) when every row is kept
+        enc = enc.select(np.flatnonzero(keep))
     enc = enc.remove_columns(["status", "length"])
     if len(enc) == 0:
         raise ValueError(f"{src.path}: every row was dropped (max_seq_len={cfg.max_seq_len}, "
@@ -217,7 +230,39 @@ def _take(ds, count: int, rng: np.random.Generator):
     return ds if idx is None else ds.select(idx, keep_in_memory=True)  # an indices mapping only
 
 
-def _arrow_batches(ds, column: str, batch_size: int = 10_000):
+class _ListColumn:
+    """A list column of a dataset read straight from its (memory-mapped) Arrow buffers: lengths from the offsets
+    alone, and the tokens of chosen rows as numpy, through the dataset's indices mapping (shuffle/select) if any.
+    Nothing is copied but the rows asked for."""
+
+    def __init__(self, ds, column: str):
+        chunks = [c for c in ds.data.column(column).chunks if len(c)]
+        self.offsets = [c.offsets.to_numpy() for c in chunks]
+        self.values = [c.values.to_numpy(zero_copy_only=False) for c in chunks]
+        self.first = np.cumsum([0] + [len(c) for c in chunks])  # first physical row of every chunk
+        self.indices = None if ds._indices is None else ds._indices.column(0).to_numpy().astype(np.int64)
+
+    def _physical(self, rows: np.ndarray) -> np.ndarray:
+        return rows if self.indices is None else self.indices[rows]
+
+    def lengths(self) -> np.ndarray:
+        parts = [np.diff(o).astype(np.int64) for o in self.offsets]
+        n = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return n if self.indices is None else n[self.indices]
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """The values of ``rows`` (logical row numbers), back to back."""
+        phys = self._physical(np.asarray(rows, dtype=np.int64))
+        chunk = np.searchsorted(self.first, phys, side="right") - 1
+        local = phys - self.first[chunk]
+        parts = []
+        for c, i in zip(chunk.tolist(), local.tolist()):
+            off = self.offsets[c]
+            parts.append(self.values[c][off[i]:off[i + 1]])
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+
+def _arrow_batches(ds, column: str, batch_size: int = 1_000):
     """One column in record batches: bounded memory even through a shuffle/select indices mapping (taking the whole
     column at once would materialise every token of the dataset in RAM)."""
     for batch in ds.select_columns([column]).with_format("arrow").iter(batch_size=batch_size):
@@ -225,10 +270,7 @@ def _arrow_batches(ds, column: str, batch_size: int = 10_000):
 
 
 def _list_lengths(ds, column: str = "input_ids") -> np.ndarray:
-    import pyarrow.compute as pc
-
-    parts = [pc.list_value_length(col).to_numpy() for col in _arrow_batches(ds, column)]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return _ListColumn(ds, column).lengths()
 
 
 def _count_targets(ds) -> int:
@@ -238,31 +280,62 @@ def _count_targets(ds) -> int:
                for col in _arrow_batches(ds, "labels"))
 
 
-def _with_positions(batch: dict) -> dict:
-    return {"position_ids": [list(range(len(x))) for x in batch["input_ids"]]}
+def _rows_of(matrix: np.ndarray):
+    """A (rows, seq_len) numpy array as an Arrow list<int32> column."""
+    import pyarrow as pa
+
+    n, width = matrix.shape
+    offsets = pa.array(np.arange(0, n * width + 1, width, dtype=np.int32), type=pa.int32())
+    return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1), type=pa.int32()))
+
+
+def _with_positions(batch):
+    """``Dataset.map`` on the arrow format: adds position_ids 0..n-1 to every row, with numpy."""
+    import pyarrow as pa
+
+    ids = batch.column("input_ids").combine_chunks()
+    offsets = ids.offsets.to_numpy().astype(np.int64)
+    offsets -= offsets[0]
+    lengths = np.diff(offsets)
+    positions = np.arange(int(offsets[-1]), dtype=np.int64) - np.repeat(offsets[:-1], lengths)
+    column = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), type=pa.int32()),
+                                      pa.array(positions.astype(np.int32), type=pa.int32()))
+    return pa.table({"input_ids": batch.column("input_ids"), "labels": batch.column("labels"), "position_ids": column})
 
 
 def _pack(ds, cfg: DataConfig, pad_token_id: int, seed: int, work: Path):
     import datasets
 
-    lengths = _list_lengths(ds).tolist()
-    bins = pack_lengths(lengths, cfg.max_seq_len)
-    order = np.random.default_rng(seed).permutation(len(bins))
-    bins = [sorted(bins[i]) for i in order]
+    ids_col, labels_col = _ListColumn(ds, "input_ids"), _ListColumn(ds, "labels")
+    lengths = ids_col.lengths()
+    bin_of, _ = best_fit_bins(lengths, cfg.max_seq_len)
+    n_rows = int(bin_of.max()) + 1 if len(bin_of) else 0
+    # Rows in a seeded order, each row's documents in index order: row r = sorted(pack_lengths(...)[order[r]]).
+    order = np.random.default_rng(seed).permutation(n_rows)
+    rank = np.empty(n_rows, dtype=np.int64)
+    rank[order] = np.arange(n_rows)
+    row_of_doc = rank[bin_of]
+    docs = np.argsort(row_of_doc, kind="stable")  # stable: index order within a row
+    docs_per_row = np.bincount(row_of_doc, minlength=n_rows)
+    del bin_of, rank, row_of_doc
+    first_doc = np.concatenate([[0], np.cumsum(docs_per_row)])  # row r packs docs[first_doc[r]:first_doc[r + 1]]
 
     def build(batch):
-        rows = {"input_ids": [], "labels": [], "position_ids": []}
-        for doc_ids in batch["doc_indices"]:
-            docs = ds[doc_ids]
-            row = pack_rows(docs["input_ids"], docs["labels"], seq_len=cfg.max_seq_len, pad_token_id=pad_token_id)
-            for k in rows:
-                rows[k].append(row[k])
-        return rows
+        import pyarrow as pa
 
-    bins_ds = datasets.Dataset.from_dict({"doc_indices": bins})
-    packed = bins_ds.map(build, batched=True, batch_size=64, remove_columns=["doc_indices"], desc="packing",
-                         cache_file_name=str(work / "packed.arrow"))
-    return packed, sum(lengths) / max(1, len(bins) * cfg.max_seq_len)
+        r0, r1 = batch["row"][0], batch["row"][-1] + 1  # batches are contiguous runs of rows
+        d = docs[first_doc[r0]:first_doc[r1]]
+        packed = pack_arrays(ids_col.gather(d), labels_col.gather(d), lengths[d], docs_per_row[r0:r1],
+                             seq_len=cfg.max_seq_len, pad_token_id=pad_token_id)
+        return pa.table({k: _rows_of(v) for k, v in packed.items()})
+
+    rows = datasets.Dataset.from_dict({"row": np.arange(len(docs_per_row))})
+    # new_fingerprint: `build` closes over the memory-mapped columns, which datasets must not try to hash.
+    packed = rows.map(build, batched=True, batch_size=PACK_BATCH, remove_columns=["row"], desc="packing",
+                      features=_token_features("input_ids", "labels", "position_ids"),
+                      cache_file_name=str(work / "packed.arrow"),
+                      new_fingerprint=hashlib.sha256(str(work).encode()).hexdigest()[:16])
+    return packed, int(lengths.sum()) / max(1, len(docs_per_row) * cfg.max_seq_len)
 
 
 def _summary(ds, n_doc_tokens: int, lengths: list[int]) -> dict:
@@ -289,7 +362,10 @@ def _finish(parts: list, cfg: DataConfig, tokenizer, seed: int, work: Path):
     if cfg.packing:
         ds, efficiency = _pack(ds, cfg, tokenizer.pad_token_id, seed, work)
     else:
-        ds = ds.map(_with_positions, batched=True, desc="position ids", cache_file_name=str(work / "rows.arrow"))
+        ds = ds.with_format("arrow").map(
+            _with_positions, batched=True, desc="position ids", cache_file_name=str(work / "rows.arrow"),
+            features=_token_features("input_ids", "labels", "position_ids"),
+            new_fingerprint=hashlib.sha256(str(work).encode()).hexdigest()[:16]).with_format(None)
         efficiency = None
     return ds, n_docs, n_doc_tokens, efficiency
 
