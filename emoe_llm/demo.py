@@ -16,14 +16,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from emoe_llm.tiny import DATA_DIR, REPO_ROOT
-from emoe_llm.train.launch import launcher_executable
+from emoe_llm.train.launch import free_port, launcher_executable
 
 DEFAULT_SUBJECTS = "abstract_algebra,anatomy,high_school_geography,marketing"
 
@@ -40,18 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
 def train_command(args, out: Path, emoe_dir: Path) -> list[str]:
-    port = str(_free_port())
+    port = str(free_port())
     if args.launcher == "deepspeed":
         launch = [launcher_executable("deepspeed"), "--num_gpus", str(args.nproc), "--master_port", port,
                   "--module", "emoe_llm.train.probe"]  # the recipe + run/export_probe.pt (checked below)

@@ -6,23 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from emoe_llm.train.launch import free_port
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_bare_deepspeed_command_on_a_fresh_checkout(tmp_path):
@@ -32,7 +26,7 @@ def test_bare_deepspeed_command_on_a_fresh_checkout(tmp_path):
         (checkout / name).symlink_to(REPO / name)
     env = {**os.environ, "PYTHONPATH": str(REPO), "EMOE_LLM_CACHE": str(tmp_path / "cache")}
     # train.max_steps only keeps the test short; the recipe is still the default one (no --config)
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(_free_port()), "train.py",
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "train.py",
            "--ds_config", "ds_configs/z3.json", "train.max_steps=2", "logging.progress_bar=false"]
     proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr

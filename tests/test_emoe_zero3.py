@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from emoe_llm.emoe import apply_emoe, enable_emoe, pop_expert_load
 from emoe_llm.tiny import tiny_llama_config
+from emoe_llm.train.launch import free_port
 
 WORKER = Path(__file__).parent / "dist" / "emoe_zero3_worker.py"
 
@@ -22,7 +23,7 @@ def run_two_ranks(tmp_path, checkpoint, batches, *extra):
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     deepspeed = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
-    port = str(29500 + os.getpid() % 1000)
+    port = str(free_port())  # not derived from the pid: both parametrisations would share it, back to back
     cmd = [deepspeed, "--num_gpus", "2", "--master_port", port, str(WORKER), "--checkpoint", str(checkpoint),
            "--batches", str(batches), "--out", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

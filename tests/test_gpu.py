@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 from emoe_llm.emoe import EMoEMLP, balanced_kmeans, random_balanced_labels
 from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint, tiny_llama_config
+from emoe_llm.train.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -122,12 +122,6 @@ def test_balanced_kmeans_cuda_unstructured_matches_cpu_inertia():
 # the recipe: ZeRO-3 on one process (no launcher), bf16 + NCCL on a GPU
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny_dense(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("gpu") / "tiny_dense",
@@ -137,7 +131,7 @@ def tiny_dense(tmp_path_factory):
 def run_recipe(out: Path, checkpoint: Path, config: str, *overrides, ds_config: Path, timeout=600):
     """``python -m emoe_llm.train`` as a 1-rank job (the env a launcher would set), 6 steps, export at the end."""
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONWARNINGS": "ignore"}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "emoe_llm.train", "--ds_config", str(ds_config), "--config", str(REPO / config),
            f"output_dir={out}", f"model.path={checkpoint}", f"data.cache_dir={out.parent / 'data_cache'}",
            "logging.progress_bar=false", "train.max_steps=6", "train.save_every_steps=0", "train.eval_every_steps=0",

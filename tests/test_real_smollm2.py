@@ -7,7 +7,6 @@ the package cannot be downloaded. Everything runs in fp32 on CPU with short sequ
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from emoe_llm import fixtures
+from emoe_llm.train.launch import free_port
 
 
 @pytest.fixture(scope="session")
@@ -146,7 +146,7 @@ def finetuned(converted, tmp_path_factory):
     """2 CPU ranks, ZeRO-3 with the repo's z3.json (bf16 there: on this CPU-only machine it resolves to fp32), 2 steps
     of 2 short rows at a low lr: the pretrained model must survive it."""
     out = tmp_path_factory.mktemp("smollm2_run") / "run"
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "emoe_llm.train",
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "emoe_llm.train",
            "--ds_config", str(REPO / "ds_configs" / "z3.json"), "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
            f"output_dir={out}", f"model.path={converted}", f"emoe.layers='{LAYERS}'", "data.template=auto",
            "data.max_seq_len=96",
@@ -188,12 +188,6 @@ def test_export_answers_in_plain_transformers(finetuned):
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
     answer = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -70,7 +70,6 @@ def test_export_shards_and_merges_lora(tmp_path, use_dora):
     with the same logits as the (peft) model that was exported."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     from emoe_llm.emoe import apply_emoe
     from emoe_llm.tiny import tiny_llama_config

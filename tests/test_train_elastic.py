@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint
-from test_train_zero3 import _free_port
+from emoe_llm.train.launch import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def work(tmp_path_factory):
 
 
 def train(work, out: Path, nproc: int, *extra: str) -> str:
-    cmd = [str(DEEPSPEED), "--num_gpus", str(nproc), "--master_port", str(_free_port()), "--module", "emoe_llm.train",
+    cmd = [str(DEEPSPEED), "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module", "emoe_llm.train",
            "--ds_config", str(work["ds"]), "--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"output_dir={out}",
            f"model.path={work['dense']}",  # dense: converted first with the emoe: section
            f"data.cache_dir={work['cache']}", "logging.progress_bar=false", "logging.tensorboard=false",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint
+from emoe_llm.train.launch import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +30,6 @@ Z3 = REPO / "ds_configs" / "z3.json"
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 WRAPPER = REPO / "tests" / "dist" / "train_with_faults.py"  # the recipe + export probe + monkeypatched faults
 STEPS = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +45,7 @@ def work(tmp_path_factory):
 def launch(work, out: Path, *overrides, ds=Z3, faults=(), background=False):
     """deepspeed --num_gpus 2 tests/dist/train_with_faults.py ...: the recipe `emoe-llm train --nproc 2` runs, plus
     run/export_probe.pt and the faults asked for (e.g. ["--nan-at-step", "3"])."""
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(_free_port()), str(WRAPPER), *faults,
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(WRAPPER), *faults,
            "--ds_config", str(ds), "--config", str(TINY), f"output_dir={out}", f"model.path={work['dense']}",
            f"data.cache_dir={work['cache']}", "logging.progress_bar=false", f"train.max_steps={STEPS}",
            "train.save_every_steps=4", "train.eval_every_steps=4", "train.eval_max_batches=1", *overrides]

@@ -339,7 +339,7 @@ def plot_probe(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(4.4 + 1.4 * len(ks), 1.6 + 0.28 * len(layers)), squeeze=False)
     n = result["n_experts"]
     panels = [(axes[0][0], np.clip(dnll, 1e-3, None), "dNLL (nats), only this layer masked", "viridis", True),
-              (axes[0][1], load, f"expert load max/mean\n(1 = balanced, N/k = one expert on every token)", "magma",
+              (axes[0][1], load, "expert load max/mean\n(1 = balanced, N/k = one expert on every token)", "magma",
                False)]
     for ax, data, title, cmap, log in panels:
         norm = LogNorm() if log else Normalize(vmin=1.0, vmax=max(n / min(ks), float(data.max())))

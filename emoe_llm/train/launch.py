@@ -54,7 +54,8 @@ def launcher_executable(name: str) -> str:
     return str(sibling) if sibling.exists() else (shutil.which(name) or name)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free right now on this host, for a --master_port (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -99,7 +100,7 @@ def build_command(argv: list[str]) -> list[str]:
     if not any(r == "--config" or r.startswith("--config=") for r in rest):
         raise SystemExit("emoe-llm train: error: --config RECIPE.yaml is required (see configs/)\n\n" + _LAUNCH_HELP)
     nproc = nproc or _default_nproc()
-    port = port or _free_port()
+    port = port or free_port()
     if launcher == "deepspeed":
         exe = launcher_executable("deepspeed")
         return [exe, "--num_gpus", str(nproc), "--master_port", str(port), "--module", "emoe_llm.train", *rest]
