@@ -170,28 +170,28 @@ def shape_from_config(config: dict, *, name: str = "config.json", emoe: dict | N
         raise PlanError(f"{name}: missing {e.args[0]!r} (expected a Llama-family config.json)") from None
     block = emoe or config.get("emoe")
     if block:
-        try:  # the method's own parser: "28,30", the paper's "28:2", "all" or a list
-            layers = block.get("layers")
-            shape.emoe_layers = len(parse_layer_spec(layers, shape.layers)) if layers else 0
-        except ValueError as e:
-            raise PlanError(f"{name}: emoe layers: {e}") from None
-        shape.n_experts = int(block.get("n_experts", 0))
+        apply_emoe_block(shape, block, name=name)
     return shape
+
+
+def apply_emoe_block(shape: ModelShape, block: dict, *, name: str) -> None:
+    """N and the number of EMoE layers from an ``emoe`` block (a converted config.json's or the recipe's section)."""
+    try:  # the method's own parser: "28,30", the paper's "28:2", "all" or a list
+        layers = block.get("layers")
+        shape.emoe_layers = len(parse_layer_spec(layers, shape.layers)) if layers else 0
+    except ValueError as e:
+        raise PlanError(f"{name}: emoe.layers: {e}") from None
+    shape.n_experts = int(block.get("n_experts", 0))
 
 
 def load_shape(model: str, *, emoe_override: dict | None = None) -> ModelShape:
     """A preset name, a config.json, or a checkpoint dir holding one."""
     if model in PRESETS:
         shape = ModelShape(name=model, **PRESETS[model])
-        n, layers = PRESET_EMOE.get(model, (64, 2))
         if isinstance(emoe_override, dict):  # the recipe's emoe: section, not the preset's paper default
-            n = emoe_override["n_experts"]
-            try:
-                layers = len(parse_layer_spec(emoe_override["layers"], shape.layers))
-            except ValueError as e:
-                raise PlanError(f"emoe.layers: {e}") from None
-        if emoe_override is not False:
-            shape.n_experts, shape.emoe_layers = n, layers
+            apply_emoe_block(shape, emoe_override, name="recipe")
+        elif emoe_override is not False:
+            shape.n_experts, shape.emoe_layers = PRESET_EMOE.get(model, (64, 2))
         return shape
     path = Path(model)
     if path.is_dir():
