@@ -1,5 +1,5 @@
 """The vectorised data paths (issue #14, data larger than RAM) against their per-row reference implementations:
-numpy packing == pack_rows, vectorised labels_from_spans == the per-token loop, batched text encoding == encode_text
+numpy packing == the per-row packing it replaced, vectorised labels_from_spans == the per-token loop, batched text encoding == encode_text
 plus chunking; and token columns stored as int32 while the collator still hands torch int64."""
 
 import json
@@ -13,7 +13,7 @@ from emoe_llm.data import IGNORE_INDEX, SFTCollator, build_sft_datasets, data_co
 from emoe_llm.data import load_tokenizer
 from emoe_llm.data.encode import DROPPED_TOO_LONG, KEPT, TRUNCATED, _labels_from_spans_loop, encode_text_batch
 from emoe_llm.data.encode import labels_from_spans
-from emoe_llm.data.packing import best_fit_bins, pack_arrays, pack_lengths, pack_rows
+from emoe_llm.data.packing import best_fit_bins, pack_arrays, pack_lengths
 from emoe_llm.tiny import DATA_DIR
 
 
@@ -50,6 +50,25 @@ def _pack_lengths_reference(lengths, capacity):
     return bins
 
 
+def _pack_rows_reference(docs_input_ids: list[list[int]], docs_labels: list[list[int]], *, seq_len: int,
+              pad_token_id: int) -> dict:
+    """One packed row as the pipeline built it before pack_arrays (lists all the way).
+
+    ``position_ids`` restart at 0 for every document; the padding is its own segment (positions 0..k-1, labels -100),
+    so attention built from the position ids keeps it away from real tokens.
+    """
+    input_ids, labels, position_ids = [], [], []
+    for ids, lab in zip(docs_input_ids, docs_labels):
+        input_ids += ids
+        labels += lab
+        position_ids += range(len(ids))
+    pad = seq_len - len(input_ids)
+    input_ids += [pad_token_id] * pad
+    labels += [IGNORE_INDEX] * pad
+    position_ids += range(pad)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
 def test_best_fit_bins_equal_the_list_packing_and_the_seeded_row_order():
     rng = random.Random(3)
     for n, cap in ((0, 8), (1, 8), (50, 16), (3000, 1024), (2000, 64)):
@@ -80,7 +99,7 @@ def test_pack_arrays_equals_pack_rows():
                       seq_len=seq, pad_token_id=7)
     assert all(v.shape == (len(bins), seq) and v.dtype == np.int32 for v in out.values())
     for r, b in enumerate(bins):
-        ref = pack_rows([docs[i] for i in b], [labels[i] for i in b], seq_len=seq, pad_token_id=7)
+        ref = _pack_rows_reference([docs[i] for i in b], [labels[i] for i in b], seq_len=seq, pad_token_id=7)
         for k in ("input_ids", "labels", "position_ids"):
             assert out[k][r].tolist() == ref[k], (r, k)
     with pytest.raises(ValueError, match="more than seq_len"):

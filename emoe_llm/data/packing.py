@@ -58,33 +58,16 @@ def best_fit_bins(lengths, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     return bin_of, order
 
 
-def pack_rows(docs_input_ids: list[list[int]], docs_labels: list[list[int]], *, seq_len: int,
-              pad_token_id: int) -> dict:
-    """Concatenate the documents of one packed row and pad it to exactly ``seq_len``.
-
-    ``position_ids`` restart at 0 for every document; the padding is its own segment (positions 0..k-1, labels -100),
-    so attention built from the position ids keeps it away from real tokens.
-    """
-    input_ids, labels, position_ids = [], [], []
-    for ids, lab in zip(docs_input_ids, docs_labels):
-        input_ids += ids
-        labels += lab
-        position_ids += range(len(ids))
-    pad = seq_len - len(input_ids)
-    input_ids += [pad_token_id] * pad
-    labels += [IGNORE_INDEX] * pad
-    position_ids += range(pad)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-
-
 def pack_arrays(input_ids: np.ndarray, labels: np.ndarray, doc_lengths: np.ndarray, docs_per_row: np.ndarray, *,
                 seq_len: int, pad_token_id: int) -> dict:
-    """Many packed rows at once: ``pack_rows`` for each row, with numpy instead of per-token Python.
+    """Many packed rows at once, with numpy instead of per-token Python: each row is its documents back to back, padded
+    to exactly ``seq_len``.
 
     ``input_ids``/``labels`` hold the documents back to back, row after row (the documents of row 0, then those of
     row 1, ...); ``doc_lengths`` are their lengths and ``docs_per_row`` how many documents each row takes. Returns
-    ``input_ids``, ``labels`` and ``position_ids`` as int32 arrays of shape ``(rows, seq_len)``, row for row equal
-    to ``pack_rows`` of that row's documents.
+    ``input_ids``, ``labels`` and ``position_ids`` as int32 arrays of shape ``(rows, seq_len)``. ``position_ids``
+    restart at 0 for every document; the padding is its own segment (positions 0..k-1, labels -100), so attention
+    built from the position ids keeps it away from real tokens.
     """
     doc_lengths = np.asarray(doc_lengths, dtype=np.int64)
     docs_per_row = np.asarray(docs_per_row, dtype=np.int64)
