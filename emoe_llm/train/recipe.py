@@ -50,6 +50,7 @@ from deepspeed.accelerator import get_accelerator
 from transformers import AutoModelForCausalLM, get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
 
+from ..arch import layout_of
 from ..convert.prepare import prepare_emoe_checkpoint
 from ..data import SFTCollator, build_sft_datasets, load_tokenizer
 from ..emoe import TRAINED_KEY, enable_emoe, pop_expert_load, trained_record
@@ -200,12 +201,15 @@ def qlora_quantization_config(dtype: torch.dtype):
 
 
 def add_lora(model, cfg: RecipeConfig):
-    """peft LoRA on ``lora.target_modules``. EMoEMLP keeps gate_proj/up_proj/down_proj as submodules, so LoRA on
-    them wraps the same Linears and the router (mean of gate_proj outputs) sees the adapted gate."""
+    """peft LoRA on ``lora.target_modules``, named as on Llama and mapped onto the family's modules by the
+    architecture table (Phi-3: q/k/v -> qkv_proj, gate/up -> gate_up_proj). EMoEMLP keeps the MLP's projections as
+    submodules, so LoRA on them wraps the same Linears and the router (mean of the gate rows' outputs) sees the
+    adapted gate."""
     from peft import LoraConfig, get_peft_model
 
+    targets = layout_of(model).lora_targets(cfg.lora.target_modules)
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
     if cfg.model.gradient_checkpointing:
         model.enable_input_require_grads()
