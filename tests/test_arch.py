@@ -185,7 +185,7 @@ def test_zero3_emoe_finetune_exports_a_plain_checkpoint_that_matches(tmp_path, m
     assert cli_main(["convert", str(src), str(dst), "--experts", "8", "--top-k", "2", "--layers", "2,3",
                      "--quiet"]) == 0
     out = tmp_path / "run"
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "-m", "emoe_llm.train.probe",
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "emoe_llm.train.probe",
            "--ds_config", "ds_configs/z3.json", "--config", "configs/tiny_cpu.yaml", f"model.path={dst}",
            f"model.tokenizer={tok}", "emoe.n_experts=8", "emoe.top_k=2", "emoe.layers=2,3", f"output_dir={out}",
            f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=2", "train.save_every_steps=0",
