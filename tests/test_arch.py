@@ -160,7 +160,8 @@ def test_planner_shapes_match_the_real_models(model_type):
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     assert shape.n_params() - shape.layers * 2 * shape.hidden - shape.hidden == real - norms
     targets = ["q_proj", "v_proj", "gate_proj", "down_proj"]
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=arch.mlp_layout(model_type).lora_targets(targets)))
+    modules = arch.mlp_layout(model_type).lora_targets(targets)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=modules))
     adapters = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
     assert lora_params(shape, 4, targets) == adapters
 

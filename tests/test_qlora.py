@@ -81,9 +81,9 @@ def test_qlora_two_ranks_trains_and_exports_a_plain_merged_checkpoint(tmp_path, 
 
     # k_proj has no adapter: its exported weight is bitsandbytes' own NF4 round trip of the source weight, exactly
     source = out / "converted"
-    quantized = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32))
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, quantization_config=nf4)
     import bitsandbytes.functional as bnb_functional
 
     w4 = quantized.model.layers[0].self_attn.k_proj.weight

@@ -49,5 +49,6 @@ def _missing_mlp_message(source: SourceCheckpoint, layer: int, name: str) -> str
     model_type = source.config.get("model_type")
     return (
         f"{source.root}: tensor '{name}' not found. EMoE needs a Llama-style SwiGLU MLP (gated, stored as "
-        f"model_type '{model_type}' does under model.layers.N.mlp); layer {layer} has: {found[:8] or 'no tensors at all'}"
+        f"model_type '{model_type}' does under model.layers.N.mlp); layer {layer} has: "
+        f"{found[:8] or 'no tensors at all'}"
     )

@@ -8,7 +8,8 @@ Checks, cheapest first (every failure is collected, not just the first):
      tensor in a shard that exists, every shard parses); same tensor names and shapes as SRC; dtypes as converted;
   2. copied tensors are byte-identical to SRC (after the recorded ``--dtype`` cast), streamed in chunks;
   3. every permuted layer's MLP computes the same function: on random inputs the gated-MLP output of DST's tensors
-     (the family's layout and activation, ``emoe_llm.arch``) equals SRC's (float64, one tensor in memory at a time), and DST's neurons are a permutation of SRC's;
+     (the family's layout and activation, ``emoe_llm.arch``) equals SRC's (float64, one tensor in memory at a
+     time), and DST's neurons are a permutation of SRC's;
   4. small models (``max_logits_bytes``): the dense logits of the whole model are equal on random tokens.
 """
 

@@ -189,7 +189,8 @@ def load_emoe_model(path, *, mode: str = "emoe", top_k: int | None = None, layer
     from transformers import AutoModelForCausalLM
 
     if from_pretrained_kwargs.get("trust_remote_code"):
-        raise ValueError("load_emoe_model does not use trust_remote_code; EMoE checkpoints are plain transformers models")
+        raise ValueError("load_emoe_model does not use trust_remote_code; EMoE checkpoints are plain transformers "
+                         "models")
     model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
     if mode == "emoe":
         enable_emoe(model, top_k=top_k, layers=layers)

@@ -1,8 +1,9 @@
 """Function-preserving neuron permutation: make every expert a contiguous block of the MLP.
 
 Neuron j of a gated MLP owns row j of the gate and up projections (and their biases, if any) and column j of the
-down projection; in a fused gate/up tensor it owns rows j and d_ff + j (``emoe_llm.arch``). Reordering the neurons consistently in all three leaves the MLP's output unchanged, because the intermediate
-activation is elementwise and down_proj sums over the neurons.
+down projection; in a fused gate/up tensor it owns rows j and d_ff + j (``emoe_llm.arch``). Reordering the neurons
+consistently in all of them leaves the MLP's output unchanged, because the intermediate activation is elementwise and
+the down projection sums over the neurons.
 """
 
 from __future__ import annotations
