@@ -9,7 +9,7 @@ the figures are the model's, not ZeRO-3's partitioning (which divides both varia
     python benchmarks/qlora_memory.py                              # "small": 8 layers, hidden 512, vocab 32000
     python benchmarks/qlora_memory.py --layers 4 --hidden 64 --ffn 256 --heads 4 --kv-heads 2 --vocab 128 --seq 16
 
-The last line is ``qlora/lora step time: R, peak RSS: Q / L MiB``.
+The last line is ``qlora/lora step time: R (peak RSS Q / L MiB)``.
 """
 
 from __future__ import annotations
@@ -126,8 +126,8 @@ def main(argv=None) -> int:
     write_json(args.json, {"benchmark": "qlora_memory", "shape": shape, "seq": args.seq,
                            "micro_batch": args.micro_batch, "lora_rank": args.rank, "results": results,
                            "qlora_lora_step_ratio": ratio})
-    print(f"qlora/lora step time: {ratio:.2f}, peak RSS: {q['peak_rss_bytes'] / MiB:.0f} / "
-          f"{lo['peak_rss_bytes'] / MiB:.0f} MiB")
+    print(f"qlora/lora step time: {ratio:.2f} (peak RSS {q['peak_rss_bytes'] / MiB:.0f} / "
+          f"{lo['peak_rss_bytes'] / MiB:.0f} MiB)")
     return 0
 
 
