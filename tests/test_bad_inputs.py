@@ -1114,12 +1114,7 @@ def _(w):
 
 def _ranks(w: World, *overrides: str, faults: tuple[str, ...] = ()) -> Run:
     out = w.tmp / "run"
-    dense = w.shared.get("dense_single")
-    if dense is None:
-        from emoe_llm.tiny import save_tiny_checkpoint
-
-        dense = w.shared["dense_single"] = save_tiny_checkpoint(w.tmp.parent / "dense_single",
-                                                                 tokenizer_dir=TOKENIZER)
+    dense = _dense_single(w)
     return Run([*faults, "--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"output_dir={out}",
                 f"model.path={dense}", "model.mode=dense", "logging.progress_bar=false", "train.max_steps=2",
                 "train.save_every_steps=0", "train.eval_every_steps=0", "train.export=false",
@@ -1140,6 +1135,123 @@ def _(w):
       "no output_dir left (#12.6-8)", r"^\[emoe-llm\] error: .*template:? 'nonexistent'", slow=True)
 def _(w):
     return _ranks(w, "data.template=nonexistent")
+
+
+# ---------------------------------------------------------------------------------------------------- train (resume)
+
+
+def _dense_single(w: World) -> Path:
+    """The tiny dense checkpoint in one file, built once per module."""
+    dense = w.shared.get("dense_single")
+    if dense is None:
+        from emoe_llm.tiny import save_tiny_checkpoint
+
+        dense = w.shared["dense_single"] = save_tiny_checkpoint(w.tmp.parent / "dense_single",
+                                                                 tokenizer_dir=TOKENIZER)
+    return dense
+
+
+def _finished_run(w: World) -> Path:
+    """A copy of a finished 2-rank run of the tiny recipe (the dense model converted with its emoe: section: N=16,
+    layers 2,3; 2 steps, global batch 8), trained once per module on real ranks; each case breaks its own copy."""
+    done = w.shared.get("finished_run")
+    if done is None:
+        done = w.tmp.parent / "finished_run"
+        run = Run(["--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"output_dir={done}",
+                   f"model.path={_dense_single(w)}", "logging.progress_bar=false", "logging.tensorboard=false",
+                   "train.max_steps=2", "train.save_every_steps=0", "train.eval_every_steps=0", "train.export=false",
+                   f"data.cache_dir={w.tmp.parent / 'finished_cache'}"], surface="deepspeed")
+        code, output = invoke(run, None, run.argv)
+        assert code == 0 and (done / "COMPLETED").is_file(), output
+        w.shared["finished_run"] = done
+    return Path(shutil.copytree(done, w.tmp / "run"))
+
+
+def _resume(w: World, *overrides: str, world: int = 2, breaks: Callable[[Path], None] | None = None) -> Run:
+    """Resume (train.max_steps=4: extend) a copy of the finished run; the run dir must come out byte-identical."""
+    out = _finished_run(w)
+    if breaks is not None:
+        breaks(out)
+    return Run(["--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"output_dir={out}",
+                f"model.path={_dense_single(w)}", f"data.cache_dir={w.tmp.parent / 'finished_cache'}",
+                "train.max_steps=4", *overrides],
+               surface="train", sources=[out], env={"RANK": "0", "WORLD_SIZE": str(world)})
+
+
+CKPT = r"resume: .*run/checkpoints/step_00000002"
+
+
+@case("train", "resume-other-conversion", "a run saved with N=16 resumed with an N=8 conversion as model.path",
+      CKPT + r" was trained with another recipe \(emoe\.n_experts: checkpoint 16, this run 8; "
+      r"emoe\.permute_layers: checkpoint 2,3, this run 1,3\)", slow=True)
+def _(w):
+    return _resume(w, *_converted(w))
+
+
+@case("train", "resume-permute-all", "a resume with emoe.permute_layers=all (another conversion)",
+      r"emoe\.permute_layers: checkpoint 2,3, this run 0,1,2,3", slow=True)
+def _(w):
+    return _resume(w, "emoe.permute_layers=all")
+
+
+@case("train", "resume-wider-model", "a resume into a wider model (hidden 128)",
+      r"config\.json hidden_size: checkpoint 64, this run 128", slow=True)
+def _(w):
+    from emoe_llm.tiny import save_tiny_checkpoint
+
+    run = _resume(w)
+    wide = save_tiny_checkpoint(w.tmp / "wide", tokenizer_dir=TOKENIZER, hidden_size=128)
+    run.argv.append(f"model.path={wide}")
+    return run
+
+
+@case("train", "resume-mode", "a resume of an EMoE run with model.mode=dense",
+      r"model\.mode: checkpoint emoe, this run dense", slow=True)
+def _(w):
+    return _resume(w, "model.mode=dense")
+
+
+@case("train", "resume-lora", "a resume of a full fine-tune with LoRA on", r"lora\.enabled: checkpoint false, this run true",
+      slow=True)
+def _(w):
+    return _resume(w, "lora.enabled=true")
+
+
+@case("train", "resume-global-batch", "a resume at --nproc 1 with train.global_batch_size=4 into a run saved with 8: "
+      "said before the universal-checkpoint conversion",
+      CKPT + r": train\.global_batch_size: checkpoint 8, this run 4 \(at world size 1\)", slow=True)
+def _(w):
+    return _resume(w, "train.global_batch_size=4", world=1)
+
+
+@case("train", "resume-world-size", "a resume at 3 ranks of a recipe that leaves the global batch free: the saved 8 "
+      "does not divide",
+      CKPT + r" at world size 3: train\.global_batch_size \(8\) is not divisible by train\.micro_batch_size \(2\) x "
+      r"world size \(3\)", slow=True)
+def _(w):
+    return _resume(w, "train.global_batch_size=0", world=3)
+
+
+@case("train", "resume-missing-rank-file", "a checkpoint without rank 1's optimizer file: refused, COMPLETED kept",
+      CKPT + r" is incomplete: zero_pp_rank_1_mp_rank_00_optim_states\.pt \(rank 1\) missing", slow=True)
+def _(w):
+    def drop(out: Path):
+        (out / "checkpoints" / "step_00000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    return _resume(w, breaks=drop)
+
+
+@case("train", "resume-corrupt-rank-file", "rank 1's optimizer file truncated: DeepSpeed fails loading it on the real "
+      "ranks; the finished run's COMPLETED and every file are kept",
+      r"^\[emoe-llm\] error \(rank 1\): RuntimeError: PytorchStreamReader failed reading zip archive", code=1,
+      slow=True, traceback=True)
+def _(w):
+    def truncate(out: Path):
+        f = out / "checkpoints" / "step_00000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        f.write_bytes(f.read_bytes()[:100])
+    run = _resume(w, "logging.progress_bar=false", "logging.tensorboard=false", "train.save_every_steps=0",
+                  "train.eval_every_steps=0", "train.export=false", breaks=truncate)
+    run.surface, run.env = "deepspeed", {}
+    return run
 
 
 # ---------------------------------------------------------------------------------------------------- Slurm scripts
