@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -1109,6 +1110,86 @@ def _(w):
     return run
 
 
+# ---------------------------------------------------------------------------------------------------- values
+
+
+# Recipe values: every float finite and in range, no empty path; one line, before anything is created.
+VALUE_CASES = [
+    ("lr-nan", "train.lr=nan", "passes a `<= 0` check", r"train\.lr: expected a finite number, got 'nan'"),
+    ("lr-inf", "train.lr=inf", "", r"train\.lr: expected a finite number, got 'inf'"),
+    ("lr-1e400", "train.lr=1e400", "reads as inf", r"train\.lr: expected a finite number, got '1e400'"),
+    ("max-grad-norm-nan", "train.max_grad_norm=nan", "", r"train\.max_grad_norm: expected a finite number, got 'nan'"),
+    ("epochs-inf", "train.epochs=inf", "", r"train\.epochs: expected an integer, got 'inf'"),
+    ("betas-nan", "train.betas=[0.9,nan]", "", r"train\.betas\[1\] must be a finite number, got 'nan'"),
+    ("dropout-range", "lora.dropout=1", "", r"lora\.dropout must be in \[0, 1\), got 1"),
+    ("data-path-empty", "data.sources.0.path=", "Path('') is the cwd, which exists",
+     r"data\.sources\[0\]\.path: expected a file or directory, got an empty path"),
+]
+for _name, _override, _why, _message in VALUE_CASES:
+    case("train", _name, f"`{_override}`" + (f" ({_why})" if _why else ""), _message)(
+        lambda w, override=_override: _train(w, override))
+
+# Numeric flags: argparse's one line, exit 2, before anything is read or created.
+FLAG_CASES = [
+    ("plan", "gpu-mem-negative", ["plan", "--model", "llama-7b", "--gpu-mem-gb", "-80"],
+     r"argument --gpu-mem-gb: must be > 0, got -80"),
+    ("plan", "gpu-mem-nan", ["plan", "--model", "llama-7b", "--gpu-mem-gb", "nan"],
+     r"argument --gpu-mem-gb: must be a finite number, got nan"),
+    ("plan", "mfu-above-1", ["plan", "--model", "llama-7b", "--mfu", "5"], r"argument --mfu: must be in \(0, 1\], got 5"),
+    ("plan", "mfu-zero", ["plan", "--model", "llama-7b", "--mfu", "0"], r"argument --mfu: must be in \(0, 1\], got 0"),
+    ("plan", "margin-above-1", ["plan", "--model", "llama-7b", "--margin", "1.5"],
+     r"argument --margin: must be in \[0, 1\), got 1\.5"),
+    ("plan", "peak-tflops-negative", ["plan", "--model", "llama-7b", "--peak-tflops", "-1"],
+     r"argument --peak-tflops: must be > 0, got -1"),
+    ("plan", "table-bad", ["plan", "--model", "llama-7b", "--table", "0,-1,abc"],
+     r"argument --table: expected positive node counts like 1,2,4,8, got '0,-1,abc'"),
+    ("plan", "nodes-zero", ["plan", "--model", "llama-7b", "--nodes", "0"], r"argument --nodes: must be >= 1, got 0"),
+    ("plan", "gpu-cpu-no-mem", ["plan", "--model", "llama-7b", "--gpu", "cpu"],
+     r"--gpu cpu: give the memory one rank may use with --gpu-mem-gb"),
+    ("plan", "overrides-no-config", ["plan", "--model", "llama-7b", "train.micro_batch_size=4"],
+     r"recipe overrides \['train\.micro_batch_size=4'\] need the recipe they override: add --config"),
+    ("plan", "n-experts-not-dividing", ["plan", "--config", str(REPO / "configs" / "llama2_7b_emoe.yaml"), "--model",
+                                        "llama-7b", "emoe.n_experts=7", "emoe.top_k=2"],
+     r"emoe \(against llama-7b\): n_experts=7 does not divide intermediate_size=11008"),
+    ("verify", "atol-nan", ["verify", "a", "b", "--atol", "nan"], r"argument --atol: must be a finite number, got nan"),
+    ("verify", "tokens-zero", ["verify", "a", "b", "--tokens", "0"], r"argument --tokens: must be >= 1, got 0"),
+    ("data", "source-empty", ["data", "--source", "", "--validate-only"],
+     r"argument --source: expected a path, got an empty string"),
+    ("data", "max-seq-len-1", ["data", "--source", "x.jsonl", "--max-seq-len", "1"],
+     r"argument --max-seq-len: must be >= 2, got 1"),
+    ("demo", "nproc-zero", ["demo", "--nproc", "0"], r"argument --nproc: must be >= 1, got 0"),
+]
+for _surface, _name, _argv, _message in FLAG_CASES:
+    _shown = " ".join(shlex.quote(a.replace(str(REPO) + "/", "")) for a in _argv)
+    case(_surface, _name, f"`emoe-llm {_shown}`", _message)(lambda w, argv=_argv: Run(list(argv)))
+
+
+@case("plan", "config-layers-zero", "--model a config.json with num_hidden_layers 0",
+      r"num_hidden_layers must be a positive integer, got 0")
+def _(w):
+    config = json.loads((w.shared["dense"] / "config.json").read_text())
+    return Run(["plan", "--model", str(w.file("config.json", json.dumps({**config, "num_hidden_layers": 0})))])
+
+
+@case("plan", "config-hidden-negative", "--model a config.json with hidden_size -64",
+      r"hidden_size must be a positive integer, got -64")
+def _(w):
+    config = json.loads((w.shared["dense"] / "config.json").read_text())
+    return Run(["plan", "--model", str(w.file("config.json", json.dumps({**config, "hidden_size": -64})))])
+
+
+@case("convert", "n-init-zero", "--n-init 0: refused before DST's partial dir exists",
+      r"argument --n-init: must be >= 1, got 0")
+def _(w):
+    return _convert(w, w.src(), "--n-init", "0")
+
+
+@case("convert", "max-iter-zero", "--max-iter 0: refused before DST's partial dir exists",
+      r"argument --max-iter: must be >= 1, got 0")
+def _(w):
+    return _convert(w, w.src(), "--max-iter", "0")
+
+
 # ---------------------------------------------------------------------------------------------------- train (ranks)
 
 
@@ -1351,6 +1432,9 @@ def markdown() -> str:
         "the case has a fix, that the same command succeeds once the input is fixed.",
         "",
         "Exit codes: 0 ok, 1 `verify` found DST wrong / an unexpected crash in training, 2 bad input.",
+        "",
+        "Numbers, in recipes and on every command line, go through `emoe_llm/checks.py`: finite first (NaN passes any",
+        "`<= 0` check, and `1e400` reads as inf), then the range the value needs.",
         "",
         "| case | bad input | exit | message (regex) |",
         "|---|---|---|---|",
