@@ -1158,6 +1158,13 @@ FLAG_CASES = [
     ("data", "max-seq-len-1", ["data", "--source", "x.jsonl", "--max-seq-len", "1"],
      r"argument --max-seq-len: must be >= 2, got 1"),
     ("demo", "nproc-zero", ["demo", "--nproc", "0"], r"argument --nproc: must be >= 1, got 0"),
+    ("probe", "tokens-zero", ["probe", "CKPT", "--out", "OUT", "--tokens", "0"], r"argument --tokens: must be >= 1, got 0"),
+    ("probe", "max-seq-len-zero", ["probe", "CKPT", "--out", "OUT", "--max-seq-len", "0"],
+     r"argument --max-seq-len: must be >= 2, got 0"),
+    ("probe", "budget-nan", ["probe", "CKPT", "--out", "OUT", "--budget", "nan"],
+     r"argument --budget: must be a finite number, got nan"),
+    ("probe", "max-layers-zero", ["probe", "CKPT", "--out", "OUT", "--max-layers", "0"],
+     r"argument --max-layers: must be >= 1, got 0"),
 ]
 for _surface, _name, _argv, _message in FLAG_CASES:
     _shown = " ".join(shlex.quote(a.replace(str(REPO) + "/", "")) for a in _argv)
@@ -1188,6 +1195,199 @@ def _(w):
       r"argument --max-iter: must be >= 1, got 0")
 def _(w):
     return _convert(w, w.src(), "--max-iter", "0")
+
+
+# ---------------------------------------------------------------------------------------------------- plot, probe
+
+
+def _metrics(*records) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+
+
+STEP = {"step": 1, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 100.0, "expert_load": {"layer_2": [0.5, 0.5, 0.5, 0.5]}}
+
+
+def _plot(w: World, metrics: str | bytes, *extra: str) -> Run:
+    run_dir = w.tmp / "run"
+    w.file("run/metrics.jsonl", metrics)
+    return Run(["plot", str(run_dir), *extra], sources=[run_dir / "metrics.jsonl"], outputs=[run_dir / "plots"])
+
+
+@case("plot", "empty-metrics", "an empty metrics.jsonl: said before plots/ is created", r"metrics\.jsonl: no step records")
+def _(w):
+    return _plot(w, "")
+
+
+@case("plot", "bad-middle-line", "a metrics.jsonl line in the middle that is not JSON",
+      r"metrics\.jsonl: line 2: not valid JSON")
+def _(w):
+    return _plot(w, _metrics(STEP, "not json", {**STEP, "step": 2}))
+
+
+@case("plot", "line-is-list", "a metrics.jsonl line that is a JSON list",
+      r"metrics\.jsonl: line 1: expected a JSON object, got list")
+def _(w):
+    return _plot(w, _metrics([1, 2, 3], {**STEP, "step": 2}))
+
+
+@case("plot", "step-not-int", 'a record with "step": "two"', r"line 1: 'step' must be an integer, got 'two'")
+def _(w):
+    return _plot(w, _metrics({**STEP, "step": "two"}))
+
+
+@case("plot", "final-eval-no-loss", "a final_eval record without eval_loss",
+      r"line 2: a final_eval record needs 'step' and a numeric 'eval_loss'")
+def _(w):
+    return _plot(w, _metrics(STEP, {"event": "final_eval", "step": 1}))
+
+
+@case("plot", "latin1", "a metrics.jsonl line with a Latin-1 byte", r"metrics\.jsonl: line 2: not UTF-8 text \(byte 0xe9")
+def _(w):
+    return _plot(w, _metrics(STEP).encode() + b'{"step": 2, "loss": 1.0, "note": "caf\xe9"}\n')
+
+
+@case("plot", "all-loss-nan", "every train loss NaN: the PNGs are written, with a note and a panel that says so",
+      r"note: no finite train loss in .*metrics\.jsonl", code=0)
+def _(w):
+    run = _plot(w, _metrics({**STEP, "loss": float("nan")}, {**STEP, "step": 2, "loss": float("nan")}))
+    run.outputs = []
+    return run
+
+
+@case("plot", "run-dir-missing", "RUN_DIR does not exist: nothing is created", r"RUN_DIR .*nothing does not exist")
+def _(w):
+    return Run(["plot", str(w.tmp / "nothing")], outputs=[w.tmp / "nothing"])
+
+
+@case("plot", "run-dir-file", "RUN_DIR is a file", r"RUN_DIR .*run\.txt is not a directory")
+def _(w):
+    return Run(["plot", str(w.file("run.txt", "x"))])
+
+
+@case("plot", "out-file", "--out is a file", r"--out .*taken: .*taken is a file, not a directory")
+def _(w):
+    run = _plot(w, _metrics(STEP), "--out", str(w.file("taken", "x")))
+    run.sources.append(w.tmp / "taken")
+    return run
+
+
+@case("plot", "out-read-only", "--out on a read-only filesystem: said before anything is drawn",
+      r"--out .*plots: .*mnt is not writable")
+def _(w):
+    mnt = _mount_tmpfs(w, "1m")
+    if mnt is not None:
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    else:  # no mount allowed here: the read-only flag statvfs would report
+        mnt = w.tmp / "mnt"
+        import emoe_llm.fileio as fileio
+
+        w.monkeypatch.setattr(fileio, "_read_only_mount", lambda p: str(p).startswith(str(mnt)))
+    run = _plot(w, _metrics(STEP), "--out", str(mnt / "plots"))
+    run.outputs = [mnt / "plots"]
+    run.cleanup = lambda: _umount(mnt)
+    return run
+
+
+@case("plot", "disk-full", "--out fills up after the first PNG: neither PNG is left, nor the --out it created",
+      r"cannot write the plots: No space left on device")
+def _(w):
+    from emoe_llm.eval.plot_run import plot_run
+
+    metrics = _metrics(STEP, {**STEP, "step": 2})
+    sizes = [p.stat().st_size for p in plot_run(w.file("measure/metrics.jsonl", metrics).parent)]
+    pages = -(-sizes[0] // 4096) + -(-sizes[1] // 8192)  # room for the first PNG and half the second
+    mnt = _mount_tmpfs(w, f"{4 * pages}k")
+    if mnt is None:  # no mount allowed here: the second savefig fails as a full disk would
+        mnt = w.tmp / "mnt"
+        from matplotlib.figure import Figure
+
+        real, calls = Figure.savefig, []
+
+        def savefig(self, fname, *a, **k):
+            calls.append(fname)
+            if len(calls) == 2:
+                Path(fname).write_bytes(b"\x89PNG half")
+                raise OSError(errno.ENOSPC, "No space left on device", str(fname))
+            return real(self, fname, *a, **k)
+        w.monkeypatch.setattr(Figure, "savefig", savefig)
+    run = _plot(w, metrics, "--out", str(mnt / "plots"))
+    run.outputs = [mnt / "plots"]
+    run.cleanup = lambda: _umount(mnt)
+    return run
+
+
+def _probe(w: World, ckpt: Path, *extra: str) -> Run:
+    out = w.tmp / "probe"
+    return Run(["probe", str(ckpt), "--experts", "16", "--out", str(out), "--tokens", "20", "--layers", "3",
+                "--device", "cpu", *extra], sources=[ckpt], outputs=[out])
+
+
+def _without_tokenizer(w: World) -> Path:
+    ckpt = w.src("no-tokenizer")
+    for f in ckpt.iterdir():
+        if f.name.startswith("tokenizer") or f.suffix == ".model":
+            f.unlink()
+    return ckpt
+
+
+@case("probe", "device-missing", "--device names a CUDA device this machine lacks: said before loading",
+      r"--device cuda:99: (CUDA is not available on this machine|this machine has \d+ CUDA device)")
+def _(w):
+    return _probe(w, w.shared["dense"], "--device", "cuda:99")
+
+
+@case("probe", "out-file", "--out is a file: said before computing", r"--out .*taken: .*taken is a file, not a directory")
+def _(w):
+    run = _probe(w, w.shared["dense"])
+    run.argv[run.argv.index("--out") + 1] = str(w.file("taken", "x"))
+    run.outputs = []
+    return run
+
+
+@case("probe", "no-tokenizer", "a checkpoint without tokenizer files: says which files are missing, and where",
+      r"no tokenizer files in .*no-tokenizer \(expected one of tokenizer\.json, tokenizer\.model, "
+      r"tokenizer_config\.json\)")
+def _(w):
+    return _probe(w, _without_tokenizer(w))
+
+
+@case("probe", "ks-not-integers", "--ks 2,x", r"--ks '2,x': expected comma-separated integers")
+def _(w):
+    return _probe(w, w.shared["dense"], "--ks", "2,x")
+
+
+@case("eval", "batch-size-zero", "--batch-size 0", r"--batch-size must be >= 1, got 0")
+def _(w):
+    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--batch-size", "0")
+
+
+@case("eval", "no-tokenizer", "a checkpoint without tokenizer files: named before any weights load",
+      r"no tokenizer files in .*no-tokenizer \(expected one of tokenizer\.json")
+def _(w):
+    return _eval(w, _without_tokenizer(w), w.shared["mmlu"])
+
+
+@case("data", "dir-of-jsonl", "a directory of .jsonl files is a valid source: read them all, in sorted order",
+      r"format=alpaca usable=3 read=3", code=0)
+def _(w):
+    w.file("dir/b.jsonl", ALPACA * 2)
+    w.file("dir/a.jsonl", ALPACA)
+    return _data(w.tmp / "dir")
+
+
+@case("data", "dir-without-data", "a directory with neither data files nor a save_to_disk dataset",
+      r"dir: a directory without data files \(\.json, \.jsonl")
+def _(w):
+    w.file("dir/notes.md", "x")
+    return _data(w.tmp / "dir")
+
+
+@case("data", "ends-with-user", "messages ending with a user turn: the message names the turn's role",
+      r"line 1: conversation does not end with an assistant turn \(the last turn, messages\[2\], has role 'user'\)")
+def _(w):
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+             {"role": "user", "content": "more"}]
+    return _data(w.file("chat.jsonl", json.dumps({"messages": turns}) + "\n"))
 
 
 # ---------------------------------------------------------------------------------------------------- train (ranks)
@@ -1420,6 +1620,17 @@ def test_table_size_and_ids():
     assert len(ids) == len(set(ids))
     assert len(CASES) >= 60
     assert {c.surface for c in CASES} >= {"convert", "verify", "data", "train", "eval", "slurm"}
+
+
+def test_save_tiny_checkpoint_copies_only_tokenizer_files(tmp_path):
+    """A tokenizer_dir that also holds a model (another checkpoint) must not overwrite the tiny model's files."""
+    from emoe_llm.tiny import save_tiny_checkpoint
+
+    other = save_tiny_checkpoint(tmp_path / "other", tokenizer_dir=TOKENIZER, hidden_size=128)
+    tiny = save_tiny_checkpoint(tmp_path / "tiny", tokenizer_dir=other)
+    assert json.loads((tiny / "config.json").read_text())["hidden_size"] == 64
+    assert (tiny / "model.safetensors").read_bytes() != (other / "model.safetensors").read_bytes()
+    assert (tiny / "tokenizer.json").read_bytes() == (TOKENIZER / "tokenizer.json").read_bytes()
 
 
 def markdown() -> str:

@@ -30,6 +30,7 @@ import yaml
 from ..checks import range_error
 from ..emoe.settings import CLUSTER_METHODS
 from ..data.config import BUILTIN_TEMPLATES, DataConfig, data_config_from_dict
+from ..data.tokenizer import TOKENIZER_FILES
 
 
 class ConfigError(ValueError):
@@ -443,9 +444,6 @@ def validate_config(cfg: RecipeConfig, *, source: str = "config") -> None:
         errors.append("resume must be 'auto', 'none' or a checkpoint path")
     if errors:
         raise ConfigError(f"{source}: " + "; ".join(errors))
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def check_runnable(cfg: RecipeConfig) -> None:
