@@ -17,7 +17,8 @@ class DataSource:
     """One input file or `load_from_disk` directory; `weight` only matters when mixing several."""
 
     path: str
-    """File (.json/.jsonl/.parquet/.txt) or a `datasets.save_to_disk` dir; relative paths resolve against the cwd."""
+    """File (.json/.jsonl/.parquet/.txt), a `datasets.save_to_disk` dir, or a dir of data files (read in sorted
+    order); relative paths resolve against the cwd."""
     format: str = "auto"
     """auto | alpaca | sharegpt | messages | text (auto: from the file suffix and the first row's keys)."""
     weight: float | None = None
