@@ -5,7 +5,6 @@ checked against the model that was trained (``emoe-llm demo`` and the tests do).
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
@@ -40,8 +39,7 @@ def main(argv=None) -> int:
     cfg, ds_config = recipe.load_recipe(args)
     if recipe.nothing_to_do(cfg):
         return 0
-    resume_from = recipe.elastic_resume(cfg, ds_config, world=int(os.environ.get("WORLD_SIZE", "1")))
-    run, state = recipe.setup(cfg, ds_config, resume_from=resume_from, local_rank=args.local_rank)
+    run, state = recipe.setup(cfg, ds_config, local_rank=args.local_rank)
     outcome = recipe.fit(run, state)
     if outcome == "done":
         probe = export_probe(run)

@@ -616,11 +616,10 @@ def check_data_position(ckpt: Path | None, steps_per_epoch: int) -> None:
                           f"or start a new output_dir)")
 
 
-def setup(cfg: RecipeConfig, ds_config: dict, *, resume_from: tuple[Path | None, bool] = (None, False),
-          local_rank: int | None = None) -> tuple[Run, TrainState]:
-    """Collective: every rank calls it with the same recipe, and the checkpoint ``elastic_resume`` accepted (before
-    the process group). Returns the run and its state (fresh or resumed)."""
-    ckpt, elastic = resume_from
+def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) -> tuple[Run, TrainState]:
+    """Collective: every rank calls it with the same recipe. Returns the run and its state (fresh or resumed)."""
+    # the resume is checked first, before any process group: a refusal costs nothing and changes nothing
+    ckpt, elastic = elastic_resume(cfg, ds_config, world=int(os.environ.get("WORLD_SIZE", "1")))
     rank, world, device = init_distributed(cfg, local_rank)
     output_dir = prepare_output_dir(cfg, rank=rank)
     stop = StopRequest(output_dir / "STOP")
@@ -896,8 +895,7 @@ def main(argv=None) -> int:
     cfg, ds_config = load_recipe(args)
     if nothing_to_do(cfg):
         return 0
-    resume_from = elastic_resume(cfg, ds_config, world=int(os.environ.get("WORLD_SIZE", "1")))
-    run, state = setup(cfg, ds_config, resume_from=resume_from, local_rank=args.local_rank)
+    run, state = setup(cfg, ds_config, local_rank=args.local_rank)
     outcome = fit(run, state)
     if outcome == "done":
         finish(run, state)
