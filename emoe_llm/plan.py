@@ -515,7 +515,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"model FLOPs utilisation, in (0, 1] (default: measured, else {ASSUMED_MFU})")
     parser.add_argument("--micro-batch", type=positive_int, help="override train.micro_batch_size")
     parser.add_argument("--seq-len", type=positive_int, help="override data.max_seq_len")
-    parser.add_argument("--train-rows", type=positive_int, help="training rows, for the wall time of the recipe's epochs")
+    parser.add_argument("--train-rows", type=positive_int,
+                        help="training rows, for the wall time of the recipe's epochs")
     parser.add_argument("--margin", type=arg_number(ge=0, lt=1), default=0.10,
                         help="fraction of GPU memory kept free, in [0, 1) (default 0.10)")
     parser.add_argument("--runtime-overhead-gb", type=arg_number(ge=0), default=GPU_RUNTIME_OVERHEAD_GB,

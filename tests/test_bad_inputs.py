@@ -1135,7 +1135,8 @@ FLAG_CASES = [
      r"argument --gpu-mem-gb: must be > 0, got -80"),
     ("plan", "gpu-mem-nan", ["plan", "--model", "llama-7b", "--gpu-mem-gb", "nan"],
      r"argument --gpu-mem-gb: must be a finite number, got nan"),
-    ("plan", "mfu-above-1", ["plan", "--model", "llama-7b", "--mfu", "5"], r"argument --mfu: must be in \(0, 1\], got 5"),
+    ("plan", "mfu-above-1", ["plan", "--model", "llama-7b", "--mfu", "5"],
+     r"argument --mfu: must be in \(0, 1\], got 5"),
     ("plan", "mfu-zero", ["plan", "--model", "llama-7b", "--mfu", "0"], r"argument --mfu: must be in \(0, 1\], got 0"),
     ("plan", "margin-above-1", ["plan", "--model", "llama-7b", "--margin", "1.5"],
      r"argument --margin: must be in \[0, 1\), got 1\.5"),
@@ -1158,7 +1159,8 @@ FLAG_CASES = [
     ("data", "max-seq-len-1", ["data", "--source", "x.jsonl", "--max-seq-len", "1"],
      r"argument --max-seq-len: must be >= 2, got 1"),
     ("demo", "nproc-zero", ["demo", "--nproc", "0"], r"argument --nproc: must be >= 1, got 0"),
-    ("probe", "tokens-zero", ["probe", "CKPT", "--out", "OUT", "--tokens", "0"], r"argument --tokens: must be >= 1, got 0"),
+    ("probe", "tokens-zero", ["probe", "CKPT", "--out", "OUT", "--tokens", "0"],
+     r"argument --tokens: must be >= 1, got 0"),
     ("probe", "max-seq-len-zero", ["probe", "CKPT", "--out", "OUT", "--max-seq-len", "0"],
      r"argument --max-seq-len: must be >= 2, got 0"),
     ("probe", "budget-nan", ["probe", "CKPT", "--out", "OUT", "--budget", "nan"],
@@ -1213,7 +1215,8 @@ def _plot(w: World, metrics: str | bytes, *extra: str) -> Run:
     return Run(["plot", str(run_dir), *extra], sources=[run_dir / "metrics.jsonl"], outputs=[run_dir / "plots"])
 
 
-@case("plot", "empty-metrics", "an empty metrics.jsonl: said before plots/ is created", r"metrics\.jsonl: no step records")
+@case("plot", "empty-metrics", "an empty metrics.jsonl: said before plots/ is created",
+      r"metrics\.jsonl: no step records")
 def _(w):
     return _plot(w, "")
 
@@ -1241,7 +1244,8 @@ def _(w):
     return _plot(w, _metrics(STEP, {"event": "final_eval", "step": 1}))
 
 
-@case("plot", "latin1", "a metrics.jsonl line with a Latin-1 byte", r"metrics\.jsonl: line 2: not UTF-8 text \(byte 0xe9")
+@case("plot", "latin1", "a metrics.jsonl line with a Latin-1 byte",
+      r"metrics\.jsonl: line 2: not UTF-8 text \(byte 0xe9")
 def _(w):
     return _plot(w, _metrics(STEP).encode() + b'{"step": 2, "loss": 1.0, "note": "caf\xe9"}\n')
 
@@ -1336,7 +1340,8 @@ def _(w):
     return _probe(w, w.shared["dense"], "--device", "cuda:99")
 
 
-@case("probe", "out-file", "--out is a file: said before computing", r"--out .*taken: .*taken is a file, not a directory")
+@case("probe", "out-file", "--out is a file: said before computing",
+      r"--out .*taken: .*taken is a file, not a directory")
 def _(w):
     run = _probe(w, w.shared["dense"])
     run.argv[run.argv.index("--out") + 1] = str(w.file("taken", "x"))
@@ -1492,8 +1497,8 @@ def _(w):
     return _resume(w, "model.mode=dense")
 
 
-@case("train", "resume-lora", "a resume of a full fine-tune with LoRA on", r"lora\.enabled: checkpoint false, this run true",
-      slow=True)
+@case("train", "resume-lora", "a resume of a full fine-tune with LoRA on",
+      r"lora\.enabled: checkpoint false, this run true", slow=True)
 def _(w):
     return _resume(w, "lora.enabled=true")
 

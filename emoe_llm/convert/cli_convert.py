@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="RECIPE", help="take N, k, layers, seed and method from this recipe's "
                         "emoe: section (instead of the flags below)")
     parser.add_argument("--experts", type=positive_int, metavar="N", help="experts per layer; must divide d_ff")
-    parser.add_argument("--top-k", type=positive_int, metavar="K", help="experts kept per token (the default for training)")
+    parser.add_argument("--top-k", type=positive_int, metavar="K",
+                        help="experts kept per token (the default for training)")
     parser.add_argument("--layers", help="EMoE layers: '28,30', START:EVERY like '28:2' (paper style), or 'all'")
     parser.add_argument("--permute-layers", metavar="LAYERS",
                         help="layers to cluster+permute (default: --layers); 'all' lets the EMoE layers change later")

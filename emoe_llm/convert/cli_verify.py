@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-logits-gib", type=arg_number(ge=0), default=2.0,
                         help="run the logits check only for models up to this size (default 2 GiB)")
     parser.add_argument("--tokens", type=positive_int, default=16, help="random tokens per check (default 16)")
-    parser.add_argument("--atol", type=arg_number(ge=0), default=1e-4, help="max relative difference allowed (default 1e-4)")
+    parser.add_argument("--atol", type=arg_number(ge=0), default=1e-4,
+                        help="max relative difference allowed (default 1e-4)")
     parser.add_argument("--allow-pickle", action="store_true", help="accept a pytorch_model*.bin SRC")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 

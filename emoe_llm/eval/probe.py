@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instruction data (any format the data pipeline reads; default: the shipped alpaca demo)")
     parser.add_argument("--tokens", type=positive_int, default=300,
                         help="response tokens to score, taken from the *last* rows of --data (default 300)")
-    parser.add_argument("--max-seq-len", type=arg_number(integer=True, ge=2), default=256, help="rows are truncated to this (default 256)")
+    parser.add_argument("--max-seq-len", type=arg_number(integer=True, ge=2), default=256,
+                        help="rows are truncated to this (default 256)")
     parser.add_argument("--template", default="auto", help="chat template (default auto: the tokenizer's own)")
     parser.add_argument("--budget", type=arg_number(ge=0), default=0.1,
                         help="dNLL budget (nats) for the recommended layer set (default 0.1)")

@@ -127,5 +127,5 @@ def check_resume(ckpt: Path, state: dict, cfg: RecipeConfig, *, world: int) -> N
         raise ConfigError(f"resume: {ckpt} at world size {world}: {e}") from None
     if state.get("global_batch_size") not in (None, global_bs):
         raise ConfigError(f"resume: {ckpt}: train.global_batch_size: checkpoint {state['global_batch_size']}, this "
-                          f"run {global_bs} (at world size {world}); the data position and LR schedule need the saved one (set "
-                          f"train.global_batch_size={state['global_batch_size']} or leave it 0)")
+                          f"run {global_bs} (at world size {world}); the data position and LR schedule need the saved "
+                          f"one (set train.global_batch_size={state['global_batch_size']} or leave it 0)")
