@@ -1526,6 +1526,17 @@ def _(w):
     return _resume(w, breaks=drop)
 
 
+@case("train", "resume-data-changed", "a resume on other training data (fewer rows: another number of steps per "
+      "epoch): refused on the real ranks before any weights load, the run dir kept as it was",
+      r"^\[emoe-llm\] error: resume: .*step_00000002: steps per epoch: checkpoint \d+, this run \d+; the training "
+      r"data changed", slow=True)
+def _(w):
+    run = _resume(w, "logging.progress_bar=false", "logging.tensorboard=false", "train.save_every_steps=0",
+                  "train.eval_every_steps=0", "train.export=false", "data.sources.0.max_rows=200")
+    run.surface, run.env = "deepspeed", {}
+    return run
+
+
 @case("train", "resume-corrupt-rank-file", "rank 1's optimizer file truncated: DeepSpeed fails loading it on the real "
       "ranks; the finished run's COMPLETED and every file are kept",
       r"^\[emoe-llm\] error \(rank 1\): RuntimeError: PytorchStreamReader failed reading zip archive", code=1,
