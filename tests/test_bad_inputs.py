@@ -1366,6 +1366,11 @@ def _(w):
     return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--batch-size", "0")
 
 
+@case("eval", "top-k-zero", "--top-k 0", r"--top-k must be >= 1, got 0")
+def _(w):
+    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--top-k", "0")
+
+
 @case("eval", "no-tokenizer", "a checkpoint without tokenizer files: named before any weights load",
       r"no tokenizer files in .*no-tokenizer \(expected one of tokenizer\.json")
 def _(w):
