@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up .venv, then convert + ZeRO-3 fine-tune (2 CPU ranks) + export + eval a tiny Llama
-#   make test   set up .venv, then run the whole test suite (incl. the slow DeepSpeed and Slurm tests)
+#   make test   set up .venv, then run the whole test suite: in-process tests on 2 xdist workers, then the slow
+#               DeepSpeed and Slurm tests one at a time
 #   make smollm2  build (once) the real SmolLM2-135M-Instruct checkpoint in ${EMOE_LLM_CACHE:-~/.cache/emoe_llm}/models/
 VENV ?= .venv
 PYTEST_ARGS ?=
@@ -13,10 +14,16 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 demo: setup
 	$(VENV)/bin/emoe-llm demo
 
+# Two passes over the whole suite: the in-process tests on one pytest-xdist worker per core, then the `slow` ones
+# one at a time (each spawns its own DeepSpeed ranks or Slurm daemons, which would fight the workers for the cores).
+# Both passes always run; the exit status is the first failing one's (5, "nothing selected", counts as a pass).
 test: setup
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	@rc=0; \
+	$(VENV)/bin/python -m pytest -m "not slow" -n 2 $(PYTEST_ARGS) || { s=$$?; [ $$s -eq 5 ] || rc=$$s; }; \
+	$(VENV)/bin/python -m pytest -m slow $(PYTEST_ARGS) || { s=$$?; [ $$s -eq 5 ] || [ $$rc -ne 0 ] || rc=$$s; }; \
+	exit $$rc
 
-# the in-process tests, one worker per core (the slow ones spawn their own ranks, so `make test` runs serially)
+# the first pass of `make test` alone
 test-fast: setup
 	$(VENV)/bin/python -m pytest -m "not slow" -n 2 $(PYTEST_ARGS)
 

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from emoe_llm.checks import nonnegative_int, positive_int
 from emoe_llm.tiny import DATA_DIR, REPO_ROOT
 from emoe_llm.train.launch import free_port, launcher_executable
 
@@ -29,13 +30,13 @@ DEFAULT_SUBJECTS = "abstract_algebra,anatomy,high_school_geography,marketing"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="runs/demo", help="demo dir (default runs/demo; rebuilt on each run)")
-    parser.add_argument("--nproc", type=int, default=2, help="ranks (default 2)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's, 24)")
+    parser.add_argument("--nproc", type=positive_int, default=2, help="ranks (default 2)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: the recipe's, 24)")
     parser.add_argument("--mode", choices=("emoe", "dense"), default="emoe", help="train EMoE or the dense baseline")
     parser.add_argument("--ds-config", default=str(REPO_ROOT / "ds_configs" / "z3.json"))
     parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "tiny_cpu.yaml"))
     parser.add_argument("--subjects", default=DEFAULT_SUBJECTS, help="MMLU subjects to evaluate")
-    parser.add_argument("--limit", type=int, default=10, help="MMLU questions per subject (0 = all)")
+    parser.add_argument("--limit", type=nonnegative_int, default=10, help="MMLU questions per subject (0 = all)")
     parser.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed")
 
 

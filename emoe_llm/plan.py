@@ -37,7 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .arch import LLAMA, mlp_layout
-from .emoe.settings import parse_layer_spec
+from .checks import arg_number, positive_int
+from .emoe.settings import parse_layer_spec, validate_settings
 
 GiB = 2**30
 
@@ -183,8 +184,15 @@ def shape_from_config(config: dict, *, name: str = "config.json", emoe: dict | N
         mlp_layout(shape.model_type)
     except KeyError as e:
         raise PlanError(f"{name}: missing {e.args[0]!r} (expected a config.json of a gated-MLP decoder)") from None
+    except TypeError as e:
+        raise PlanError(f"{name}: expected integer sizes: {e}") from None
     except ValueError as e:
         raise PlanError(f"{name}: {e}") from None
+    for key, value in (("hidden_size", shape.hidden), ("intermediate_size", shape.ffn),
+                       ("num_hidden_layers", shape.layers), ("num_attention_heads", shape.heads),
+                       ("num_key_value_heads", shape.kv_heads), ("vocab_size", shape.vocab)):
+        if value < 1:
+            raise PlanError(f"{name}: {key} must be a positive integer, got {value}")
     block = emoe or config.get("emoe")
     if block:
         apply_emoe_block(shape, block, name=name)
@@ -434,14 +442,19 @@ def make_plan(shape: ModelShape, s: Setup) -> Plan:
     plan.tokens_per_s = tokens_per_step / plan.step_time_s
     plan.wall_time_s = plan.step_time_s * s.steps if s.steps else 0.0
     if not plan.fits and not plan.notes:
-        plan.notes.append(_advice(plan, s))
+        plan.notes.append(_advice(plan, s, fixed=sum(fixed.values()), one_row=total(1) - sum(fixed.values())))
     return plan
 
 
-def _advice(plan: Plan, s: Setup) -> str:
+def _advice(plan: Plan, s: Setup, *, fixed: int, one_row: int) -> str:
+    """What to change, naming the real cause: the micro batch, one row's activations, or the model states."""
     if plan.max_micro_batch >= 1:
         return (f"lower train.micro_batch_size to {plan.max_micro_batch} (and raise grad accumulation), or use more "
                 f"nodes")
+    if fixed <= plan.usable_bytes:
+        return (f"the model states fit ({fixed / GiB:.2f} GiB), but one row of {s.seq_len} tokens needs "
+                f"{one_row / GiB:.2f} GiB of activations on top: lower data.max_seq_len (--seq-len)"
+                + ("" if s.gradient_checkpointing else " or turn on model.gradient_checkpointing"))
     if s.zero_stage < 3:
         return "the model states alone do not fit: use ZeRO-3 (ds_configs/z3.json) or more nodes"
     if not s.offload_optimizer:
@@ -481,7 +494,7 @@ def setup_from_recipe(args, s: Setup) -> tuple[Setup, str | None, dict | None]:
         if cfg.model.mode == "dense":
             emoe = False
         elif cfg.emoe is not None:  # the recipe's emoe: section decides N and the layers that run masked
-            emoe = {"n_experts": cfg.emoe.n_experts, "layers": cfg.emoe.layers}
+            emoe = {"n_experts": cfg.emoe.n_experts, "top_k": cfg.emoe.top_k, "layers": cfg.emoe.layers}
     if args.ds_config:
         try:
             ds = json.loads(Path(args.ds_config).read_text())
@@ -509,23 +522,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                         "(default: the recipe's model.path)")
     parser.add_argument("--config", help="recipe YAML: micro batch, seq len, gradient checkpointing, LoRA, steps")
     parser.add_argument("--ds-config", help="DeepSpeed JSON: ZeRO stage, offload, precision (default: ZeRO-3 bf16)")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--nodes", type=positive_int, default=1)
+    parser.add_argument("--gpus-per-node", type=positive_int, default=8)
     parser.add_argument("--gpu", default="a100-80gb", choices=sorted(GPUS), help="peak TFLOPS and memory preset")
-    parser.add_argument("--gpu-mem-gb", type=float, help="memory per GPU in GiB (default: from --gpu)")
-    parser.add_argument("--cpu-mem-gb", type=float, default=0.0,
+    parser.add_argument("--gpu-mem-gb", type=arg_number(gt=0),
+                        help="memory per GPU in GiB (default: from --gpu; required with --gpu cpu)")
+    parser.add_argument("--cpu-mem-gb", type=arg_number(ge=0), default=0.0,
                         help="CPU memory per node in GiB, checked for offload (default: not checked)")
-    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak per GPU (default: from --gpu)")
-    parser.add_argument("--mfu", type=float, help=f"model FLOPs utilisation (default: measured, else {ASSUMED_MFU})")
-    parser.add_argument("--micro-batch", type=int, help="override train.micro_batch_size")
-    parser.add_argument("--seq-len", type=int, help="override data.max_seq_len")
-    parser.add_argument("--train-rows", type=int, help="training rows, for the wall time of the recipe's epochs")
-    parser.add_argument("--margin", type=float, default=0.10, help="fraction of GPU memory kept free (default 0.10)")
-    parser.add_argument("--runtime-overhead-gb", type=float, default=GPU_RUNTIME_OVERHEAD_GB,
+    parser.add_argument("--peak-tflops", type=arg_number(gt=0), help="dense bf16 peak per GPU (default: from --gpu)")
+    parser.add_argument("--mfu", type=arg_number(gt=0, le=1),
+                        help=f"model FLOPs utilisation, in (0, 1] (default: measured, else {ASSUMED_MFU})")
+    parser.add_argument("--micro-batch", type=positive_int, help="override train.micro_batch_size")
+    parser.add_argument("--seq-len", type=positive_int, help="override data.max_seq_len")
+    parser.add_argument("--train-rows", type=positive_int,
+                        help="training rows, for the wall time of the recipe's epochs")
+    parser.add_argument("--margin", type=arg_number(ge=0, lt=1), default=0.10,
+                        help="fraction of GPU memory kept free, in [0, 1) (default 0.10)")
+    parser.add_argument("--runtime-overhead-gb", type=arg_number(ge=0), default=GPU_RUNTIME_OVERHEAD_GB,
                         help="fixed per-process memory: CUDA context, NCCL, allocator slack (default %(default)s)")
-    parser.add_argument("--table", help="node counts, e.g. 1,2,4,8: print one row per count (markdown)")
+    parser.add_argument("--table", type=_node_counts,
+                        help="node counts, e.g. 1,2,4,8: print one row per count (markdown)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("overrides", nargs="*", help="recipe overrides key=value")
+
+
+def _node_counts(text: str) -> list[int]:
+    """--table: positive node counts, e.g. "1,2,4,8"."""
+    counts = [x.strip() for x in text.split(",") if x.strip()]
+    if not counts or not all(x.isdigit() and int(x) >= 1 for x in counts):
+        raise argparse.ArgumentTypeError(f"expected positive node counts like 1,2,4,8, got {text!r}")
+    return [int(x) for x in counts]
+
+
+def check_args(args) -> None:
+    """What argparse's types cannot see: combinations of options."""
+    if args.gpu == "cpu" and not args.gpu_mem_gb:
+        raise PlanError("--gpu cpu: give the memory one rank may use with --gpu-mem-gb (a CPU has no fixed GPU memory)")
+    if args.overrides and not args.config:
+        raise PlanError(f"recipe overrides {args.overrides} need the recipe they override: add --config RECIPE.yaml")
 
 
 def _setup(args, nodes: int) -> tuple[ModelShape, Setup]:
@@ -542,7 +576,14 @@ def _setup(args, nodes: int) -> tuple[ModelShape, Setup]:
     model = args.model or model_path
     if not model:
         raise PlanError("give --model (a preset or a config.json) or a --config whose model.path has a config.json")
-    return load_shape(model, emoe_override=emoe), s
+    shape = load_shape(model, emoe_override=emoe)
+    if isinstance(emoe, dict):  # the checks `emoe-llm train` applies to the recipe's emoe: section
+        try:
+            validate_settings(n_experts=emoe["n_experts"], top_k=emoe["top_k"], d_ff=shape.ffn, n_layers=shape.layers,
+                              layers=parse_layer_spec(emoe["layers"], shape.layers), model_type=None)
+        except ValueError as e:
+            raise PlanError(f"{args.config}: emoe (against {shape.name}): {e}") from None
+    return shape, s
 
 
 def format_plan(plan: Plan, s: Setup) -> str:
@@ -570,8 +611,9 @@ def format_plan(plan: Plan, s: Setup) -> str:
 
 def run(args) -> int:
     try:
+        check_args(args)
         if args.table:
-            counts = [int(x) for x in args.table.split(",") if x.strip()]
+            counts = args.table
             print("| nodes x GPUs | per GPU (GiB) | fits | max micro | CPU/node offload (GiB) | s/step | tokens/s | "
                   "recipe wall time |")
             print("|---|---|---|---|---|---|---|---|")

@@ -35,6 +35,9 @@ def tiny_llama_config(*, vocab_size: int = 2048, **overrides):
     return LlamaConfig(**kwargs)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+
+
 def tiny_config(model_type: str = "llama", **overrides):
     """The tiny Llama's sizes as a ``model_type`` config (head_dim pinned: Gemma's default of 256 would dwarf it)."""
     if model_type == "llama":
@@ -82,9 +85,10 @@ def save_tiny_checkpoint(
     model = (LlamaForCausalLM(config) if model_type == "llama" else AutoModelForCausalLM.from_config(config)).to(dtype)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(path, **kwargs)
-    if tokenizer_dir is not None:
+    if tokenizer_dir is not None:  # the tokenizer's files only: never a model file over the model just written
+        written = {f.name for f in path.iterdir()}
         for f in Path(tokenizer_dir).iterdir():
-            if f.is_file() and not f.name.endswith((".md", ".txt")):
+            if f.is_file() and f.name not in written and not f.name.endswith((".md", ".txt", *WEIGHT_SUFFIXES)):
                 shutil.copy2(f, path / f.name)
     return path
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -1118,17 +1119,302 @@ def _(w):
     return run
 
 
+# ---------------------------------------------------------------------------------------------------- values
+
+
+# Recipe values: every float finite and in range, no empty path; one line, before anything is created.
+VALUE_CASES = [
+    ("lr-nan", "train.lr=nan", "passes a `<= 0` check", r"train\.lr: expected a finite number, got 'nan'"),
+    ("lr-inf", "train.lr=inf", "", r"train\.lr: expected a finite number, got 'inf'"),
+    ("lr-1e400", "train.lr=1e400", "reads as inf", r"train\.lr: expected a finite number, got '1e400'"),
+    ("max-grad-norm-nan", "train.max_grad_norm=nan", "", r"train\.max_grad_norm: expected a finite number, got 'nan'"),
+    ("epochs-inf", "train.epochs=inf", "", r"train\.epochs: expected an integer, got 'inf'"),
+    ("betas-nan", "train.betas=[0.9,nan]", "", r"train\.betas\[1\] must be a finite number, got 'nan'"),
+    ("dropout-range", "lora.dropout=1", "", r"lora\.dropout must be in \[0, 1\), got 1"),
+    ("data-path-empty", "data.sources.0.path=", "Path('') is the cwd, which exists",
+     r"data\.sources\[0\]\.path: expected a file or directory, got an empty path"),
+]
+for _name, _override, _why, _message in VALUE_CASES:
+    case("train", _name, f"`{_override}`" + (f" ({_why})" if _why else ""), _message)(
+        lambda w, override=_override: _train(w, override))
+
+# Numeric flags: argparse's one line, exit 2, before anything is read or created.
+FLAG_CASES = [
+    ("plan", "gpu-mem-negative", ["plan", "--model", "llama-7b", "--gpu-mem-gb", "-80"],
+     r"argument --gpu-mem-gb: must be > 0, got -80"),
+    ("plan", "gpu-mem-nan", ["plan", "--model", "llama-7b", "--gpu-mem-gb", "nan"],
+     r"argument --gpu-mem-gb: must be a finite number, got nan"),
+    ("plan", "mfu-above-1", ["plan", "--model", "llama-7b", "--mfu", "5"],
+     r"argument --mfu: must be in \(0, 1\], got 5"),
+    ("plan", "mfu-zero", ["plan", "--model", "llama-7b", "--mfu", "0"], r"argument --mfu: must be in \(0, 1\], got 0"),
+    ("plan", "margin-above-1", ["plan", "--model", "llama-7b", "--margin", "1.5"],
+     r"argument --margin: must be in \[0, 1\), got 1\.5"),
+    ("plan", "peak-tflops-negative", ["plan", "--model", "llama-7b", "--peak-tflops", "-1"],
+     r"argument --peak-tflops: must be > 0, got -1"),
+    ("plan", "table-bad", ["plan", "--model", "llama-7b", "--table", "0,-1,abc"],
+     r"argument --table: expected positive node counts like 1,2,4,8, got '0,-1,abc'"),
+    ("plan", "nodes-zero", ["plan", "--model", "llama-7b", "--nodes", "0"], r"argument --nodes: must be >= 1, got 0"),
+    ("plan", "gpu-cpu-no-mem", ["plan", "--model", "llama-7b", "--gpu", "cpu"],
+     r"--gpu cpu: give the memory one rank may use with --gpu-mem-gb"),
+    ("plan", "overrides-no-config", ["plan", "--model", "llama-7b", "train.micro_batch_size=4"],
+     r"recipe overrides \['train\.micro_batch_size=4'\] need the recipe they override: add --config"),
+    ("plan", "n-experts-not-dividing", ["plan", "--config", str(REPO / "configs" / "llama2_7b_emoe.yaml"), "--model",
+                                        "llama-7b", "emoe.n_experts=7", "emoe.top_k=2"],
+     r"emoe \(against llama-7b\): n_experts=7 does not divide intermediate_size=11008"),
+    ("verify", "atol-nan", ["verify", "a", "b", "--atol", "nan"], r"argument --atol: must be a finite number, got nan"),
+    ("verify", "tokens-zero", ["verify", "a", "b", "--tokens", "0"], r"argument --tokens: must be >= 1, got 0"),
+    ("data", "source-empty", ["data", "--source", "", "--validate-only"],
+     r"argument --source: expected a path, got an empty string"),
+    ("data", "max-seq-len-1", ["data", "--source", "x.jsonl", "--max-seq-len", "1"],
+     r"argument --max-seq-len: must be >= 2, got 1"),
+    ("demo", "nproc-zero", ["demo", "--nproc", "0"], r"argument --nproc: must be >= 1, got 0"),
+    ("probe", "tokens-zero", ["probe", "CKPT", "--out", "OUT", "--tokens", "0"],
+     r"argument --tokens: must be >= 1, got 0"),
+    ("probe", "max-seq-len-zero", ["probe", "CKPT", "--out", "OUT", "--max-seq-len", "0"],
+     r"argument --max-seq-len: must be >= 2, got 0"),
+    ("probe", "budget-nan", ["probe", "CKPT", "--out", "OUT", "--budget", "nan"],
+     r"argument --budget: must be a finite number, got nan"),
+    ("probe", "max-layers-zero", ["probe", "CKPT", "--out", "OUT", "--max-layers", "0"],
+     r"argument --max-layers: must be >= 1, got 0"),
+]
+for _surface, _name, _argv, _message in FLAG_CASES:
+    _shown = " ".join(shlex.quote(a.replace(str(REPO) + "/", "")) for a in _argv)
+    case(_surface, _name, f"`emoe-llm {_shown}`", _message)(lambda w, argv=_argv: Run(list(argv)))
+
+
+@case("plan", "config-layers-zero", "--model a config.json with num_hidden_layers 0",
+      r"num_hidden_layers must be a positive integer, got 0")
+def _(w):
+    config = json.loads((w.shared["dense"] / "config.json").read_text())
+    return Run(["plan", "--model", str(w.file("config.json", json.dumps({**config, "num_hidden_layers": 0})))])
+
+
+@case("plan", "config-hidden-negative", "--model a config.json with hidden_size -64",
+      r"hidden_size must be a positive integer, got -64")
+def _(w):
+    config = json.loads((w.shared["dense"] / "config.json").read_text())
+    return Run(["plan", "--model", str(w.file("config.json", json.dumps({**config, "hidden_size": -64})))])
+
+
+@case("convert", "n-init-zero", "--n-init 0: refused before DST's partial dir exists",
+      r"argument --n-init: must be >= 1, got 0")
+def _(w):
+    return _convert(w, w.src(), "--n-init", "0")
+
+
+@case("convert", "max-iter-zero", "--max-iter 0: refused before DST's partial dir exists",
+      r"argument --max-iter: must be >= 1, got 0")
+def _(w):
+    return _convert(w, w.src(), "--max-iter", "0")
+
+
+# ---------------------------------------------------------------------------------------------------- plot, probe
+
+
+def _metrics(*records) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+
+
+STEP = {"step": 1, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 100.0, "expert_load": {"layer_2": [0.5, 0.5, 0.5, 0.5]}}
+
+
+def _plot(w: World, metrics: str | bytes, *extra: str) -> Run:
+    run_dir = w.tmp / "run"
+    w.file("run/metrics.jsonl", metrics)
+    return Run(["plot", str(run_dir), *extra], sources=[run_dir / "metrics.jsonl"], outputs=[run_dir / "plots"])
+
+
+@case("plot", "empty-metrics", "an empty metrics.jsonl: said before plots/ is created",
+      r"metrics\.jsonl: no step records")
+def _(w):
+    return _plot(w, "")
+
+
+@case("plot", "bad-middle-line", "a metrics.jsonl line in the middle that is not JSON",
+      r"metrics\.jsonl: line 2: not valid JSON")
+def _(w):
+    return _plot(w, _metrics(STEP, "not json", {**STEP, "step": 2}))
+
+
+@case("plot", "line-is-list", "a metrics.jsonl line that is a JSON list",
+      r"metrics\.jsonl: line 1: expected a JSON object, got list")
+def _(w):
+    return _plot(w, _metrics([1, 2, 3], {**STEP, "step": 2}))
+
+
+@case("plot", "step-not-int", 'a record with "step": "two"', r"line 1: 'step' must be an integer, got 'two'")
+def _(w):
+    return _plot(w, _metrics({**STEP, "step": "two"}))
+
+
+@case("plot", "final-eval-no-loss", "a final_eval record without eval_loss",
+      r"line 2: a final_eval record needs 'step' and a numeric 'eval_loss'")
+def _(w):
+    return _plot(w, _metrics(STEP, {"event": "final_eval", "step": 1}))
+
+
+@case("plot", "latin1", "a metrics.jsonl line with a Latin-1 byte",
+      r"metrics\.jsonl: line 2: not UTF-8 text \(byte 0xe9")
+def _(w):
+    return _plot(w, _metrics(STEP).encode() + b'{"step": 2, "loss": 1.0, "note": "caf\xe9"}\n')
+
+
+@case("plot", "all-loss-nan", "every train loss NaN: the PNGs are written, with a note and a panel that says so",
+      r"note: no finite train loss in .*metrics\.jsonl", code=0)
+def _(w):
+    run = _plot(w, _metrics({**STEP, "loss": float("nan")}, {**STEP, "step": 2, "loss": float("nan")}))
+    run.outputs = []
+    return run
+
+
+@case("plot", "run-dir-missing", "RUN_DIR does not exist: nothing is created", r"RUN_DIR .*nothing does not exist")
+def _(w):
+    return Run(["plot", str(w.tmp / "nothing")], outputs=[w.tmp / "nothing"])
+
+
+@case("plot", "run-dir-file", "RUN_DIR is a file", r"RUN_DIR .*run\.txt is not a directory")
+def _(w):
+    return Run(["plot", str(w.file("run.txt", "x"))])
+
+
+@case("plot", "out-file", "--out is a file", r"--out .*taken: .*taken is a file, not a directory")
+def _(w):
+    run = _plot(w, _metrics(STEP), "--out", str(w.file("taken", "x")))
+    run.sources.append(w.tmp / "taken")
+    return run
+
+
+@case("plot", "out-read-only", "--out on a read-only filesystem: said before anything is drawn",
+      r"--out .*plots: .*mnt is not writable")
+def _(w):
+    mnt = _mount_tmpfs(w, "1m")
+    if mnt is not None:
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    else:  # no mount allowed here: the read-only flag statvfs would report
+        mnt = w.tmp / "mnt"
+        import emoe_llm.fileio as fileio
+
+        w.monkeypatch.setattr(fileio, "_read_only_mount", lambda p: str(p).startswith(str(mnt)))
+    run = _plot(w, _metrics(STEP), "--out", str(mnt / "plots"))
+    run.outputs = [mnt / "plots"]
+    run.cleanup = lambda: _umount(mnt)
+    return run
+
+
+@case("plot", "disk-full", "--out fills up after the first PNG: neither PNG is left, nor the --out it created",
+      r"cannot write the plots: No space left on device")
+def _(w):
+    from emoe_llm.eval.plot_run import plot_run
+
+    metrics = _metrics(STEP, {**STEP, "step": 2})
+    sizes = [p.stat().st_size for p in plot_run(w.file("measure/metrics.jsonl", metrics).parent)]
+    pages = -(-sizes[0] // 4096) + -(-sizes[1] // 8192)  # room for the first PNG and half the second
+    mnt = _mount_tmpfs(w, f"{4 * pages}k")
+    if mnt is None:  # no mount allowed here: the second savefig fails as a full disk would
+        mnt = w.tmp / "mnt"
+        from matplotlib.figure import Figure
+
+        real, calls = Figure.savefig, []
+
+        def savefig(self, fname, *a, **k):
+            calls.append(fname)
+            if len(calls) == 2:
+                Path(fname).write_bytes(b"\x89PNG half")
+                raise OSError(errno.ENOSPC, "No space left on device", str(fname))
+            return real(self, fname, *a, **k)
+        w.monkeypatch.setattr(Figure, "savefig", savefig)
+    run = _plot(w, metrics, "--out", str(mnt / "plots"))
+    run.outputs = [mnt / "plots"]
+    run.cleanup = lambda: _umount(mnt)
+    return run
+
+
+def _probe(w: World, ckpt: Path, *extra: str) -> Run:
+    out = w.tmp / "probe"
+    return Run(["probe", str(ckpt), "--experts", "16", "--out", str(out), "--tokens", "20", "--layers", "3",
+                "--device", "cpu", *extra], sources=[ckpt], outputs=[out])
+
+
+def _without_tokenizer(w: World) -> Path:
+    ckpt = w.src("no-tokenizer")
+    for f in ckpt.iterdir():
+        if f.name.startswith("tokenizer") or f.suffix == ".model":
+            f.unlink()
+    return ckpt
+
+
+@case("probe", "device-missing", "--device names a CUDA device this machine lacks: said before loading",
+      r"--device cuda:99: (CUDA is not available on this machine|this machine has \d+ CUDA device)")
+def _(w):
+    return _probe(w, w.shared["dense"], "--device", "cuda:99")
+
+
+@case("probe", "out-file", "--out is a file: said before computing",
+      r"--out .*taken: .*taken is a file, not a directory")
+def _(w):
+    run = _probe(w, w.shared["dense"])
+    run.argv[run.argv.index("--out") + 1] = str(w.file("taken", "x"))
+    run.outputs = []
+    return run
+
+
+@case("probe", "no-tokenizer", "a checkpoint without tokenizer files: says which files are missing, and where",
+      r"no tokenizer files in .*no-tokenizer \(expected one of tokenizer\.json, tokenizer\.model, "
+      r"tokenizer_config\.json\)")
+def _(w):
+    return _probe(w, _without_tokenizer(w))
+
+
+@case("probe", "ks-not-integers", "--ks 2,x", r"--ks '2,x': expected comma-separated integers")
+def _(w):
+    return _probe(w, w.shared["dense"], "--ks", "2,x")
+
+
+@case("eval", "batch-size-zero", "--batch-size 0", r"--batch-size must be >= 1, got 0")
+def _(w):
+    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--batch-size", "0")
+
+
+@case("eval", "top-k-zero", "--top-k 0", r"--top-k must be >= 1, got 0")
+def _(w):
+    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--top-k", "0")
+
+
+@case("eval", "no-tokenizer", "a checkpoint without tokenizer files: named before any weights load",
+      r"no tokenizer files in .*no-tokenizer \(expected one of tokenizer\.json")
+def _(w):
+    return _eval(w, _without_tokenizer(w), w.shared["mmlu"])
+
+
+@case("data", "dir-of-jsonl", "a directory of .jsonl files is a valid source: read them all, in sorted order",
+      r"format=alpaca usable=3 read=3", code=0)
+def _(w):
+    w.file("dir/b.jsonl", ALPACA * 2)
+    w.file("dir/a.jsonl", ALPACA)
+    return _data(w.tmp / "dir")
+
+
+@case("data", "dir-without-data", "a directory with neither data files nor a save_to_disk dataset",
+      r"dir: a directory without data files \(\.json, \.jsonl")
+def _(w):
+    w.file("dir/notes.md", "x")
+    return _data(w.tmp / "dir")
+
+
+@case("data", "ends-with-user", "messages ending with a user turn: the message names the turn's role",
+      r"line 1: conversation does not end with an assistant turn \(the last turn, messages\[2\], has role 'user'\)")
+def _(w):
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+             {"role": "user", "content": "more"}]
+    return _data(w.file("chat.jsonl", json.dumps({"messages": turns}) + "\n"))
+
+
 # ---------------------------------------------------------------------------------------------------- train (ranks)
 
 
 def _ranks(w: World, *overrides: str, faults: tuple[str, ...] = ()) -> Run:
     out = w.tmp / "run"
-    dense = w.shared.get("dense_single")
-    if dense is None:
-        from emoe_llm.tiny import save_tiny_checkpoint
-
-        dense = w.shared["dense_single"] = save_tiny_checkpoint(w.tmp.parent / "dense_single",
-                                                                 tokenizer_dir=TOKENIZER)
+    dense = _dense_single(w)
     return Run([*faults, "--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"output_dir={out}",
                 f"model.path={dense}", "model.mode=dense", "logging.progress_bar=false", "train.max_steps=2",
                 "train.save_every_steps=0", "train.eval_every_steps=0", "train.export=false",
@@ -1149,6 +1435,134 @@ def _(w):
       "no output_dir left (#12.6-8)", r"^\[emoe-llm\] error: .*template:? 'nonexistent'", slow=True)
 def _(w):
     return _ranks(w, "data.template=nonexistent")
+
+
+# ---------------------------------------------------------------------------------------------------- train (resume)
+
+
+def _dense_single(w: World) -> Path:
+    """The tiny dense checkpoint in one file, built once per module."""
+    dense = w.shared.get("dense_single")
+    if dense is None:
+        from emoe_llm.tiny import save_tiny_checkpoint
+
+        dense = w.shared["dense_single"] = save_tiny_checkpoint(w.tmp.parent / "dense_single",
+                                                                 tokenizer_dir=TOKENIZER)
+    return dense
+
+
+def _finished_run(w: World) -> Path:
+    """A copy of a finished 2-rank run of the tiny recipe (the dense model converted with its emoe: section: N=16,
+    layers 2,3; 2 steps, global batch 8), trained once per module on real ranks; each case breaks its own copy."""
+    done = w.shared.get("finished_run")
+    if done is None:
+        done = w.tmp.parent / "finished_run"
+        run = Run(["--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"output_dir={done}",
+                   f"model.path={_dense_single(w)}", "logging.progress_bar=false", "logging.tensorboard=false",
+                   "train.max_steps=2", "train.save_every_steps=0", "train.eval_every_steps=0", "train.export=false",
+                   f"data.cache_dir={w.tmp.parent / 'finished_cache'}"], surface="deepspeed")
+        code, output = invoke(run, None, run.argv)
+        assert code == 0 and (done / "COMPLETED").is_file(), output
+        w.shared["finished_run"] = done
+    return Path(shutil.copytree(done, w.tmp / "run"))
+
+
+def _resume(w: World, *overrides: str, world: int = 2, breaks: Callable[[Path], None] | None = None) -> Run:
+    """Resume (train.max_steps=4: extend) a copy of the finished run; the run dir must come out byte-identical."""
+    out = _finished_run(w)
+    if breaks is not None:
+        breaks(out)
+    return Run(["--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"output_dir={out}",
+                f"model.path={_dense_single(w)}", f"data.cache_dir={w.tmp.parent / 'finished_cache'}",
+                "train.max_steps=4", *overrides],
+               surface="train", sources=[out], env={"RANK": "0", "WORLD_SIZE": str(world)})
+
+
+CKPT = r"resume: .*run/checkpoints/step_00000002"
+
+
+@case("train", "resume-other-conversion", "a run saved with N=16 resumed with an N=8 conversion as model.path",
+      CKPT + r" was trained with another recipe \(emoe\.n_experts: checkpoint 16, this run 8; "
+      r"emoe\.permute_layers: checkpoint 2,3, this run 1,3\)", slow=True)
+def _(w):
+    return _resume(w, *_converted(w))
+
+
+@case("train", "resume-permute-all", "a resume with emoe.permute_layers=all (another conversion)",
+      r"emoe\.permute_layers: checkpoint 2,3, this run 0,1,2,3", slow=True)
+def _(w):
+    return _resume(w, "emoe.permute_layers=all")
+
+
+@case("train", "resume-wider-model", "a resume into a wider model (hidden 128)",
+      r"config\.json hidden_size: checkpoint 64, this run 128", slow=True)
+def _(w):
+    from emoe_llm.tiny import save_tiny_checkpoint
+
+    run = _resume(w)
+    wide = save_tiny_checkpoint(w.tmp / "wide", tokenizer_dir=TOKENIZER, hidden_size=128)
+    run.argv.append(f"model.path={wide}")
+    return run
+
+
+@case("train", "resume-mode", "a resume of an EMoE run with model.mode=dense",
+      r"model\.mode: checkpoint emoe, this run dense", slow=True)
+def _(w):
+    return _resume(w, "model.mode=dense")
+
+
+@case("train", "resume-lora", "a resume of a full fine-tune with LoRA on",
+      r"lora\.enabled: checkpoint false, this run true", slow=True)
+def _(w):
+    return _resume(w, "lora.enabled=true")
+
+
+@case("train", "resume-global-batch", "a resume at --nproc 1 with train.global_batch_size=4 into a run saved with 8: "
+      "said before the universal-checkpoint conversion",
+      CKPT + r": train\.global_batch_size: checkpoint 8, this run 4 \(at world size 1\)", slow=True)
+def _(w):
+    return _resume(w, "train.global_batch_size=4", world=1)
+
+
+@case("train", "resume-world-size", "a resume at 3 ranks of a recipe that leaves the global batch free: the saved 8 "
+      "does not divide",
+      CKPT + r" at world size 3: train\.global_batch_size \(8\) is not divisible by train\.micro_batch_size \(2\) x "
+      r"world size \(3\)", slow=True)
+def _(w):
+    return _resume(w, "train.global_batch_size=0", world=3)
+
+
+@case("train", "resume-missing-rank-file", "a checkpoint without rank 1's optimizer file: refused, COMPLETED kept",
+      CKPT + r" is incomplete: zero_pp_rank_1_mp_rank_00_optim_states\.pt \(rank 1\) missing", slow=True)
+def _(w):
+    def drop(out: Path):
+        (out / "checkpoints" / "step_00000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    return _resume(w, breaks=drop)
+
+
+@case("train", "resume-data-changed", "a resume on other training data (fewer rows: another number of steps per "
+      "epoch): refused on the real ranks before any weights load, the run dir kept as it was",
+      r"^\[emoe-llm\] error: resume: .*step_00000002: steps per epoch: checkpoint \d+, this run \d+; the training "
+      r"data changed", slow=True)
+def _(w):
+    run = _resume(w, "logging.progress_bar=false", "logging.tensorboard=false", "train.save_every_steps=0",
+                  "train.eval_every_steps=0", "train.export=false", "data.sources.0.max_rows=200")
+    run.surface, run.env = "deepspeed", {}
+    return run
+
+
+@case("train", "resume-corrupt-rank-file", "rank 1's optimizer file truncated: DeepSpeed fails loading it on the real "
+      "ranks; the finished run's COMPLETED and every file are kept",
+      r"^\[emoe-llm\] error \(rank 1\): RuntimeError: PytorchStreamReader failed reading zip archive", code=1,
+      slow=True, traceback=True)
+def _(w):
+    def truncate(out: Path):
+        f = out / "checkpoints" / "step_00000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        f.write_bytes(f.read_bytes()[:100])
+    run = _resume(w, "logging.progress_bar=false", "logging.tensorboard=false", "train.save_every_steps=0",
+                  "train.eval_every_steps=0", "train.export=false", breaks=truncate)
+    run.surface, run.env = "deepspeed", {}
+    return run
 
 
 # ---------------------------------------------------------------------------------------------------- Slurm scripts
@@ -1238,6 +1652,17 @@ def test_table_size_and_ids():
     assert {c.surface for c in CASES} >= {"convert", "verify", "data", "train", "eval", "slurm"}
 
 
+def test_save_tiny_checkpoint_copies_only_tokenizer_files(tmp_path):
+    """A tokenizer_dir that also holds a model (another checkpoint) must not overwrite the tiny model's files."""
+    from emoe_llm.tiny import save_tiny_checkpoint
+
+    other = save_tiny_checkpoint(tmp_path / "other", tokenizer_dir=TOKENIZER, hidden_size=128)
+    tiny = save_tiny_checkpoint(tmp_path / "tiny", tokenizer_dir=other)
+    assert json.loads((tiny / "config.json").read_text())["hidden_size"] == 64
+    assert (tiny / "model.safetensors").read_bytes() != (other / "model.safetensors").read_bytes()
+    assert (tiny / "tokenizer.json").read_bytes() == (TOKENIZER / "tokenizer.json").read_bytes()
+
+
 def markdown() -> str:
     lines = [
         "# Bad inputs: what each one says",
@@ -1248,6 +1673,9 @@ def markdown() -> str:
         "the case has a fix, that the same command succeeds once the input is fixed.",
         "",
         "Exit codes: 0 ok, 1 `verify` found DST wrong / an unexpected crash in training, 2 bad input.",
+        "",
+        "Numbers, in recipes and on every command line, go through `emoe_llm/checks.py`: finite first (NaN passes any",
+        "`<= 0` check, and `1e400` reads as inf), then the range the value needs.",
         "",
         "| case | bad input | exit | message (regex) |",
         "|---|---|---|---|",

@@ -208,3 +208,14 @@ def test_a_preset_takes_n_and_the_layers_from_the_recipe():
     assert load_shape("llama-7b", emoe_override=False).emoe_layers == 0  # a dense recipe
     with pytest.raises(PlanError, match="emoe.layers"):
         load_shape("llama-7b", emoe_override={"n_experts": 64, "layers": "40,41"})
+
+
+def test_the_advice_names_the_real_cause(capsys):
+    """A micro batch of one row that does not fit while the model states do: the advice blames the sequence length
+    (the activations), not the model states; and the states alone not fitting still says so."""
+    assert main(["--model", "llama-7b", "--seq-len", "65536"]) == 1
+    out = capsys.readouterr().out.splitlines()[-1]
+    assert out.startswith("DOES NOT FIT: the model states fit") and "one row of 65536 tokens needs" in out, out
+    assert "lower data.max_seq_len (--seq-len)" in out and "model states alone" not in out
+    assert main(["--model", "llama-65b", "--nodes", "1", "--gpus-per-node", "1"]) == 1
+    assert "the model states alone do not fit" in capsys.readouterr().out

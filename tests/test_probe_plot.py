@@ -91,7 +91,7 @@ def test_plot_dense_run_has_no_expert_load_and_errors_are_clear(tmp_path, capsys
     assert main(["plot", str(tmp_path / "dense"), "--out", str(tmp_path / "png")]) == 0
     assert (tmp_path / "png" / "training.png").is_file() and not (tmp_path / "png" / "expert_load.png").exists()
     assert main(["plot", str(tmp_path / "nowhere")]) == 2
-    assert "metrics.jsonl not found" in capsys.readouterr().err
+    assert "nowhere does not exist" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
     _metrics(tmp_path / "bad", [{"step": 1, "loss": 2.0}], tail="not json\n" + json.dumps({"step": 2}) + "\n")
     assert main(["plot", str(tmp_path / "bad")]) == 2
-    assert "line 2 is not valid JSON" in capsys.readouterr().err
+    assert "line 2: not valid JSON" in capsys.readouterr().err

@@ -10,7 +10,9 @@ from emoe_llm.train.checkpoint import find_resume_checkpoint, list_checkpoints, 
 def make_ckpt(out, step, *, complete=True, world=2):
     d = out / "checkpoints" / f"step_{step:08d}"
     d.mkdir(parents=True)
-    (d / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x")
+    for r in range(world):  # what DeepSpeed writes per rank (a resume checks that they are all there)
+        (d / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(b"x")
+        (d / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x")
     if complete:
         (d / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": world}))
     return d
@@ -47,7 +49,7 @@ def test_world_size_change_resumes_through_the_universal_format(tmp_path):
     ckpt, elastic = elastic_resume(cfg, ds, world=8)
     assert elastic and ds["checkpoint"] == {"load_universal": True}
     assert (cfg.train.global_batch_size, cfg.train.grad_accum) == (64, 0)  # 2 x 4 x 8: accum re-derived = 4
-    same = load_config("configs/tiny_cpu.yaml", [f"output_dir={tmp_path}"])
+    same = load_config("configs/tiny_cpu.yaml", [f"output_dir={tmp_path}", "train.global_batch_size=64"])
     ds = {}
     assert elastic_resume(same, ds, world=16) == (ckpt, False) and ds == {}
 

@@ -9,6 +9,8 @@ import argparse
 import signal
 import sys
 
+from ..checks import nonnegative_int, positive_int
+
 EXAMPLES = """examples:
   emoe-llm convert Llama-2-7b-hf Llama-2-7b-emoe --config configs/llama2_7b_emoe.yaml      # the recipe's emoe: section
   emoe-llm convert Llama-2-7b-hf Llama-2-7b-emoe --config configs/llama2_7b_emoe.yaml emoe.seed=1 --verify
@@ -28,12 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (with --config)")
     parser.add_argument("--config", metavar="RECIPE", help="take N, k, layers, seed and method from this recipe's "
                         "emoe: section (instead of the flags below)")
-    parser.add_argument("--experts", type=int, metavar="N", help="experts per layer; must divide d_ff")
-    parser.add_argument("--top-k", type=int, metavar="K", help="experts kept per token (the default for training)")
+    parser.add_argument("--experts", type=positive_int, metavar="N", help="experts per layer; must divide d_ff")
+    parser.add_argument("--top-k", type=positive_int, metavar="K",
+                        help="experts kept per token (the default for training)")
     parser.add_argument("--layers", help="EMoE layers: '28,30', START:EVERY like '28:2' (paper style), or 'all'")
     parser.add_argument("--permute-layers", metavar="LAYERS",
                         help="layers to cluster+permute (default: --layers); 'all' lets the EMoE layers change later")
-    parser.add_argument("--seed", type=int, help="clustering seed (default 0)")
+    parser.add_argument("--seed", type=nonnegative_int, help="clustering seed (default 0)")
     parser.add_argument("--method", choices=["kmeans", "kmeans_exact", "random"],
                         help="kmeans = EMoE (fast balanced assignment, default); kmeans_exact = EMoE with the optimal "
                              "balanced assignment in every step (as k-means-constrained; minutes per layer at 30B "
@@ -43,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output dtype of floating tensors (default keep)")
     parser.add_argument("--assign", choices=["fast", "exact"], default=None,
                         help="balanced assignment of k-means: exact = --method kmeans_exact (default fast)")
-    parser.add_argument("--n-init", type=int, default=3, help="k-means restarts (default 3)")
-    parser.add_argument("--max-iter", type=int, default=30, help="k-means iterations per restart (default 30)")
+    parser.add_argument("--n-init", type=positive_int, default=3, help="k-means restarts (default 3)")
+    parser.add_argument("--max-iter", type=positive_int, default=30, help="k-means iterations per restart (default 30)")
     parser.add_argument("--overwrite", action="store_true", help="replace a DST that is another conversion (once the "
                         "new one is complete)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted conversion into the same DST")

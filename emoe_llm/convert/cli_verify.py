@@ -11,20 +11,22 @@ import argparse
 import json
 import sys
 
+from ..checks import arg_number, positive_int
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="the dense source checkpoint dir")
     parser.add_argument("dst", metavar="DST", help="the converted checkpoint dir")
-    parser.add_argument("--experts", type=int, metavar="N", help="also require DST to have N experts")
+    parser.add_argument("--experts", type=positive_int, metavar="N", help="also require DST to have N experts")
     parser.add_argument("--layers", help="also require these layers to be permuted in DST, i.e. usable as EMoE layers "
                         "('28,30', '28:2', 'all'); top-k is a training-time setting and is not checked")
     parser.add_argument("--skip-copied", action="store_true",
                         help="do not byte-compare the copied-through tensors (faster on big models)")
     parser.add_argument("--no-logits", action="store_true", help="skip the whole-model dense logits check")
-    parser.add_argument("--max-logits-gib", type=float, default=2.0,
+    parser.add_argument("--max-logits-gib", type=arg_number(ge=0), default=2.0,
                         help="run the logits check only for models up to this size (default 2 GiB)")
-    parser.add_argument("--tokens", type=int, default=16, help="random tokens per check (default 16)")
-    parser.add_argument("--atol", type=float, default=1e-4, help="max relative difference allowed (default 1e-4)")
+    parser.add_argument("--tokens", type=positive_int, default=16, help="random tokens per check (default 16)")
+    parser.add_argument("--atol", type=arg_number(ge=0), default=1e-4,
+                        help="max relative difference allowed (default 1e-4)")
     parser.add_argument("--allow-pickle", action="store_true", help="accept a pytorch_model*.bin SRC")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 

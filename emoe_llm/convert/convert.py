@@ -90,6 +90,9 @@ def convert_checkpoint(
         raise ConversionError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got '{dtype}'")
     if method not in emoe.CLUSTER_METHODS:
         raise ConversionError(f"method must be one of {', '.join(emoe.CLUSTER_METHODS)}, got '{method}'")
+    for name, value in (("n_init (k-means restarts)", n_init), ("max_iter (k-means iterations)", max_iter)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # before the partial dir exists
+            raise ConversionError(f"{name} must be a positive integer, got {value!r}")
     _check_device(device)
     source = open_source(src, allow_pickle=allow_pickle)
     settings = _plan(source, n_experts=n_experts, top_k=top_k, layers=layers, permute_layers=permute_layers,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
@@ -16,7 +17,8 @@ class DataSource:
     """One input file or `load_from_disk` directory; `weight` only matters when mixing several."""
 
     path: str
-    """File (.json/.jsonl/.parquet/.txt) or a `datasets.save_to_disk` dir; relative paths resolve against the cwd."""
+    """File (.json/.jsonl/.parquet/.txt), a `datasets.save_to_disk` dir, or a dir of data files (read in sorted
+    order); relative paths resolve against the cwd."""
     format: str = "auto"
     """auto | alpaca | sharegpt | messages | text (auto: from the file suffix and the first row's keys)."""
     weight: float | None = None
@@ -27,9 +29,11 @@ class DataSource:
     """Read at most this many rows (the first ones; useful for smoke tests)."""
 
     def __post_init__(self):
+        if not isinstance(self.path, str) or not self.path.strip():  # Path("") is the cwd: it always "exists"
+            raise ValueError(f"data source path must be a file or directory, got {self.path!r}")
         if self.format not in FORMATS:
             raise ValueError(f"data source {self.path!r}: format must be one of {FORMATS}, got {self.format!r}")
-        if self.weight is not None and not (self.weight > 0):
+        if self.weight is not None and not (0 < self.weight < math.inf):
             raise ValueError(f"data source {self.path!r}: weight must be > 0, got {self.weight!r}")
         if self.max_rows is not None and self.max_rows <= 0:
             raise ValueError(f"data source {self.path!r}: max_rows must be a positive integer, got {self.max_rows!r}")
@@ -124,6 +128,10 @@ def _check_keys(d: dict, cls, where: str, *, required: str) -> None:
 def _source_from(item, where: str) -> DataSource:
     if isinstance(item, DataSource):
         return item
+    path = item.get("path") if isinstance(item, dict) else item
+    if isinstance(path, str) and not path.strip():  # Path("") is the cwd: it always "exists"
+        raise ValueError(f"{where}{'' if isinstance(item, str) else '.path'}: expected a file or directory, got an "
+                         "empty path")
     if isinstance(item, str):
         return DataSource(path=item)
     if not isinstance(item, dict):

@@ -39,6 +39,24 @@ def _where(path: str, row: int, line_based: bool) -> str:
 # --------------------------------------------------------------------------------------------------- raw reading
 
 
+DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".txt")
+SAVE_TO_DISK_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what datasets.save_to_disk writes
+
+
+def source_files(path: str) -> list[str]:
+    """The files one source reads: a data file or a ``save_to_disk`` dir is itself; any other directory is read as
+    all its data files (``DATA_SUFFIXES``, not recursive, hidden files left out), in sorted order."""
+    p = Path(path)
+    if not p.is_dir() or any((p / name).is_file() for name in SAVE_TO_DISK_FILES):
+        return [path]
+    files = sorted(str(f) for f in p.iterdir()
+                   if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in DATA_SUFFIXES)
+    if not files:
+        raise DataError(f"{path}: a directory without data files ({', '.join(DATA_SUFFIXES)}) that is not a "
+                        "datasets.save_to_disk directory either", path=path)
+    return files
+
+
 def iter_raw_rows(path: str, *, max_rows: int | None = None) -> Iterator[tuple[int, object, bool]]:
     """Yield ``(row_index, record_or_DataError, line_based)`` from a file or a ``save_to_disk`` directory.
 
@@ -288,8 +306,10 @@ def validate_conversation(messages: list[dict], where: str, *, allow_empty_respo
                                 "(train EOS-only, as the official Alpaca code) or 'skip'", field=fld)
     if messages[-1]["role"] != "assistant":
         fld = messages[-1].get("_field", f"message {len(messages) - 1}")
-        raise DataError(f"{where}: conversation does not end with an assistant turn (last turn {fld} is "
-                        f"{messages[-1]['role']!r})", field=fld)
+        turn = fld.rsplit(".", 1)[0]  # messages[2].content -> messages[2]: it is the turn's role that is wrong
+        raise DataError(f"{where}: conversation does not end with an assistant turn (the last turn, {turn}, has "
+                        f"role {messages[-1]['role']!r}); end it with the assistant's answer or drop the row",
+                        field=fld)
     keep = ("role", "content", "instruction", "input")
     return [{k: m[k] for k in keep if k in m} for m in messages]
 
@@ -347,15 +367,17 @@ def iter_records(path: str, fmt: str = "auto", *, report: dict, max_rows: int | 
     """
     report.update({"rows_read": 0, "skipped_bad_rows": 0, "filtered_label_false": 0, "empty_responses": 0,
                    "empty_response": empty_response, "bad_row_examples": [], "format": fmt})
-    kept = 0
-    for i, rec, line_based in iter_raw_rows(path, max_rows=max_rows):
-        where = _where(path, i, line_based)
+    kept, requested, last_file = 0, fmt, None
+    for i, rec, line_based, file in _iter_source_rows(path, max_rows):
+        if file != last_file:  # each file of a directory source is detected on its own
+            fmt, last_file = requested, file
+        where = _where(file, i, line_based)
         report["rows_read"] += 1
         try:
             if fmt == "auto":
                 if isinstance(rec, DataError):
                     raise rec
-                fmt = report["format"] = detect_format(path, rec)
+                fmt = report["format"] = detect_format(file, rec)
             out = normalize_record(rec, fmt, where, system_prompt, allow_empty_response=empty_response == "eos")
             if variation_seed is not None and fmt == "alpaca" and out is not None and \
                     out["messages"][0]["role"] != "system":
@@ -368,7 +390,7 @@ def iter_records(path: str, fmt: str = "auto", *, report: dict, max_rows: int | 
                 report["empty_responses"] += 1
                 continue
             if e.path is None:
-                e.path = path
+                e.path = file
             if e.row is None:
                 e.row = i
             if not skip_bad_rows:
@@ -388,6 +410,18 @@ def iter_records(path: str, fmt: str = "auto", *, report: dict, max_rows: int | 
                         f"{report['filtered_label_false']} with label=false)", path=path)
     if report["format"] == "auto":
         report["format"] = "text"
+
+
+def _iter_source_rows(path: str, max_rows: int | None):
+    """(row index, record, line_based, file) over every file of the source (``source_files``), ``max_rows`` in all."""
+    left = max_rows
+    for file in source_files(path):
+        for i, rec, line_based in iter_raw_rows(file, max_rows=left):
+            yield i, rec, line_based, file
+            if left is not None:
+                left -= 1
+        if left is not None and left <= 0:
+            return
 
 
 def read_source(path: str, fmt: str = "auto", **options) -> tuple[list[dict], str, dict]:

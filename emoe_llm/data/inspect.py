@@ -15,26 +15,28 @@ import itertools
 import json
 import sys
 
+from ..checks import arg_number, arg_path, nonnegative_int
+
 MASK_OPEN, MASK_CLOSE = "\u27e6", "\u27e7"  # ⟦ masked (label -100) text ⟧
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="recipe YAML; its `data:` section is used (and model.tokenizer/model.path)")
-    parser.add_argument("--source", action="append", default=[], metavar="PATH",
+    parser.add_argument("--source", action="append", default=[], metavar="PATH", type=arg_path,
                         help="a data file or save_to_disk dir (repeatable); overrides the config's sources")
     parser.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages", "text"],
                         help="format of --source files")
     parser.add_argument("--tokenizer", help="tokenizer dir (default: the config's model.tokenizer or model.path)")
     parser.add_argument("--template", help="auto | alpaca | alpaca_merged | llama2 | llama3 | path/to/template.jinja")
-    parser.add_argument("--max-seq-len", type=int)
+    parser.add_argument("--max-seq-len", type=arg_number(integer=True, ge=2))
     parser.add_argument("--packing", action="store_true", default=None)
     parser.add_argument("--train-on-prompt", action="store_true", default=None)
     parser.add_argument("--truncation", choices=["truncate", "drop"])
     parser.add_argument("--skip-bad-rows", action="store_true", default=None,
                         help="skip malformed rows and report how many (default: stop at the first)")
     parser.add_argument("--cache-dir")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--show", type=int, default=1, help="decoded training rows to print (default 1)")
+    parser.add_argument("--seed", type=nonnegative_int)
+    parser.add_argument("--show", type=nonnegative_int, default=1, help="decoded training rows to print (default 1)")
     parser.add_argument("--validate-only", action="store_true", help="only read and validate the sources")
     parser.add_argument("--json", action="store_true", help="print the stats as JSON")
 

@@ -9,6 +9,21 @@ import os
 _RESERVED_PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<pad>", "<|pad|>", "[PAD]")
 
 
+# One of these makes a directory a tokenizer for AutoTokenizer (fast JSON, SentencePiece model, or a config naming one).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def tokenizer_files_error(path: str | os.PathLike) -> str | None:
+    """Why ``path`` holds no tokenizer (said before anything is loaded), or None."""
+    if not os.path.isdir(path):
+        return f"tokenizer not found: {path} is not a directory" if os.path.exists(path) else \
+            f"tokenizer not found: {path}"
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        return (f"no tokenizer files in {path} (expected one of {', '.join(TOKENIZER_FILES)}); copy the base "
+                "model's tokenizer files there")
+    return None
+
+
 class _DropTiktokenFallbackNotice(logging.Filter):
     # transformers first tries a Llama-3 tiktoken file as SentencePiece and logs a harmless notice; hide that one line.
     def filter(self, record):
@@ -32,8 +47,9 @@ def load_tokenizer(path: str | os.PathLike, *, add_pad_token_if_needed: bool = T
     from transformers.utils import logging as hf_logging
 
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer not found: {path}")
+    error = tokenizer_files_error(path)  # before AutoTokenizer's "install sentencepiece or tiktoken" guesswork
+    if error:
+        raise FileNotFoundError(error)
     notice_filter = _DropTiktokenFallbackNotice()
     hf_logger = hf_logging.get_logger("transformers")
     handlers = list(hf_logger.handlers)

@@ -108,6 +108,7 @@ def load_for_eval(path: str, *, mode: str, device: str, dtype: str, top_k: int |
 
 
 def run(args: argparse.Namespace) -> int:
+    from .inputs import check_eval_inputs
     from .mmlu import evaluate_mmlu, format_report, read_mmlu
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -117,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         # Everything cheap first (CSVs, shard headers): a bad row must not cost the minutes a 7B load takes.
+        check_eval_inputs(args.checkpoint, batch_size=args.batch_size, top_k=args.top_k, max_length=args.max_length)
         questions = read_mmlu(args.mmlu_dir, split=args.split, shots=args.shots, subjects=args.subjects,
                               limit=args.limit)
         check_checkpoint_files(args.checkpoint)

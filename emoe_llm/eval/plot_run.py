@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
+
+from ..fileio import output_dir_error, write_files_atomically
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,9 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        paths = plot_run(args.run_dir, args.out)
+        paths = plot_run(args.run_dir, args.out, note=lambda m: print(f"emoe-llm plot: note: {m}", file=sys.stderr))
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"emoe-llm plot: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk or a read-only --out found while writing: nothing was left behind
+        print(f"emoe-llm plot: error: cannot write the plots: {e.strerror or e} ({e.filename or args.out})",
+              file=sys.stderr)
         return 2
     for p in paths:
         print(f"wrote {p}")
@@ -31,13 +38,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(step records sorted by step, last record of each step; final_eval events)."""
+    """(step records sorted by step, last record of each step; final_eval events). Every line is checked: a record
+    that is not a JSON object, a non-integer step, a final_eval without eval_loss or a non-UTF-8 byte is an error
+    naming the line (only the last line may be cut short: a run killed mid-write)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (is {run_dir} a training output_dir?)")
     steps, finals = {}, []
-    lines = path.read_text().splitlines()
-    for n, line in enumerate(lines, 1):
+    lines = path.read_bytes().splitlines()
+    for n, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                             f"{e.start + 1})") from None
         if not line.strip():
             continue
         try:
@@ -45,29 +59,52 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
         except json.JSONDecodeError:
             if n == len(lines):
                 continue  # a run killed mid-write leaves a partial last line
-            raise ValueError(f"{path}: line {n} is not valid JSON") from None
+            raise ValueError(f"{path}: line {n}: not valid JSON") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: line {n}: expected a JSON object, got {type(rec).__name__} "
+                             f"{line.strip()[:40]}")
+        step = rec.get("step")
+        if "step" in rec and (isinstance(step, bool) or not isinstance(step, int)):
+            raise ValueError(f"{path}: line {n}: 'step' must be an integer, got {step!r}")
         if rec.get("event") == "final_eval":
+            if not isinstance(rec.get("eval_loss"), (int, float)) or step is None:
+                raise ValueError(f"{path}: line {n}: a final_eval record needs 'step' and a numeric 'eval_loss'")
             finals.append(rec)
-        elif "event" not in rec and "step" in rec:
-            steps[rec["step"]] = rec
+        elif "event" not in rec and step is not None:
+            steps[step] = rec
     if not steps:
         raise ValueError(f"{path}: no step records yet")
     return [steps[s] for s in sorted(steps)], finals
 
 
-def plot_run(run_dir, out=None) -> list[Path]:
+def plot_run(run_dir, out=None, *, note=None) -> list[Path]:
+    """Write the PNGs; every input is checked before anything is created, and the PNGs appear together or not at
+    all (temp names, renamed at the end). ``note(message)`` hears about plots with nothing to show."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"RUN_DIR {run_dir} {'is not a directory' if run_dir.exists() else 'does not exist'} "
+                         "(expected a training output_dir holding metrics.jsonl)")
+    records, finals = read_metrics(run_dir)
+    out = Path(out) if out else run_dir / "plots"
+    error = output_dir_error(out, flag="--out")
+    if error:
+        raise ValueError(error)
     from .plotting import pyplot
 
     plt = pyplot()
-    run_dir = Path(run_dir)
-    out = Path(out) if out else run_dir / "plots"
-    out.mkdir(parents=True, exist_ok=True)
-    records, finals = read_metrics(run_dir)
-    written = [_plot_training(plt, records, finals, out / "training.png", title=run_dir.name)]
-    load = _plot_expert_load(plt, records, out / "expert_load.png", title=run_dir.name)
-    if load:
-        written.append(load)
-    return written
+    if not any(math.isfinite(v) for v in _series(records, "loss")[1]):
+        (note or (lambda m: None))(f"no finite train loss in {run_dir / 'metrics.jsonl'} (every one NaN or inf: "
+                                   "a diverged run?); its panel says so")
+    figures = {"training.png": _plot_training(plt, records, finals, title=run_dir.name)}
+    load = _plot_expert_load(plt, records, title=run_dir.name)
+    if load is not None:
+        figures["expert_load.png"] = load
+    try:
+        return write_files_atomically(out, {name: (lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
+                                            for name, fig in figures.items()})
+    finally:
+        for fig in figures.values():
+            plt.close(fig)
 
 
 def _series(records: list[dict], key: str) -> tuple[list, list]:
@@ -75,17 +112,12 @@ def _series(records: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _save(fig, plt, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
-def _plot_training(plt, records, finals, path: Path, *, title: str) -> Path:
+def _plot_training(plt, records, finals, *, title: str):
     fig, (ax_loss, ax_lr, ax_tps) = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
     ax_loss.plot(*_series(records, "loss"), label="train loss", lw=1.2)
+    if not any(math.isfinite(v) for v in _series(records, "loss")[1]):
+        ax_loss.text(0.5, 0.5, "no finite train loss (NaN / inf)", transform=ax_loss.transAxes, ha="center",
+                     va="center", color="tab:red")
     ex, ey = _series(records, "eval_loss")
     if finals:
         ex, ey = ex + [f["step"] for f in finals], ey + [f["eval_loss"] for f in finals]
@@ -109,10 +141,10 @@ def _plot_training(plt, records, finals, path: Path, *, title: str) -> Path:
                 line.set_marker(line.get_marker() if line.get_marker() not in (None, "None", "") else ".")
     fig.suptitle(f"{title}: {len(records)} logged steps")
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return fig
 
 
-def _plot_expert_load(plt, records, path: Path, *, title: str) -> Path | None:
+def _plot_expert_load(plt, records, *, title: str):
     import numpy as np
 
     with_load = [r for r in records if isinstance(r.get("expert_load"), dict) and r["expert_load"]]
@@ -141,4 +173,4 @@ def _plot_expert_load(plt, records, path: Path, *, title: str) -> Path | None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{title}: expert load")
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return fig

@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from emoe_llm.fileio import atomic_write_text
+from emoe_llm.checks import arg_number, nonnegative_int, positive_int
+from emoe_llm.fileio import output_dir_error, write_files_atomically
 from emoe_llm.tiny import DATA_DIR
 
 EXAMPLES = """examples:
@@ -39,24 +40,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("checkpoint", metavar="CKPT", help="HF checkpoint dir: converted (has an 'emoe' block) or dense")
     parser.add_argument("--out", required=True, metavar="DIR", help="output dir for probe.json and probe.png")
-    parser.add_argument("--experts", type=int, default=None, metavar="N",
+    parser.add_argument("--experts", type=positive_int, default=None, metavar="N",
                         help="experts per layer (required for a dense checkpoint; default: the converted one's)")
     parser.add_argument("--ks", default=None,
                         help="comma-separated top-k values (default: N/4 and N/2, e.g. 4,8 for N=16)")
     parser.add_argument("--layers", default="all", help="layers to probe: 'all', '0,2,26', '20:2' (default all)")
     parser.add_argument("--data", default=str(DATA_DIR / "instruct" / "alpaca_en_demo.json"),
                         help="instruction data (any format the data pipeline reads; default: the shipped alpaca demo)")
-    parser.add_argument("--tokens", type=int, default=300,
+    parser.add_argument("--tokens", type=positive_int, default=300,
                         help="response tokens to score, taken from the *last* rows of --data (default 300)")
-    parser.add_argument("--max-seq-len", type=int, default=256, help="rows are truncated to this (default 256)")
+    parser.add_argument("--max-seq-len", type=arg_number(integer=True, ge=2), default=256,
+                        help="rows are truncated to this (default 256)")
     parser.add_argument("--template", default="auto", help="chat template (default auto: the tokenizer's own)")
-    parser.add_argument("--budget", type=float, default=0.1,
+    parser.add_argument("--budget", type=arg_number(ge=0), default=0.1,
                         help="dNLL budget (nats) for the recommended layer set (default 0.1)")
-    parser.add_argument("--recommend-k", type=int, default=None,
+    parser.add_argument("--recommend-k", type=positive_int, default=None,
                         help="k for the recommendation (default: the checkpoint's top-k, else N/4)")
-    parser.add_argument("--max-layers", type=int, default=4,
+    parser.add_argument("--max-layers", type=positive_int, default=4,
                         help="at most this many layers in the recommendation (default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="clustering seed (default 0)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="clustering seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda | cuda:1")
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                         help="auto: fp32 on CPU (bf16 matmuls are ~100x slower there), bf16 on GPU")
@@ -68,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
         result = probe(args)
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"emoe-llm probe: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. the disk filled up while writing: nothing was left behind
+        print(f"emoe-llm probe: error: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     print(format_table(result))
     out = Path(args.out)
@@ -169,6 +174,25 @@ def load_stats(load, top_k: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def resolve_device(requested: str) -> str:
+    """--device: auto -> cuda when available, else cpu; a CUDA device this machine lacks is an error, said up front."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"--device {requested!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {requested}: CUDA is not available on this machine; use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {requested!r}: expected auto, cpu, cuda or cuda:N")
+    return requested
+
+
 def probe(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -182,6 +206,13 @@ def probe(args: argparse.Namespace) -> dict:
     ckpt = Path(args.checkpoint)
     if not (ckpt / "config.json").is_file():
         raise FileNotFoundError(f"{ckpt}/config.json not found (expected an HF checkpoint dir)")
+    error = output_dir_error(args.out, flag="--out")  # before minutes of computing
+    if error:
+        raise ValueError(error)
+    if not args.no_plot:
+        from .plotting import pyplot
+
+        pyplot()  # matplotlib missing: said now, not after the computation
     config = json.loads((ckpt / "config.json").read_text())
     emoe_block = config.get("emoe")
     settings = EMoESettings.from_dict(emoe_block) if emoe_block else None
@@ -194,7 +225,10 @@ def probe(args: argparse.Namespace) -> dict:
     d_ff = config["intermediate_size"]
     if d_ff % n_experts:
         raise ValueError(f"--experts {n_experts} does not divide d_ff={d_ff}")
-    ks = [int(k) for k in args.ks.split(",")] if args.ks else sorted({max(1, n_experts // d) for d in (4, 2)})
+    try:
+        ks = [int(k) for k in args.ks.split(",")] if args.ks else sorted({max(1, n_experts // d) for d in (4, 2)})
+    except ValueError:
+        raise ValueError(f"--ks {args.ks!r}: expected comma-separated integers, e.g. 4,8") from None
     bad = [k for k in ks if not 1 <= k < n_experts]
     if bad:
         raise ValueError(f"--ks {bad}: each k must satisfy 1 <= k < N={n_experts}")
@@ -202,7 +236,7 @@ def probe(args: argparse.Namespace) -> dict:
     if rec_k not in ks:
         ks = sorted(set(ks) | {rec_k})
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
         args.dtype, torch.float32 if device == "cpu" else torch.bfloat16)
     tokenizer = load_tokenizer(ckpt)
@@ -283,11 +317,10 @@ def probe(args: argparse.Namespace) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "recommendation": recommendation, "per_layer": results,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "probe.json", json.dumps(result, indent=1) + "\n")
+    writers = {"probe.json": lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n")}
     if not args.no_plot:
-        plot_probe(result, out / "probe.png")
+        writers["probe.png"] = lambda tmp: plot_probe(result, tmp)
+    write_files_atomically(args.out, writers)  # both or neither
     return result
 
 
@@ -363,7 +396,7 @@ def plot_probe(result: dict, path: Path) -> None:
                  f"{result['response_tokens']} tokens\nrecommended for dNLL <= {rec['budget']} at k={rec['k']}: "
                  f"layers {rec['layers'] or 'none'}", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(path, dpi=110, format="png")
+    finally:
+        plt.close(fig)

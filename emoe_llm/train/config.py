@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -26,8 +27,10 @@ from typing import Any
 
 import yaml
 
+from ..checks import range_error
 from ..emoe.settings import CLUSTER_METHODS
 from ..data.config import BUILTIN_TEMPLATES, DataConfig, data_config_from_dict
+from ..data.tokenizer import TOKENIZER_FILES
 
 
 class ConfigError(ValueError):
@@ -258,16 +261,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             f = float(value)
         except ValueError:
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(f)
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):  # nan passes every `<= 0` check; 1e400 reads as inf
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return f
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -415,14 +421,20 @@ def validate_config(cfg: RecipeConfig, *, source: str = "config") -> None:
         errors.append(f"train.log_every_steps must be >= 1, got {t.log_every_steps}")
     if t.epochs == 0 and t.max_steps == 0:
         errors.append("set train.epochs > 0 or train.max_steps > 0")
-    if not 0.0 <= t.warmup_ratio < 1.0:
-        errors.append(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
-    if not 0.0 <= t.min_lr_ratio <= 1.0:
-        errors.append(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-    if t.lr <= 0:
-        errors.append(f"train.lr must be > 0, got {t.lr}")
+    ranges = {"train.lr": (t.lr, {"gt": 0}), "train.weight_decay": (t.weight_decay, {"ge": 0}),
+              "train.eps": (t.eps, {"gt": 0}), "train.warmup_ratio": (t.warmup_ratio, {"ge": 0, "lt": 1}),
+              "train.min_lr_ratio": (t.min_lr_ratio, {"ge": 0, "le": 1}),
+              "train.max_grad_norm": (t.max_grad_norm, {"ge": 0}),
+              "lora.dropout": (cfg.lora.dropout, {"ge": 0, "lt": 1}), "lora.r": (cfg.lora.r, {"ge": 1}),
+              "lora.alpha": (cfg.lora.alpha, {"gt": 0})}
     if len(t.betas) != 2:
         errors.append(f"train.betas must be two numbers, got {list(t.betas)}")
+    else:
+        ranges.update({f"train.betas[{i}]": (b, {"ge": 0, "lt": 1}) for i, b in enumerate(t.betas)})
+    for key, (value, bounds) in ranges.items():
+        error = range_error(value, **bounds)
+        if error:
+            errors.append(f"{key} {error}")
     if cfg.lora.quantize not in ("none", "4bit"):
         errors.append(f"lora.quantize must be 'none' or '4bit', got '{cfg.lora.quantize}'")
     if cfg.lora.quantize != "none" and not cfg.lora.enabled:
@@ -432,9 +444,6 @@ def validate_config(cfg: RecipeConfig, *, source: str = "config") -> None:
         errors.append("resume must be 'auto', 'none' or a checkpoint path")
     if errors:
         raise ConfigError(f"{source}: " + "; ".join(errors))
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def check_runnable(cfg: RecipeConfig) -> None:

@@ -17,7 +17,7 @@ multiplying by the world size.
 
 Preemption: SIGUSR1/SIGTERM or the file ``{output_dir}/STOP`` make every rank stop at the next optimizer-step
 boundary (agreed with one all_reduce), save a checkpoint of that step, and exit 0 without writing COMPLETED. The run
-removes a stale STOP file at start (rank 0, before the first barrier), so a restart simply continues.
+removes a stale STOP file once its resume has loaded (rank 0), so a restart simply continues.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ from ..data import SFTCollator, build_sft_datasets, load_tokenizer
 from ..emoe import TRAINED_KEY, enable_emoe, pop_expert_load, trained_record
 from ..fileio import atomic_write_text
 from ..tiny import build_demo_model
-from . import checkpoint
+from . import checkpoint, compat
 from .config import (
     ConfigError,
     RecipeConfig,
@@ -404,8 +404,9 @@ def gather_expert_load(model, device) -> dict:
 @dataclass
 class TrainState:
     """Where the run is: exactly what ``checkpoints/step_*/trainer_state.json`` holds. ``(epoch, step_in_epoch)`` is
-    the whole data position (the order is a seeded permutation per epoch); the last five fields record the layout the
-    checkpoint was saved with, so a resume can check it."""
+    the whole data position (the order is a seeded permutation per epoch); the last six fields record the layout and
+    the recipe identity (model, conversion, mode, LoRA: ``compat``) the checkpoint was saved with, so a resume can
+    check it before loading anything."""
 
     step: int = 0
     epoch: int = 0
@@ -416,6 +417,7 @@ class TrainState:
     world_size: int = 1
     global_batch_size: int = 0
     seed: int = 0
+    recipe_identity: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -518,20 +520,28 @@ def init_distributed(cfg: RecipeConfig, local_rank: int | None) -> tuple[int, in
 
 
 def prepare_output_dir(cfg: RecipeConfig, *, rank: int) -> Path:
-    """Collective. Rank 0 creates output_dir and removes what a restart must not see: a stale STOP (the previous run
-    was preempted; this one is the restart) and COMPLETED (a finished run being extended, e.g. more steps)."""
+    """Collective. Rank 0 creates output_dir (what a restart must not see is removed only once the resume worked:
+    ``clear_restart_markers``)."""
     output_dir = Path(cfg.output_dir)
     created = not output_dir.exists()
     dist.barrier()  # every rank has read the run state (nothing_to_do) before rank 0 changes it
     note_output_dir(output_dir, created=created)  # a failed run removes it again while it is still empty
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    return output_dir
+
+
+def clear_restart_markers(output_dir: Path, *, rank: int) -> None:
+    """Collective, after the resume loaded: rank 0 removes a stale STOP (the previous run was preempted; this one is
+    the restart) and COMPLETED (a finished run being extended, e.g. more steps). Not before: a refused or failed
+    resume leaves the run dir as it was."""
+    if rank == 0:
         if (output_dir / "STOP").exists():
             (output_dir / "STOP").unlink()
             log0(f"removed stale {output_dir / 'STOP'}")
         (output_dir / "COMPLETED").unlink(missing_ok=True)
     dist.barrier()
-    return output_dir
 
 
 def ensure_tiny_model(path: Path, *, conversion: dict | None, rank: int) -> None:
@@ -602,18 +612,22 @@ def build_engine(cfg: RecipeConfig, ds_config: dict, *, dtype: torch.dtype, tota
 
 
 def elastic_resume(cfg: RecipeConfig, ds_config: dict, *, world: int) -> tuple[Path | None, bool]:
-    """Before the engine exists: the checkpoint to resume from, and whether it was saved at another world size. If
-    so, the engine is told to load DeepSpeed's universal format (converted in ``resume``) and, when the recipe does
-    not fix the global batch, the saved one is kept (micro x accum x world re-derived), so the data position (the
-    samples consumed: step x global batch of one seeded order) and the LR schedule carry over unchanged."""
+    """Before any process group (every rank reaches the same verdict): the checkpoint to resume from, and whether it
+    was saved at another world size. If so, the engine is told to load DeepSpeed's universal format (converted in
+    ``resume``) and, when the recipe does not fix the global batch, the saved one is kept (micro x accum x world
+    re-derived), so the data position (the samples consumed: step x global batch of one seeded order) and the LR
+    schedule carry over unchanged. A checkpoint this run cannot continue (another model, conversion, mode, LoRA,
+    global batch; missing rank files) is refused here (``compat.check_resume``), before anything is loaded."""
     ckpt = checkpoint.find_resume_checkpoint(cfg.resume, cfg.output_dir)
     if ckpt is None:
         return None, False
     saved = checkpoint.read_trainer_state(ckpt)
-    if saved.get("world_size", world) == world:
-        return ckpt, False
-    if not cfg.train.global_batch_size and saved.get("global_batch_size"):
+    elastic = saved.get("world_size", world) != world
+    if elastic and not cfg.train.global_batch_size and saved.get("global_batch_size"):
         cfg.train.global_batch_size, cfg.train.grad_accum = int(saved["global_batch_size"]), 0
+    compat.check_resume(ckpt, saved, cfg, world=world)
+    if not elastic:
+        return ckpt, False
     ds_config.setdefault("checkpoint", {})["load_universal"] = True
     log0(f"{ckpt} was saved with {saved.get('world_size')} ranks, this run has {world}: resuming through DeepSpeed's "
          f"universal checkpoint, global batch {cfg.train.global_batch_size or saved.get('global_batch_size')}")
@@ -627,13 +641,7 @@ def resume(engine, ckpt: Path | None, state: TrainState, *, elastic: bool, rank:
         return None
     if elastic:
         checkpoint.universal_checkpoint(ckpt, rank=rank)
-    saved = checkpoint.load_checkpoint(engine, ckpt, universal=elastic)
-    for key in ("global_batch_size", "steps_per_epoch"):
-        if saved.get(key) not in (None, getattr(state, key)):
-            raise RuntimeError(f"{ckpt}: saved with {key} {saved[key]}, this run has {getattr(state, key)}; the "
-                               f"data or batch size changed, so the data position is invalid (set "
-                               f"train.global_batch_size={saved[key] if key == 'global_batch_size' else '...'})")
-    saved = TrainState.from_dict(saved)
+    saved = TrainState.from_dict(checkpoint.load_checkpoint(engine, ckpt, universal=elastic))
     state.step, state.epoch, state.step_in_epoch = saved.step, saved.epoch, saved.step_in_epoch
     state.tokens_seen = saved.tokens_seen
     log0(f"resumed from {ckpt}: step {state.step}, epoch {state.epoch}, step-in-epoch {state.step_in_epoch}"
@@ -641,14 +649,27 @@ def resume(engine, ckpt: Path | None, state: TrainState, *, elastic: bool, rank:
     return ckpt
 
 
+def check_data_position(ckpt: Path | None, steps_per_epoch: int) -> None:
+    """Before any weights load: the saved (epoch, step-in-epoch) only means the same samples with the same number of
+    steps per epoch (the data changed otherwise)."""
+    if ckpt is None:
+        return
+    saved = checkpoint.read_trainer_state(ckpt).get("steps_per_epoch")
+    if saved not in (None, steps_per_epoch):
+        raise ConfigError(f"resume: {ckpt}: steps per epoch: checkpoint {saved}, this run {steps_per_epoch}; the "
+                          f"training data changed, so the saved data position is invalid (resume with the same data, "
+                          f"or start a new output_dir)")
+
+
 def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) -> tuple[Run, TrainState]:
     """Collective: every rank calls it with the same recipe. Returns the run and its state (fresh or resumed)."""
+    # the resume is checked first, before any process group: a refusal costs nothing and changes nothing
+    ckpt, elastic = elastic_resume(cfg, ds_config, world=int(os.environ.get("WORLD_SIZE", "1")))
     rank, world, device = init_distributed(cfg, local_rank)
     output_dir = prepare_output_dir(cfg, rank=rank)
     stop = StopRequest(output_dir / "STOP")
     if cfg.model.build_tiny_if_missing:
         ensure_tiny_model(Path(cfg.model.path), conversion=cfg.emoe.conversion() if cfg.emoe else None, rank=rank)
-    ckpt, elastic = elastic_resume(cfg, ds_config, world=world)
     ds_config = fill_ds_config(ds_config, cfg, world_size=world)
     ds_config, note = resolve_precision(ds_config, cfg.train.precision, on_cpu=device.type == "cpu")
     if note:
@@ -661,6 +682,7 @@ def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) 
     attn = pick_attn_implementation(cfg.model.attn_implementation, DTYPES[precision])
     collator = SFTCollator(pad_token_id=tokenizer.pad_token_id, flash_attn_kwargs=attn == "flash_attention_2")
     steps_per_epoch, total_steps = plan_steps(cfg, len(train_ds), micro=micro, accum=accum, world=world)
+    check_data_position(ckpt, steps_per_epoch)
     log0(f"{len(train_ds)} train rows, {len(eval_ds) if eval_ds is not None else 0} eval rows; {world} ranks x "
          f"micro {micro} x accum {accum} = global batch {global_bs}; {steps_per_epoch} steps/epoch, "
          f"{total_steps} steps; ZeRO-{ds_zero_stage(ds_config)} {precision}")
@@ -668,7 +690,9 @@ def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) 
                        global_batch_size=global_bs, seed=cfg.seed)
     engine, scheduler, keepalive = build_engine(cfg, ds_config, dtype=DTYPES[precision], total_steps=total_steps,
                                                 rank=rank)
+    state.recipe_identity = compat.planned_identity(cfg)  # the model is in place now: what it names is what loaded
     resumed_from = resume(engine, ckpt, state, elastic=elastic, rank=rank)
+    clear_restart_markers(output_dir, rank=rank)
 
     hosts = [None] * world
     dist.all_gather_object(hosts, socket.gethostname())
