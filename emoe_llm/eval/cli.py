@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -39,15 +40,22 @@ from emoe_llm.fileio import atomic_write_text
 DEFAULT_TASKS = "emoe_mmlu"
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
@@ -81,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: the checkpoint's dtype on GPU, fp32 on CPU")
     parser.add_argument("--output", default=None,
                         help="results JSON (default: <checkpoint parent>/eval/<checkpoint name>_<mode>.json)")
-    parser.add_argument("--no-progress", action="store_true", help="quieter: lm-eval logs warnings only")
+    parser.add_argument("--no-progress", action="store_true", help="quieter: lm-eval logs errors only")
 
 
 def check_checkpoint_files(path: str) -> None:
@@ -138,15 +146,31 @@ def load_for_eval(path: str, *, mode: str, device: str, dtype: str, top_k: int |
     return model, tokenizer, info
 
 
-def task_manager(include_paths=(), metadata: dict | None = None):
-    """lm-eval's TaskManager over its own tasks, the shipped ones and the user's directories."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+class _DropCustomDatasetNotice(logging.Filter):
+    """lm-eval warns on every task with a ``custom_dataset`` loader (all the shipped ones): noise here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in record.getMessage()
+
+
+def task_manager(include_paths=(), metadata: dict | None = None, *, quiet: bool = False,
+                 lm_eval_tasks: bool = True):
+    """lm-eval's TaskManager over the shipped tasks, the user's directories and (``lm_eval_tasks``) lm-eval's own,
+    whose index takes ~20 s to build on a small machine. Offline: no hub call."""
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
     from lm_eval.tasks import TaskManager
+
+    # lm-eval's records go to the root logger's handlers (the current stderr), not a handler of their own.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR if quiet else logging.WARNING)
+    task_log = logging.getLogger("lm_eval.api.task")
+    if not any(isinstance(f, _DropCustomDatasetNotice) for f in task_log.filters):
+        task_log.addFilter(_DropCustomDatasetNotice())
 
     from .tasks import TASKS_DIR
 
-    return TaskManager(include_path=[str(TASKS_DIR), *map(str, include_paths)], metadata=metadata)
+    return TaskManager(include_path=[str(TASKS_DIR), *map(str, include_paths)], include_defaults=lm_eval_tasks,
+                       metadata=metadata)
 
 
 def load_tasks(manager, names: list[str]) -> list:
@@ -215,7 +239,9 @@ def run(args: argparse.Namespace) -> int:
         # Everything cheap first (task names, task data, shard headers): a bad row must not cost the minutes a 7B
         # load takes.
         check_checkpoint_files(args.checkpoint)
-        manager = task_manager(args.include_path, metadata)
+        manager = task_manager(args.include_path, metadata, quiet=args.no_progress, lm_eval_tasks=False)
+        if any(n not in manager.all_tasks for n in names):  # not shipped nor the user's: lm-eval's own task list
+            manager = task_manager(args.include_path, metadata, quiet=args.no_progress)
         unknown = [n for n in names if n not in manager.all_tasks]
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; see emoe-llm eval --list-tasks (shipped) or lm-eval's "
@@ -234,8 +260,7 @@ def run(args: argparse.Namespace) -> int:
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length)
     t0 = time.perf_counter()
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=args.num_fewshot,
-                                  limit=args.limit, log_samples=False,
-                                  verbosity="WARNING" if args.no_progress else "INFO")
+                                  limit=args.limit, log_samples=False)
     result = {"results": out["results"]}
     if out.get("groups"):
         result["groups"] = out["groups"]
