@@ -35,7 +35,7 @@ from .templates import BUILTIN, resolve_template
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 5  # bump when encoding or the cache layout changes so stale caches are not reused
+PIPELINE_VERSION = 6  # bump when encoding or the cache layout changes so stale caches are not reused
 # (2: official Alpaca prompt; 3: ChatML replies end at their EOS; 4: sources streamed into Arrow; 5: int32 token columns)
 WRITER_BATCH = 1000  # rows per Arrow record batch while streaming a source to disk
 PACK_BATCH = 256  # packed rows built per numpy batch
