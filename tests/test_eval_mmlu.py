@@ -168,3 +168,26 @@ def test_dense_trained_export_evaluates_dense_by_default(tiny, tmp_path):
     assert masked["mode"] == "emoe" and masked["mode_source"] == "requested (--mode)"
     assert masked["top_k"] == 4 and masked["layers"] == [2, 3]
     assert masked["overall"]["mean_logprob_answer"] != pytest.approx(dense["overall"]["mean_logprob_answer"], abs=1e-6)
+
+
+def test_old_scorer_and_lm_eval_pick_the_same_answers(tiny):
+    """Before the hand-written scorer goes: lm-eval's emoe_mmlu picks the same letter on >= 99% of questions."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM
+
+    from emoe_llm.eval.cli import task_manager
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["dense"], dtype=torch.float32).eval()
+    tok = load_tokenizer(tiny["dense"])
+    old = evaluate_mmlu(model, tok, MMLU, split="val", shots=5, subjects=SUBJECTS, max_length=4096, progress=False)
+    new = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=8, max_length=4096),
+                                  tasks=[f"emoe_mmlu_{s}" for s in SUBJECTS],
+                                  task_manager=task_manager(lm_eval_tasks=False), log_samples=True)
+    same = total = 0
+    for s in SUBJECTS:
+        for sample in new["samples"][f"emoe_mmlu_{s}"]:
+            pick = max(range(4), key=lambda i: sample["filtered_resps"][i][0])
+            same += pick == old["predictions"][s][sample["doc_id"]]
+            total += 1
+    assert total == old["overall"]["n"] and same / total >= 0.99

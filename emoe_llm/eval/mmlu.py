@@ -178,9 +178,9 @@ def evaluate_mmlu(model, tokenizer, mmlu_dir: str | Path = "data/eval/mmlu", *, 
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and _adds_bos(tokenizer) else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    items = []  # (subject, ids, answer_idx, shots_used)
+    items = []  # (subject, ids, answer_idx, shots_used, question index)
     for subject, (dev, qs) in questions.items():
-        for q in qs:
+        for qi, q in enumerate(qs):
             k = min(shots, len(dev))
             while True:
                 ids = bos + tokenizer(build_prompt(dev[:k], q), add_special_tokens=False)["input_ids"]
@@ -188,11 +188,12 @@ def evaluate_mmlu(model, tokenizer, mmlu_dir: str | Path = "data/eval/mmlu", *, 
                     break
                 k -= 1
             ids = ids[-max_length:]
-            items.append((subject, ids, CHOICES.index(q.answer), k))
+            items.append((subject, ids, CHOICES.index(q.answer), k, qi))
 
     model.eval()
     correct: dict[str, int] = {}
     count: dict[str, int] = {}
+    predictions = {s: [None] * len(qs) for s, (_, qs) in questions.items()}
     logp_right = 0.0
     order = sorted(range(len(items)), key=lambda i: -len(items[i][1]))  # length-sorted batches: less padding
     bar = None
@@ -217,6 +218,7 @@ def evaluate_mmlu(model, tokenizer, mmlu_dir: str | Path = "data/eval/mmlu", *, 
         answer = torch.tensor([it[2] for it in chunk], device=logp.device)
         logp_right += torch.log_softmax(logp, dim=-1).gather(1, answer[:, None]).sum().item()
         for it, p in zip(chunk, pred):
+            predictions[it[0]][it[4]] = p
             count[it[0]] = count.get(it[0], 0) + 1
             correct[it[0]] = correct.get(it[0], 0) + int(p == it[2])
         if bar is not None:
@@ -237,6 +239,7 @@ def evaluate_mmlu(model, tokenizer, mmlu_dir: str | Path = "data/eval/mmlu", *, 
                     "mean_logprob_answer": logp_right / n if n else math.nan},
         "categories": {c: {"acc": v[0] / v[1], "n": v[1]} for c, v in sorted(by_cat.items())},
         "subjects": by_subject,
+        "predictions": predictions,
         "settings": {"mmlu_dir": str(mmlu_dir), "split": split, "shots": shots, "limit": limit,
                      "max_length": max_length, "subjects": all_subjects,
                      "mean_shots_used": sum(it[3] for it in items) / max(1, len(items))},
