@@ -182,3 +182,19 @@ def test_gsm8k_task_scores_the_number_after_the_hashes():
     assert task.process_results(doc, ["18"])["exact_match"] == 1.0
     assert task.process_results(doc, ["$18."])["exact_match"] == 1.0  # "$" and a final "." are ignored
     assert task.process_results(doc, ["17"])["exact_match"] == 0.0
+
+
+@pytest.mark.parametrize("name,rows", [("arc_easy", 570), ("arc_challenge", 299), ("piqa", 1838), ("sciq", 1000),
+                                       ("copa", 100), ("openbookqa", 500), ("hellaswag", 2831), ("winogrande", 1267)])
+def test_shipped_multiple_choice_sets(name, rows):
+    """Every shipped set loads offline with all its rows, and each document's gold answer is one of its choices."""
+    manager = task_manager(lm_eval_tasks=False)
+    task = manager.load(f"emoe_{name}")["tasks"][f"emoe_{name}"]
+    docs = list(task.eval_docs)
+    assert len(docs) == rows
+    for doc in docs[:50]:
+        choices, target = task.doc_to_choice(doc), task.doc_to_target(doc)
+        if name == "winogrande":  # partial scoring: the contexts are the choices, the gold one is doc_to_text
+            target = task.doc_to_text(doc)
+        # the gold answer: an index, or (COPA) the text of one choice
+        assert len(choices) >= 2 and (target in choices or 0 <= int(target) < len(choices))

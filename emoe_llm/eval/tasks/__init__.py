@@ -35,6 +35,14 @@ SHIPPED = {
                                "sees; nll_per_token (nats, lower is better) and nll_per_row",
     "emoe_nll_selfinstruct": "response NLL of the 175 human-written self-instruct seed tasks (another distribution); "
                              "nll_per_token (nats, lower is better) and nll_per_row",
+    "emoe_arc_easy": "ARC-Easy validation (570), lm-eval's arc_easy prompt; acc, acc_norm",
+    "emoe_arc_challenge": "ARC-Challenge validation (299), lm-eval's arc_challenge prompt; acc, acc_norm",
+    "emoe_piqa": "PIQA validation (1838), lm-eval's piqa prompt; acc, acc_norm",
+    "emoe_sciq": "SciQ validation (1000), lm-eval's sciq prompt; acc, acc_norm",
+    "emoe_copa": "COPA validation (100), lm-eval's copa prompt; acc, acc_norm",
+    "emoe_openbookqa": "OpenBookQA validation (500), lm-eval's openbookqa prompt; acc, acc_norm",
+    "emoe_hellaswag": "HellaSwag validation, first 2831 of 10042 rows, lm-eval's hellaswag prompt; acc, acc_norm",
+    "emoe_winogrande": "WinoGrande (xl) validation (1267), lm-eval's partial-scoring winogrande prompt; acc",
 }
 
 MMLU_CHOICES = ("A", "B", "C", "D")
@@ -112,6 +120,13 @@ def load_gsm8k(**_):
 
     rows = [{"question": r["question"], "answer": r["answer"]} for r in _read_jsonl(GSM8K_TEST)]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def load_validation_jsonl(file: str, **_):
+    """A multiple-choice set shipped as ``data/<file>`` (one JSON row a line, the upstream schema), split validation."""
+    import datasets
+
+    return datasets.DatasetDict({"validation": datasets.Dataset.from_list(_read_jsonl(DATA_DIR / file))})
 
 
 def alpaca_prompt(instruction: str, input_text: str = "") -> str:
