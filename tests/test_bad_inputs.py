@@ -963,7 +963,8 @@ def _(w):
     return _eval(w, w.shared["emoe"], mmlu)
 
 
-@case("eval", "dev-missing", "the few-shot dev CSV is missing", r"task emoe_mmlu_anatomy: data file not found: .*anatomy_dev\.csv not found")
+@case("eval", "dev-missing", "the few-shot dev CSV is missing",
+      r"task emoe_mmlu_anatomy: data file not found: .*anatomy_dev\.csv not found")
 def _(w):
     mmlu = w.mmlu()
     dev = mmlu / "dev" / "anatomy_dev.csv"
@@ -980,7 +981,8 @@ def _(w):
     tasks = w.tmp / "tasks"
     tasks.mkdir()
     data = tasks / "missing.jsonl"
-    (tasks / "my_qa.yaml").write_text(f"task: my_qa\ndataset_path: json\ndataset_kwargs:\n  data_files: {{test: {data}}}\n"
+    (tasks / "my_qa.yaml").write_text(f"task: my_qa\ndataset_path: json\n"
+                                      f"dataset_kwargs:\n  data_files: {{test: {data}}}\n"
                                       "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
                                       "doc_to_choice: ['yes', 'no']\ndoc_to_target: 0\n")
     run = _eval(w, w.shared["emoe"], w.shared["mmlu"], "--include-path", str(tasks))
@@ -1023,7 +1025,8 @@ def _(w):
     return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--limit", "nan")
 
 
-@case("eval", "include-path-missing", "--include-path names no directory", r"--include-path .*nowhere is not a directory")
+@case("eval", "include-path-missing", "--include-path names no directory",
+      r"--include-path .*nowhere is not a directory")
 def _(w):
     return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--include-path", str(w.tmp / "nowhere"))
 

@@ -53,7 +53,7 @@ class TaskDataError(FileNotFoundError):
 
 
 def _read_mmlu_csv(path: Path) -> list[dict]:
-    """Rows ``question, A, B, C, D, answer`` (no header) -> {question, choices, answer (index)}; errors name file:line."""
+    """Rows ``question, A, B, C, D, answer`` (no header) -> {question, choices, answer index}; errors name file:line."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (each MMLU subject needs dev/<subject>_dev.csv for the shots and "
                                 "<split>/<subject>_<split>.csv)")
