@@ -121,7 +121,7 @@ def test_mmlu_task_prompt_is_the_original():
     manager = task_manager(lm_eval_tasks=False)
     task = manager.load("emoe_mmlu_high_school_geography")["tasks"]["emoe_mmlu_high_school_geography"]
     task.set_config("num_fewshot", 1)
-    doc = task.dataset["val"][0]
+    doc = task.dataset["eval"][0]
     shot = task.dataset["dev"][0]
     ctx = task.fewshot_context(doc, num_fewshot=1)
     letters = "ABCD"
@@ -130,7 +130,7 @@ def test_mmlu_task_prompt_is_the_original():
         return q["question"] + "".join(f"\n{letters[i]}. {c}" for i, c in enumerate(q["choices"])) + "\nAnswer:"
     assert ctx == ("The following are multiple choice questions (with answers) about high school geography.\n\n"
                    + block(shot) + f" {letters[shot['answer']]}\n\n" + block(doc))
-    assert len(task.dataset["val"]) == len(
+    assert len(task.dataset["eval"]) == len(
         (DATA_DIR / "eval" / "mmlu" / "val" / "high_school_geography_val.csv").read_text().splitlines())
 
 

@@ -81,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mmlu-dir", default=None,
                         help="another directory of Hendrycks MMLU CSVs (dev/, val/, test/) for the emoe_mmlu tasks "
                              "(default: the shipped data/eval/mmlu)")
+    parser.add_argument("--mmlu-split", choices=("val", "test"), default="val",
+                        help="the split the emoe_mmlu tasks score (test: with the full MMLU CSVs in --mmlu-dir)")
     parser.add_argument("--max-length", type=_positive_int, default=None,
                         help="context budget in tokens (default: the model's)")
     parser.add_argument("--device", default="auto",
@@ -232,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"emoe-llm eval: error: --include-path {d} is not a directory", file=sys.stderr)
             return 2
     ckpt = Path(args.checkpoint).resolve()
-    metadata = {"tokenizer": str(ckpt)}
+    metadata = {"tokenizer": str(ckpt), "mmlu_split": args.mmlu_split}
     if args.mmlu_dir:
         metadata["mmlu_dir"] = str(Path(args.mmlu_dir).resolve())
     try:

@@ -5,7 +5,7 @@ shipped files by absolute path, so the tasks work from any working directory. ``
 to lm-eval's ``TaskManager(include_path=...)``; ``emoe-llm eval --list-tasks`` prints :data:`SHIPPED`.
 
 Runtime options reach a loader as lm-eval task metadata (``TaskManager(metadata=...)``): ``mmlu_dir`` (another
-directory of Hendrycks CSVs) and, for the NLL tasks, ``tokenizer`` (a tokenizer dir, to count response tokens).
+directory of Hendrycks CSVs), ``mmlu_split`` and, for the NLL tasks, ``tokenizer`` (a tokenizer dir, to count response tokens).
 """
 
 from __future__ import annotations
@@ -90,15 +90,16 @@ def _read_mmlu_csv(path: Path) -> list[dict]:
     return rows
 
 
-def load_mmlu(subject: str, mmlu_dir: str | None = None, **_):
-    """DatasetDict of one subject: ``dev`` (the shots), ``val`` and, when the directory has one, ``test``."""
+def load_mmlu(subject: str, mmlu_dir: str | None = None, mmlu_split: str = "val", **_):
+    """DatasetDict of one subject: ``dev`` (the shots) and ``eval``, the scored split (``val`` by default; ``test``
+    with the full MMLU data: ``emoe-llm eval --mmlu-dir DIR --mmlu-split test``)."""
     import datasets
 
     root = Path(mmlu_dir) if mmlu_dir else MMLU_DIR
-    splits = {s: _read_mmlu_csv(root / s / f"{subject}_{s}.csv") for s in ("dev", "val")}
-    test = root / "test" / f"{subject}_test.csv"
-    if test.is_file():
-        splits["test"] = _read_mmlu_csv(test)
+    if mmlu_split not in ("val", "test", "dev"):
+        raise ValueError(f"MMLU split must be val, test or dev, got {mmlu_split!r}")
+    splits = {"dev": _read_mmlu_csv(root / "dev" / f"{subject}_dev.csv"),
+              "eval": _read_mmlu_csv(root / mmlu_split / f"{subject}_{mmlu_split}.csv")}
     return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
 
 
