@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shots per question (default: each task's own, e.g. 5 for emoe_mmlu)")
     parser.add_argument("--limit", type=_positive_int, default=None,
                         help="at most N documents per task (default: all; for quick checks only)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="documents per forward (default 8)")
     parser.add_argument("--mode", choices=("auto", "dense", "emoe"), default="auto",
                         help="auto (default): as the checkpoint was trained (config.json 'emoe_trained'); "
                              "dense / emoe override it")
