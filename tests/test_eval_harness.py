@@ -10,7 +10,7 @@ from emoe_llm.cli import main
 from emoe_llm.data import load_tokenizer
 from emoe_llm.eval import tasks as shipped
 from emoe_llm.eval.cli import task_manager
-from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint
+from emoe_llm.tiny import DATA_DIR
 
 USER_TASK = """\
 task: capitals_qa
@@ -37,18 +37,8 @@ ROWS = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    from emoe_llm.emoe import apply_emoe
-
-    root = tmp_path_factory.mktemp("harness")
-    dense = save_tiny_checkpoint(root / "dense", tokenizer_dir=DATA_DIR / "tokenizers" / "tiny_llama3_style")
-    model = AutoModelForCausalLM.from_pretrained(dense)
-    apply_emoe(model, n_experts=16, top_k=4, layers="2,3")
-    model.save_pretrained(root / "emoe")
-    load_tokenizer(dense).save_pretrained(root / "emoe")
-    return {"dense": dense, "emoe": root / "emoe"}
+def tiny(tiny_eval_checkpoints):  # tests/conftest.py
+    return tiny_eval_checkpoints
 
 
 @pytest.fixture()
