@@ -5,7 +5,8 @@
     3. fine-tune it on the shipped Alpaca demo set with DeepSpeed ZeRO-3 on 2 ranks   -> runs/demo/train
        (``deepspeed --num_gpus 2 -m emoe_llm.train --ds_config ds_configs/z3.json --config configs/tiny_cpu.yaml``)
     4. check the exported final/ with plain transformers against the ZeRO-3 model's logits
-    5. MMLU (5-shot) on a few subjects of the shipped val split
+    5. ``emoe-llm eval`` (lm-evaluation-harness): MMLU 5-shot on a few subjects of the shipped val split and the
+       held-out alpaca NLL, a few documents each
 
 The model is random and tiny, so MMLU is at chance level: the demo shows the machinery, not the method's gains.
 """
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ds-config", default=str(REPO_ROOT / "ds_configs" / "z3.json"))
     parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "tiny_cpu.yaml"))
     parser.add_argument("--subjects", default=DEFAULT_SUBJECTS, help="MMLU subjects to evaluate")
-    parser.add_argument("--limit", type=nonnegative_int, default=10, help="MMLU questions per subject (0 = all)")
+    parser.add_argument("--limit", type=nonnegative_int, default=10, help="documents per eval task (0 = all)")
     parser.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed")
 
 
@@ -118,13 +119,21 @@ def run(args: argparse.Namespace) -> int:
     d_dense = (dense_logits - probe["dense_logits"]).abs().max().item()
     d_mode = (mode_logits - probe["logits"]).abs().max().item()
 
-    # 5. MMLU
-    from emoe_llm.data import load_tokenizer
-    from emoe_llm.eval.mmlu import evaluate_mmlu, format_report
+    # 5. the eval command: lm-evaluation-harness on the export, in the mode it was trained
+    from emoe_llm.cli import main as cli_main
 
-    mmlu = evaluate_mmlu(plain, load_tokenizer(final), DATA_DIR / "eval" / "mmlu", split="val", shots=5,
-                         subjects=args.subjects, limit=args.limit, progress=False)
-    (out / "mmlu_val.json").write_text(json.dumps(mmlu, indent=2))
+    subjects = [x.strip() for x in args.subjects.split(",") if x.strip()]
+    tasks = [f"emoe_mmlu_{x}" for x in subjects] + ["emoe_nll_alpaca_heldout"]
+    eval_json = out / "eval.json"
+    rc = cli_main(["eval", str(final), "--tasks", ",".join(tasks), "--device", "cpu", "--no-progress",
+                   "--output", str(eval_json), *(["--limit", str(args.limit)] if args.limit else [])])
+    if rc:
+        _say(f"emoe-llm eval failed (exit {rc})")
+        return rc
+    evaluation = json.loads(eval_json.read_text())
+    mmlu_n = {t: evaluation["n-samples"][t]["effective"] for t in tasks[:-1]}
+    mmlu_acc = sum(evaluation["results"][t]["acc,none"] * n for t, n in mmlu_n.items()) / sum(mmlu_n.values())
+    nll = evaluation["results"]["emoe_nll_alpaca_heldout"]["nll_per_token,none"]
 
     records = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps = {}
@@ -144,9 +153,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"  expert load     max/mean per EMoE layer: {last['expert_load_max_over_mean']}")
     print(f"  export          {final}  (plain AutoModelForCausalLM; max |logit diff| vs the ZeRO-3 model: "
           f"{d_mode:.2e} {args.mode}, {d_dense:.2e} dense)")
-    print(f"  MMLU val 5-shot {100 * mmlu['overall']['acc']:.1f}% on {mmlu['overall']['n']} questions "
-          f"({len(mmlu['subjects'])} subjects; random tiny model => chance level)")
-    print(format_report(mmlu))
+    print(f"  MMLU val 5-shot {100 * mmlu_acc:.1f}% on {sum(mmlu_n.values())} questions "
+          f"({len(mmlu_n)} subjects; random tiny model => chance level)")
+    print(f"  held-out NLL    {nll:.3f} nats/token (emoe_nll_alpaca_heldout, "
+          f"{evaluation['n-samples']['emoe_nll_alpaca_heldout']['effective']} rows)")
+    print(f"  eval            {eval_json}  (emoe-llm eval, lm-evaluation-harness {evaluation['lm_eval_version']})")
     print(f"  run dir         {train_dir}  (metrics.jsonl, tb/, run/, checkpoints/, final/)")
     try:
         from emoe_llm.eval.plot_run import plot_run

@@ -874,8 +874,8 @@ def _eval(w: World, ckpt: Path, mmlu: Path, *extra: str, before_weights: bool = 
         w.monkeypatch.setattr(eval_cli, "load_for_eval", must_not_load)
         w.restore_load = lambda: w.monkeypatch.setattr(eval_cli, "load_for_eval", real)
     out = w.tmp / "results.json"
-    return Run(["eval", str(ckpt), "--mmlu-dir", str(mmlu), "--shots", "1", "--limit", "1", "--subjects",
-                "anatomy", "--no-progress", "--device", "cpu", "--output", str(out), *extra],
+    return Run(["eval", str(ckpt), "--mmlu-dir", str(mmlu), "--num-fewshot", "1", "--limit", "1", "--tasks",
+                "emoe_mmlu_anatomy", "--no-progress", "--device", "cpu", "--output", str(out), *extra],
                sources=[ckpt, mmlu], outputs=[out])
 
 
@@ -973,25 +973,32 @@ def _(w):
     return _eval(w, w.shared["emoe"], mmlu)
 
 
-@case("eval", "unknown-subject", "--subjects names a subject with no CSV", r"unknown MMLU subject\(s\) \['anatomyy'\]")
+@case("eval", "dev-missing", "the few-shot dev CSV is missing",
+      r"task emoe_mmlu_anatomy: data file not found: .*anatomy_dev\.csv not found")
 def _(w):
-    run = _eval(w, w.shared["emoe"], w.shared["mmlu"])
-    run.argv[run.argv.index("--subjects") + 1] = "anatomyy"
+    mmlu = w.mmlu()
+    dev = mmlu / "dev" / "anatomy_dev.csv"
+    good = dev.read_bytes()
+    dev.unlink()
+    run = _eval(w, w.shared["emoe"], mmlu)
+    run.fix = _eval_fix(w, lambda: dev.write_bytes(good))
     return run
 
 
-@case("eval", "split-missing", "--split test where there is no test/ dir", r"MMLU split dir .*test not found")
+@case("eval", "task-data-missing", "a user task (--include-path) whose data file is missing",
+      r"task my_qa: data file not found: .*missing\.jsonl")
 def _(w):
-    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--split", "test")
-
-
-@case("eval", "dev-missing", "the few-shot dev CSV is missing", r"anatomy_dev\.csv not found")
-def _(w):
-    mmlu = w.mmlu()
-    (mmlu / "dev" / "anatomy_dev.csv").unlink()
-    run = _eval(w, w.shared["emoe"], mmlu)
-    run.retry_argv = [*run.argv, "--shots", "0"]
-    run.fix = _eval_fix(w, lambda: None)
+    tasks = w.tmp / "tasks"
+    tasks.mkdir()
+    data = tasks / "missing.jsonl"
+    (tasks / "my_qa.yaml").write_text(f"task: my_qa\ndataset_path: json\n"
+                                      f"dataset_kwargs:\n  data_files: {{test: {data}}}\n"
+                                      "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
+                                      "doc_to_choice: ['yes', 'no']\ndoc_to_target: 0\n")
+    run = _eval(w, w.shared["emoe"], w.shared["mmlu"], "--include-path", str(tasks))
+    run.argv[run.argv.index("--tasks") + 1] = "my_qa"
+    run.sources = [w.shared["emoe"]]
+    run.fix = _eval_fix(w, lambda: data.write_text('{"q": "Is it?"}\n'))
     return run
 
 
@@ -1007,14 +1014,31 @@ def _(w):
     return _eval(w, w.shared["dense"], w.shared["mmlu"], "--mode", "emoe", before_weights=False)
 
 
-@case("eval", "unknown-task", "--tasks names an unknown task", r"unknown task\(s\) \['hellaswag'\]")
+@case("eval", "unknown-task", "--tasks names an unknown task",
+      r"unknown task\(s\) \['emoe_mmlu_anatomyy'\]; see emoe-llm eval --list-tasks")
 def _(w):
-    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--tasks", "hellaswag")
+    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--tasks", "emoe_mmlu_anatomyy")
 
 
-@case("eval", "negative-shots", "--shots -1", r"--shots and --limit must be >= 0")
+@case("eval", "negative-shots", "--num-fewshot -1", r"argument --num-fewshot: must be >= 0, got -1")
 def _(w):
-    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--shots", "-1")
+    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--num-fewshot", "-1")
+
+
+@case("eval", "batch-size-zero", "--batch-size 0", r"argument --batch-size: must be a positive integer, got 0")
+def _(w):
+    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--batch-size", "0")
+
+
+@case("eval", "limit-nan", "--limit nan", r"argument --limit: expected an integer, got 'nan'")
+def _(w):
+    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--limit", "nan")
+
+
+@case("eval", "include-path-missing", "--include-path names no directory",
+      r"--include-path .*nowhere is not a directory")
+def _(w):
+    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--include-path", str(w.tmp / "nowhere"))
 
 
 # ---------------------------------------------------------------------------------------------------- train (pre-init)

@@ -204,6 +204,35 @@ def test_template_variation_is_opt_in_seeded_and_alpaca_only(tok, tmp_path):
         assert any(pair[int(has_input)] in t for pair in ALPACA_PREAMBLE_VARIANTS)
     with pytest.raises(ValueError, match="template_variation varies the Alpaca preamble"):
         _cfg(tmp_path, template="llama3", template_variation=True)
+
+
+def test_official_template_variation_uses_the_12_official_prompts(tok, tmp_path):
+    """data.template_variation: official -- each row's prompt is one of the official code's 12 variants, rendered with
+    the row's instruction/input exactly as its str.format does, seeded per row; the reply follows directly."""
+    from emoe_llm.data.formats import read_source
+    from emoe_llm.data.templates import OFFICIAL_PROMPT_VARIANTS
+
+    assert len(OFFICIAL_PROMPT_VARIANTS) == 12
+    rows = read_source(ALPACA)[0]
+
+    candidates = {}  # every (row, variant) rendering -> (row, variant)
+    for r_i, r in enumerate(rows):
+        user, reply = r["messages"][0], r["messages"][1]
+        for v_i, v in enumerate(OFFICIAL_PROMPT_VARIANTS):
+            prompt = v[int(not user["input"])].format(instruction=user["instruction"], input=user["input"])
+            candidates[prompt + reply["content"]] = (r_i, v_i)
+
+    def variants(seed):
+        cfg = _cfg(tmp_path, template="alpaca", template_variation="official", seed=seed, max_seq_len=4096)
+        ds, _, _ = build_sft_datasets(cfg, tok)
+        hits = [candidates.get(tok.decode(enc["input_ids"], skip_special_tokens=True)) for enc in ds]
+        assert None not in hits and len(hits) == len(rows)  # every row is exactly one official rendering
+        return [v for _, v in sorted(hits)]
+
+    a = variants(0)
+    assert len(set(a)) >= 8 and a == variants(0) and a != variants(1)
+    with pytest.raises(ValueError, match="must be true, false or official, got 'paper'"):
+        _cfg(tmp_path, template="alpaca", template_variation="paper")
 def test_sources_stream_through_arrow_not_python_lists(tok, tmp_path, monkeypatch):
     """Data larger than RAM: the pipeline reads sources row by row into a memory-mapped Arrow table
     (Dataset.from_generator), never through read_source's in-memory list, and keeps every stat."""

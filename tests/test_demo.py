@@ -1,4 +1,4 @@
-"""`emoe-llm demo`: the README's one command (tiny model -> convert -> ZeRO-3 on 2 CPU ranks -> export -> MMLU)."""
+"""`emoe-llm demo`: the README's one command (tiny model -> convert -> ZeRO-3 on 2 CPU ranks -> export -> eval)."""
 
 import json
 import subprocess
@@ -25,5 +25,7 @@ def test_demo_end_to_end(tmp_path):
     final = out / "train" / "final"
     assert (out / "train" / "COMPLETED").is_file() and (final / "model.safetensors").is_file()
     assert json.loads((final / "config.json").read_text())["emoe"]["top_k"] == 4
-    res = json.loads((out / "mmlu_val.json").read_text())
-    assert res["overall"]["n"] == 6
+    res = json.loads((out / "eval.json").read_text())
+    assert res["mode"] == "emoe" and set(res["results"]) == {"emoe_mmlu_abstract_algebra", "emoe_mmlu_marketing",
+                                                             "emoe_nll_alpaca_heldout"}
+    assert 0 < res["results"]["emoe_nll_alpaca_heldout"]["nll_per_token,none"] < 10

@@ -1,129 +1,26 @@
-"""MMLU from the shipped CSVs: prompt format, letter scoring, and `emoe-llm eval` on a tiny checkpoint."""
+"""MMLU from the shipped CSVs (the emoe_mmlu tasks) and the eval mode a checkpoint is scored in."""
 
 import json
-import subprocess
-import sys
+import shutil
 
 import pytest
-import torch
 
-from emoe_llm.data import load_tokenizer
-from emoe_llm.eval.mmlu import (
-    CHOICES,
-    Question,
-    _read_csv,
-    answer_token_ids,
-    build_prompt,
-    evaluate_mmlu,
-    list_subjects,
-)
-from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint
-
-MMLU = DATA_DIR / "eval" / "mmlu"
-SUBJECTS = ["abstract_algebra", "anatomy", "marketing"]
+from emoe_llm.cli import main
+from emoe_llm.eval.tasks import MMLU_DIR, load_mmlu
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from emoe_llm.emoe import apply_emoe
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("mmlu")
-    dense = save_tiny_checkpoint(root / "dense", tokenizer_dir=DATA_DIR / "tokenizers" / "tiny_llama3_style")
-    model = AutoModelForCausalLM.from_pretrained(dense)
-    apply_emoe(model, n_experts=16, top_k=4, layers="2,3")
-    model.save_pretrained(root / "emoe")
-    load_tokenizer(dense).save_pretrained(root / "emoe")
-    return {"dense": dense, "emoe": root / "emoe"}
-
-
-def test_shipped_mmlu_files_parse():
-    subjects = list_subjects(MMLU, "val")
-    assert len(subjects) == 57 and list_subjects(MMLU, "dev") == subjects
-    n_val = sum(len(_read_csv(MMLU / "val" / f"{s}_val.csv", s)) for s in subjects)
-    assert n_val == 1543  # data/LICENSES.md: pre-release snapshot of hendrycks/test
-    for s in subjects:
-        assert len(_read_csv(MMLU / "dev" / f"{s}_dev.csv", s)) == 5
-
-
-def test_prompt_format_is_the_original():
-    shot = Question("high_school_geography", "Q1?", ("a", "b", "c", "d"), "C")
-    q = Question("high_school_geography", "Q2?", ("e", "f", "g", "h"), "A")
-    assert build_prompt([shot], q) == (
-        "The following are multiple choice questions (with answers) about high school geography.\n\n"
-        "Q1?\nA. a\nB. b\nC. c\nD. d\nAnswer: C\n\n"
-        "Q2?\nA. e\nB. f\nC. g\nD. h\nAnswer:"
-    )
-
-
-@pytest.mark.parametrize("tok", ["tiny_llama3_style", "llama2", "llama3"])
-def test_answer_letters_are_single_tokens(tok):
-    ids = answer_token_ids(load_tokenizer(DATA_DIR / "tokenizers" / tok))
-    assert len(set(ids)) == 4
-
-
-def test_scores_match_a_manual_forward(tiny):
-    """evaluate_mmlu's batched, left-padded scoring == argmax of the next-token log-probs of each prompt alone."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny["dense"], dtype=torch.float32)
-    tok = load_tokenizer(tiny["dense"])
-    res = evaluate_mmlu(model, tok, MMLU, split="val", shots=2, subjects=SUBJECTS[:2], limit=4, batch_size=3,
-                        progress=False)
-    letters = torch.tensor(answer_token_ids(tok))
-    correct = 0
-    for s in SUBJECTS[:2]:
-        dev = _read_csv(MMLU / "dev" / f"{s}_dev.csv", s)[:2]
-        for q in _read_csv(MMLU / "val" / f"{s}_val.csv", s)[:4]:
-            ids = tok(build_prompt(dev, q), add_special_tokens=False)["input_ids"]
-            ids = [tok.bos_token_id] + ids if tok("a")["input_ids"][0] == tok.bos_token_id else ids
-            with torch.no_grad():
-                logits = model(torch.tensor([ids])).logits[0, -1]
-            correct += int(CHOICES[int(logits[letters].argmax())] == q.answer)
-    assert res["overall"]["n"] == 8
-    assert res["overall"]["acc"] == pytest.approx(correct / 8)
-    assert set(res["subjects"]) == set(SUBJECTS[:2])
-
-
-def test_shots_are_dropped_to_fit(tiny):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny["dense"])
-    res = evaluate_mmlu(model, load_tokenizer(tiny["dense"]), MMLU, shots=5, subjects=["high_school_european_history"],
-                        limit=2, max_length=400, progress=False)
-    assert res["settings"]["mean_shots_used"] < 5 and res["overall"]["n"] == 2
-
-
-def test_eval_cli_on_shipped_val(tiny, tmp_path):
-    out = tmp_path / "res.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "emoe_llm.cli", "eval", str(tiny["emoe"]), "--tasks", "mmlu", "--split", "val",
-         "--shots", "5", "--subjects", ",".join(SUBJECTS), "--limit", "5", "--output", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "mode emoe" in proc.stdout and "overall" in proc.stdout
-    res = json.loads(out.read_text())
-    assert res["mode"] == "emoe" and res["overall"]["n"] == 15
-    assert set(res["categories"]) == {"STEM", "other (business, health, misc.)"}
-    assert 0.0 <= res["overall"]["acc"] <= 1.0
-    # dense mode on the same weights; an unknown subject is a clear error
-    proc = subprocess.run([sys.executable, "-m", "emoe_llm.cli", "eval", str(tiny["emoe"]), "--mode", "dense",
-                           "--subjects", "astrology", "--no-progress"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "unknown MMLU subject(s) ['astrology']" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "emoe_llm.cli", "eval", str(tiny["dense"]), "--mode", "emoe"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "no 'emoe' block" in proc.stderr
-
-
-def test_zero_shot_on_the_dev_split(tiny):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny["dense"])
-    res = evaluate_mmlu(model, load_tokenizer(tiny["dense"]), MMLU, split="dev", shots=0, progress=False)
-    assert res["overall"]["n"] == 285 and len(res["subjects"]) == 57  # every shipped dev question
-    assert res["settings"]["mean_shots_used"] == 0
-    assert set(res["categories"]) == {"STEM", "humanities", "social sciences", "other (business, health, misc.)"}
+def test_shipped_mmlu_files_load():
+    subjects = sorted(p.name[: -len("_val.csv")] for p in (MMLU_DIR / "val").glob("*_val.csv"))
+    assert len(subjects) == 57
+    loaded = {s: load_mmlu(s) for s in subjects}
+    assert sum(len(d["eval"]) for d in loaded.values()) == 1543  # data/LICENSES.md: pre-release snapshot
+    assert all(len(d["dev"]) == 5 for d in loaded.values())
+    row = loaded["abstract_algebra"]["dev"][0]
+    assert row == {"question": "Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.",
+                   "choices": ["0", "1", "2", "3"], "answer": 1}
+    assert len(load_mmlu("anatomy", mmlu_split="dev")["eval"]) == 5
+    with pytest.raises(FileNotFoundError, match="anatomy_test.csv not found"):
+        load_mmlu("anatomy", mmlu_split="test")  # the shipped snapshot has no test split
 
 
 def test_eval_mode_follows_the_training_record():
@@ -143,28 +40,29 @@ def test_eval_mode_follows_the_training_record():
 
 
 def _eval_json(ckpt, out, *extra):
-    proc = subprocess.run(
-        [sys.executable, "-m", "emoe_llm.cli", "eval", str(ckpt), "--subjects", "abstract_algebra", "--limit", "4",
-         "--shots", "1", "--output", str(out), "--no-progress", *extra], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text()), proc.stdout
+    assert main(["eval", str(ckpt), "--tasks", "emoe_mmlu_abstract_algebra,emoe_nll_alpaca_heldout", "--limit", "4",
+                 "--num-fewshot", "1", "--device", "cpu", "--no-progress", "--output", str(out), *extra]) == 0
+    return json.loads(out.read_text())
 
 
-def test_dense_trained_export_evaluates_dense_by_default(tiny, tmp_path):
+def test_dense_trained_export_evaluates_dense_by_default(tiny_eval_checkpoints, tmp_path, capsys):
     """A converted checkpoint marked as trained dense (what the recipe writes) is scored dense unless --mode emoe."""
-    import shutil
-
     from emoe_llm.emoe import trained_record
 
     ckpt = tmp_path / "final"
-    shutil.copytree(tiny["emoe"], ckpt)
+    shutil.copytree(tiny_eval_checkpoints["emoe"], ckpt)
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["emoe_trained"] = trained_record("dense", cfg["emoe"])
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    dense, stdout = _eval_json(ckpt, tmp_path / "a.json")
-    assert dense["mode"] == "dense" and "trained dense" in dense["mode_source"] and "mode dense" in stdout
+    dense = _eval_json(ckpt, tmp_path / "a.json")
+    assert dense["mode"] == "dense" and "trained dense" in dense["mode_source"]
+    assert "mode dense" in capsys.readouterr().out
     assert dense["trained"]["mode"] == "dense" and "top_k" not in dense
-    masked, _ = _eval_json(ckpt, tmp_path / "b.json", "--mode", "emoe")
+    masked = _eval_json(ckpt, tmp_path / "b.json", "--mode", "emoe")
     assert masked["mode"] == "emoe" and masked["mode_source"] == "requested (--mode)"
     assert masked["top_k"] == 4 and masked["layers"] == [2, 3]
-    assert masked["overall"]["mean_logprob_answer"] != pytest.approx(dense["overall"]["mean_logprob_answer"], abs=1e-6)
+    nll = "nll_per_token,none"  # the mask changes the model: a continuous score shows it
+    assert masked["results"]["emoe_nll_alpaca_heldout"][nll] != pytest.approx(
+        dense["results"]["emoe_nll_alpaca_heldout"][nll], abs=1e-6)
+    assert set(dense["results"]) == {"emoe_mmlu_abstract_algebra", "emoe_nll_alpaca_heldout"}
+    assert dense["n-shot"]["emoe_mmlu_abstract_algebra"] == 1

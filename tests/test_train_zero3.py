@@ -230,8 +230,9 @@ def test_dense_loss_decreases(dense_runs):
 
 
 def _eval(final: Path, out: Path, *extra) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "emoe_llm.cli", "eval", str(final), "--subjects", "abstract_algebra",
-                           "--limit", "4", "--shots", "1", "--output", str(out), "--no-progress", *extra],
+    proc = subprocess.run([sys.executable, "-m", "emoe_llm.cli", "eval", str(final), "--tasks",
+                           "emoe_mmlu_abstract_algebra,emoe_nll_alpaca_heldout", "--limit", "4", "--num-fewshot", "1",
+                           "--output", str(out), "--no-progress", *extra],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
@@ -247,7 +248,9 @@ def test_dense_run_export_evaluates_dense_by_default(dense_runs, emoe_run, tmp_p
     assert dense["mode"] == "dense" and dense["trained"]["mode"] == "dense" and "trained dense" in dense["mode_source"]
     masked = _eval(big / "final", tmp_path / "masked.json", "--mode", "emoe")
     assert masked["mode"] == "emoe" and masked["top_k"] == 4 and masked["layers"] == [2, 3]
-    assert masked["overall"]["mean_logprob_answer"] != pytest.approx(dense["overall"]["mean_logprob_answer"], abs=1e-6)
+    nll = "nll_per_token,none"
+    assert masked["results"]["emoe_nll_alpaca_heldout"][nll] != pytest.approx(
+        dense["results"]["emoe_nll_alpaca_heldout"][nll], abs=1e-6)
     out, _ = emoe_run
     assert json.loads((out / "final" / "config.json").read_text())["emoe_trained"] == {
         "mode": "emoe", "lora": False, "n_experts": 16, "top_k": 4, "layers": [2, 3]}

@@ -58,9 +58,10 @@ class DataConfig:
     empty_response: str = "error"
     """error | skip | eos: a row whose response is empty stops the run (error), is left out (skip), or is trained as
     an EOS-only target (eos, what the official Stanford Alpaca / EMoE code does). Counted in data_stats.json."""
-    template_variation: bool = False
-    """alpaca template only, opt-in augmentation: each alpaca-format row gets one of the preamble variants in
-    templates.ALPACA_PREAMBLE_VARIANTS (the first is the official one), chosen by a hash of (seed, row)."""
+    template_variation: bool | str = False
+    """alpaca template only, chosen per row by a hash of (seed, row), the same on every rank: ``true`` = one of our 5
+    preamble variants (templates.ALPACA_PREAMBLE_VARIANTS, the first the official one); ``official`` = one of the 12
+    prompt variants of the official EMoE code (templates.OFFICIAL_PROMPT_VARIANTS); ``false`` = the fixed prompt."""
     skip_bad_rows: bool = False
     """Skip (and count) malformed rows instead of stopping at the first one."""
     cache_dir: str | None = None
@@ -86,6 +87,9 @@ class DataConfig:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.empty_response not in EMPTY_RESPONSE:
             raise ValueError(f"data.empty_response must be one of {EMPTY_RESPONSE}, got {self.empty_response!r}")
+        if self.template_variation not in (False, True, "official"):
+            raise ValueError(f"data.template_variation must be true, false or official, "
+                             f"got {self.template_variation!r}")
         if self.template_variation and self.template != "alpaca":
             raise ValueError(f"data.template_variation varies the Alpaca preamble: it needs template 'alpaca', "
                              f"got {self.template!r}")
@@ -94,7 +98,7 @@ class DataConfig:
 
 
 _INT_FIELDS = {"max_seq_len", "seed", "num_proc", "max_rows"}
-_BOOL_FIELDS = {"packing", "train_on_prompt", "skip_bad_rows", "template_variation"}
+_BOOL_FIELDS = {"packing", "train_on_prompt", "skip_bad_rows"}
 _FLOAT_FIELDS = {"eval_fraction", "weight"}
 _STR_FIELDS = {"path", "format", "template", "truncation", "cache_dir", "system_prompt", "empty_response"}
 

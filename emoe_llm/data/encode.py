@@ -84,24 +84,35 @@ _CONTROL_RE_CACHE: dict = {}
 def encode_conversation(tokenizer, template: str, messages: list[dict], *, train_on_prompt: bool = False):
     """Returns ``(input_ids, labels)`` for one conversation rendered with a Jinja chat template.
 
-    The whole rendered text is tokenized in one call (so ids equal ``apply_chat_template(tokenize=True)``), except
-    when a message *contains* a control-token string such as ``</s>`` or ``<|eot_id|>`` (it happens: code and chat
-    logs quote them): such strings are encoded as plain text, or the model would learn to emit EOS mid-reply.
+    The rendered text is tokenized in one call, as the official code does: a BOS the template writes first becomes
+    the BOS id and the rest is tokenized as the start of a text, so an alpaca row's ids equal
+    ``tokenizer(prompt + output)["input_ids"] + [eos]`` (SentencePiece adds its prefix space to the first word:
+    Llama-2 ``[1, 13866]`` "<s> ▁Below", not ``[1, 21140, 340]`` "<s> Bel ow") and a llama3 / ChatML row's ids equal
+    ``apply_chat_template(tokenize=True)``. A message that *contains* a control-token string such as ``</s>`` or
+    ``<|eot_id|>`` (it happens: code and chat logs quote them) has it encoded as plain text, or the model would learn
+    to emit EOS mid-reply.
     """
     from .templates import render_with_target_spans
 
     control = _control_token_re(tokenizer)
-    if any(control.search(m["content"]) for m in messages):
-        marked = [m | {"content": control.sub(lambda x: _MARK_START + x.group(0) + _MARK_END,
-                                              m["content"].replace(_MARK_START, "").replace(_MARK_END, ""))}
-                  for m in messages]
-        text, spans = render_with_target_spans(tokenizer, template, marked)
-        ids, offsets = _encode_marked(tokenizer, text)
+    marked = any(control.search(m["content"]) for m in messages)
+    if marked:
+        messages = [m | {"content": control.sub(lambda x: _MARK_START + x.group(0) + _MARK_END,
+                                                m["content"].replace(_MARK_START, "").replace(_MARK_END, ""))}
+                    for m in messages]
+    text, spans = render_with_target_spans(tokenizer, template, messages)
+    bos = tokenizer.bos_token
+    head = len(bos) if bos and tokenizer.bos_token_id is not None and text.startswith(bos) else 0
+    body = text[head:]
+    if marked:
+        ids, offsets = _encode_marked(tokenizer, body)
     else:
-        text, spans = render_with_target_spans(tokenizer, template, messages)
-        # The template writes BOS and special markers itself, so no special tokens are added (as apply_chat_template).
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        # The template writes the special markers itself, so no special tokens are added (as apply_chat_template).
+        enc = tokenizer(body, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if head:
+        ids = [tokenizer.bos_token_id, *ids]
+        offsets = [(0, head), *((a + head, b + head) for a, b in offsets)]
     return ids, labels_from_spans(ids, offsets, spans, train_on_prompt)
 
 

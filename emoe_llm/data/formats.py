@@ -346,18 +346,32 @@ def normalize_record(rec, fmt: str, where: str, system_prompt: str | None = None
     return {"messages": messages}
 
 
-def _preamble_variant(rec_messages: list[dict], seed: int, where: str) -> dict:
-    """A system turn with one of the Alpaca preamble variants, picked by a hash of (seed, row)."""
-    from .templates import ALPACA_PREAMBLE_VARIANTS
+def _pick(seed: int, where: str, n: int) -> int:
+    """One of n, by a hash of (seed, row): reproducible, and the same on every rank."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{where}".encode()).digest()[:8], "big") % n
 
-    pick = int.from_bytes(hashlib.sha256(f"{seed}:{where}".encode()).digest()[:8], "big") % len(ALPACA_PREAMBLE_VARIANTS)
-    has_input = bool(rec_messages[0].get("input"))
-    return {"role": "system", "content": ALPACA_PREAMBLE_VARIANTS[pick][int(has_input)]}
+
+def _vary_prompt(messages: list[dict], variation, seed: int, where: str) -> None:
+    """data.template_variation on one alpaca-format row, in place. ``True``: a system turn with one of our preamble
+    variants. ``"official"``: the first user turn carries ``prompt``, the whole prompt rendered from one of the 12
+    official variants (the alpaca template writes it instead of its own; later turns of a multi-turn row keep the
+    fixed layout, the official code has no multi-turn rows)."""
+    from .templates import ALPACA_PREAMBLE_VARIANTS, OFFICIAL_PROMPT_VARIANTS
+
+    user = messages[0]
+    has_input = bool(user.get("input"))
+    if variation == "official":
+        prompt_input, prompt_no_input = OFFICIAL_PROMPT_VARIANTS[_pick(seed, where, len(OFFICIAL_PROMPT_VARIANTS))]
+        fields = {"instruction": user.get("instruction", user["content"]), "input": user.get("input", "")}
+        user["prompt"] = (prompt_input if has_input else prompt_no_input).format_map(fields)
+    else:
+        pair = ALPACA_PREAMBLE_VARIANTS[_pick(seed, where, len(ALPACA_PREAMBLE_VARIANTS))]
+        messages.insert(0, {"role": "system", "content": pair[int(has_input)]})
 
 
 def iter_records(path: str, fmt: str = "auto", *, report: dict, max_rows: int | None = None,
                  skip_bad_rows: bool = False, system_prompt: str | None = None, empty_response: str = "error",
-                 variation_seed: int | None = None) -> Iterator[dict]:
+                 variation_seed: int | None = None, variation: bool | str = True) -> Iterator[dict]:
     """Read and validate one source row by row: yields normalised records (plus ``where``: "file: row N") and fills
     ``report`` (``rows_read``, ``skipped_bad_rows``, ``filtered_label_false``, ``empty_responses``,
     ``bad_row_examples``, ``format``). ``empty_responses`` counts rows with an empty response (trained EOS-only with
@@ -379,9 +393,9 @@ def iter_records(path: str, fmt: str = "auto", *, report: dict, max_rows: int | 
                     raise rec
                 fmt = report["format"] = detect_format(file, rec)
             out = normalize_record(rec, fmt, where, system_prompt, allow_empty_response=empty_response == "eos")
-            if variation_seed is not None and fmt == "alpaca" and out is not None and \
+            if variation_seed is not None and variation and fmt == "alpaca" and out is not None and \
                     out["messages"][0]["role"] != "system":
-                out["messages"].insert(0, _preamble_variant(out["messages"], variation_seed, where))
+                _vary_prompt(out["messages"], variation, variation_seed, where)
             if empty_response == "eos" and out is not None and any(
                     m["role"] == "assistant" and not m["content"].strip() for m in out["messages"]):
                 report["empty_responses"] += 1

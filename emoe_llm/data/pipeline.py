@@ -35,7 +35,7 @@ from .templates import BUILTIN, resolve_template
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 5  # bump when encoding or the cache layout changes so stale caches are not reused
+PIPELINE_VERSION = 6  # bump when encoding or the cache layout changes so stale caches are not reused
 # (2: official Alpaca prompt; 3: ChatML replies end at their EOS; 4: sources streamed into Arrow; 5: int32 token columns)
 WRITER_BATCH = 1000  # rows per Arrow record batch while streaming a source to disk
 PACK_BATCH = 256  # packed rows built per numpy batch
@@ -90,7 +90,8 @@ def _cache_key(src: DataSource, cfg: DataConfig, tok_fp: str, template: dict) ->
         "v": PIPELINE_VERSION, "source": _source_identity(src.path), "format": src.format, "max_rows": src.max_rows,
         "tokenizer": tok_fp, "template": template, "max_seq_len": cfg.max_seq_len, "truncation": cfg.truncation,
         "train_on_prompt": cfg.train_on_prompt, "system_prompt": cfg.system_prompt, "skip_bad_rows": cfg.skip_bad_rows,
-        "empty_response": cfg.empty_response, "template_variation": cfg.seed if cfg.template_variation else None,
+        "empty_response": cfg.empty_response,
+        "template_variation": [cfg.template_variation, cfg.seed] if cfg.template_variation else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -166,7 +167,8 @@ def stream_source(src: DataSource, cfg: DataConfig, work: Path):
             gen_kwargs=dict(path=src.path, fmt=src.format, report_file=str(report_file), max_rows=src.max_rows,
                             skip_bad_rows=cfg.skip_bad_rows, system_prompt=cfg.system_prompt,
                             empty_response=cfg.empty_response,
-                            variation_seed=cfg.seed if cfg.template_variation else None))
+                            variation_seed=cfg.seed if cfg.template_variation else None,
+                            variation=cfg.template_variation))
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__
         while cause is not None and not isinstance(cause, DataError):

@@ -22,9 +22,9 @@ ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired 
                          "context. Write a response that appropriately completes the request.")
 ALPACA_SYSTEM = ALPACA_PREAMBLE  # kept for importers
 
-# data.template_variation: (no-input, with-input) preambles, the first being the official pair. The official EMoE code
-# picks one of 12 prompt variants once per process with an unseeded random.choice; here every row gets one by a
-# seeded hash, so the choice is reproducible and the same on every rank.
+# data.template_variation: true -- (no-input, with-input) preambles of our own, the first the official pair. The
+# official EMoE code picks one of 12 prompt variants once per process with an unseeded random.choice; here every row
+# gets one by a seeded hash, so the choice is reproducible and the same on every rank.
 ALPACA_PREAMBLE_VARIANTS = (
     (ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT),
     ("Below is an instruction describing a task. Write a response that completes the request appropriately.",
@@ -41,15 +41,97 @@ ALPACA_PREAMBLE_VARIANTS = (
      "completes the request."),
 )
 
+# data.template_variation: official -- the 12 prompt pairs of the official EMoE code, verbatim
+# (``utils.PROMPT_TEMPLATE`` of the MAmmoTH-lineage utils.py that its moe_train.py imports; the first is the Stanford Alpaca prompt). Quirks kept
+# on purpose: several no-input variants have no blank line before "### Instruction:", and one with-input variant
+# writes "#Instruction:". (prompt_input, prompt_no_input), str.format fields {instruction} and {input}.
+OFFICIAL_PROMPT_VARIANTS = (
+    (  # 1
+        ALPACA_PREAMBLE_INPUT + "\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:",
+        ALPACA_PREAMBLE + "\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:",
+    ),
+    (  # 2
+        "You are supposed to follow an instruction, and then the input to generate proper response.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:",
+        "You are supposed to follow an instruction to generate proper response."
+        "### Instruction:\n{instruction}\n\n### Response:",
+    ),
+    (  # 3
+        "Please follow the instruction and input to give a response.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:",
+        "Please follow the instruction to give a response."
+        "### Instruction:\n{instruction}\n\n### Response:",
+    ),
+    (  # 4
+        "You are an expert, please listen to human instruction and input to generate the response.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:",
+        "You are an expert, please listen to human instruction to generate the response.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:",
+    ),
+    (  # 5
+        "Let's follow the instruction to respond to an input.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:",
+        "Let's follow the instruction to generate a response.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:",
+    ),
+    (  # 6
+        "The instruction is a description of the task. You need to follow that and respond to the paired input.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:",
+        "The instruction is a description of the task. You need to follow that and respond.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:",
+    ),
+    (  # 7
+        ALPACA_PREAMBLE_INPUT + "\n\n"
+        "Instruction:\n{instruction}\n\nInput:\n{input}\n\nResponse:",
+        ALPACA_PREAMBLE + "\n\n"
+        "Instruction:\n{instruction}\n\nResponse:",
+    ),
+    (  # 8
+        "You are supposed to follow an instruction, and then the input to generate proper response.\n\n"
+        "#Instruction:\n{instruction}\n\nInput:\n{input}\n\nResponse:",
+        "You are supposed to follow an instruction to generate proper response."
+        "Instruction:\n{instruction}\n\nResponse:",
+    ),
+    (  # 9
+        "Please follow the instruction and input to give a response.\n\n"
+        "Instruction:\n{instruction}\n\nInput:\n{input}\n\nResponse:",
+        "Please follow the instruction to give a response."
+        "Instruction:\n{instruction}\n\nResponse:",
+    ),
+    (  # 10
+        "You are an expert, please listen to human instruction and input to generate the response.\n\n"
+        "Instruction:\n{instruction}\n\nInput:\n{input}\n\nResponse:",
+        "You are an expert, please listen to human instruction to generate the response.\n\n"
+        "Instruction:\n{instruction}\n\nResponse:",
+    ),
+    (  # 11
+        "Let's follow the instruction to respond to an input.\n\n"
+        "Instruction:\n{instruction}\n\nInput:\n{input}\n\nResponse:",
+        "Let's follow the instruction to generate a response.\n\n"
+        "Instruction:\n{instruction}\n\nResponse:",
+    ),
+    (  # 12
+        "The instruction is a description of the task. You need to follow that and respond to the paired input.\n\n"
+        "Instruction:\n{instruction}\n\nInput:\n{input}\n\nResponse:",
+        "The instruction is a description of the task. You need to follow that and respond.\n\n"
+        "Instruction:\n{instruction}\n\nResponse:",
+    ),
+)
+
 ALPACA_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
     "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}"
     "{% if loop_messages and loop_messages[0]['input'] is defined and loop_messages[0]['input'] %}"
     "{% set system_message = '" + ALPACA_PREAMBLE_INPUT + "' %}"
     "{% else %}{% set system_message = '" + ALPACA_PREAMBLE + "' %}{% endif %}{% endif %}"
+    "{% if loop_messages and loop_messages[0]['prompt'] is defined and loop_messages[0]['prompt'] %}"
+    "{% set system_message = '' %}{% endif %}"
     "{{ bos_token or '' }}{{ system_message }}"
     "{% for message in loop_messages %}"
-    "{% if message['role'] == 'user' %}"
+    "{% if message['role'] == 'user' and message['prompt'] is defined and message['prompt'] %}{{ message['prompt'] }}"
+    "{% elif message['role'] == 'user' %}"
     "{% if message['instruction'] is defined and message['instruction'] is string %}"
     "{{ '\\n\\n### Instruction:\\n' + message['instruction'] }}"
     "{% if message['input'] is defined and message['input'] %}{{ '\\n\\n### Input:\\n' + message['input'] }}{% endif %}"

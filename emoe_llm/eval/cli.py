@@ -1,7 +1,13 @@
-"""``emoe-llm eval``: MMLU (k-shot, answer-letter log-likelihood) on any HF causal-LM checkpoint.
+"""``emoe-llm eval``: EleutherAI's lm-evaluation-harness on an HF causal-LM checkpoint, in the mode it was trained.
 
-    emoe-llm eval runs/x/final --tasks mmlu --split val --shots 5
-    emoe-llm eval runs/x/final --mode dense --subjects abstract_algebra,anatomy --limit 20 --output acc.json
+    emoe-llm eval runs/x/final --tasks emoe_mmlu,emoe_nll_alpaca_heldout
+    emoe-llm eval runs/x/final --tasks my_task --include-path my_tasks/ --limit 50 --output my.json
+    emoe-llm eval --list-tasks
+
+The model is loaded once (plain transformers, EMoE masking added in mode emoe) and handed to lm-eval as a built
+``PreTrainedModel`` (``HFLM(pretrained=model)``); ``--tasks`` takes lm-eval task names: the tasks shipped in
+``emoe_llm/eval/tasks`` (``--list-tasks``), lm-eval's own, and those in ``--include-path`` directories. Offline:
+the command sets ``HF_DATASETS_OFFLINE`` / ``HF_HUB_OFFLINE``, so a task whose data is not local fails.
 
 ``--mode auto`` (default) evaluates a trained export the way it was trained: the recipe records the training mode in
 config.json (``emoe_trained``: dense or emoe, N, k, layers), so a dense baseline is scored dense and an EMoE run masked.
@@ -13,44 +19,80 @@ A converted checkpoint that was never trained here runs masked ('emoe' block), a
     emoe-llm eval runs/llama2_7b_emoe/final                # EMoE  -> masked  (EMoE)
     emoe-llm eval runs/llama2_7b_emoe/final --mode dense   # EMoE  -> dense   (EMoE2LoRA-style: mask at train only)
 
-Every result JSON records the mode used, why (``mode_source``), the training record, and k / layers when masked.
+The result JSON keeps lm-eval's ``results`` (and ``groups``) dicts unchanged, beside the mode used and why
+(``mode_source``), the training record, k / layers when masked, the settings, the seconds and the versions.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
+import os
 import sys
 import time
 from pathlib import Path
 
 from emoe_llm.emoe.settings import TRAINED_KEY, resolve_eval_mode
-from emoe_llm.tiny import DATA_DIR
+from emoe_llm.eval.inputs import check_eval_inputs
 from emoe_llm.fileio import atomic_write_text
+
+DEFAULT_TASKS = "emoe_mmlu"
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="HF checkpoint dir (e.g. runs/x/final)")
-    parser.add_argument("--tasks", default="mmlu", help="comma-separated tasks; available: mmlu")
-    parser.add_argument("--mmlu-dir", default=str(DATA_DIR / "eval" / "mmlu"),
-                        help="dir with dev/ and val/ (or test/) CSVs (default: the shipped data/eval/mmlu)")
-    parser.add_argument("--split", default="val", help="val | test | dev (default val)")
-    parser.add_argument("--shots", type=int, default=5, help="few-shot examples from dev/ (default 5)")
-    parser.add_argument("--subjects", default=None, help="comma-separated subjects (default: all)")
-    parser.add_argument("--limit", type=int, default=0, help="at most N questions per subject (0 = all)")
+    parser.add_argument("checkpoint", nargs="?", help="HF checkpoint dir (e.g. runs/x/final)")
+    parser.add_argument("--tasks", default=DEFAULT_TASKS,
+                        help=f"comma-separated lm-eval task or group names (default {DEFAULT_TASKS}; see --list-tasks)")
+    parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                        help="a directory of your own lm-eval task YAMLs (repeatable), as lm-eval's --include_path")
+    parser.add_argument("--list-tasks", action="store_true", help="list the tasks shipped with emoe-llm and exit")
+    parser.add_argument("--num-fewshot", type=_non_negative_int, default=None,
+                        help="shots per question (default: each task's own, e.g. 5 for emoe_mmlu)")
+    parser.add_argument("--limit", type=_positive_int, default=None,
+                        help="at most N documents per task (default: all; for quick checks only)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="documents per forward (default 8)")
     parser.add_argument("--mode", choices=("auto", "dense", "emoe"), default="auto",
                         help="auto (default): as the checkpoint was trained (config.json 'emoe_trained'); "
                              "dense / emoe override it")
-    parser.add_argument("--top-k", type=int, default=None, help="override the checkpoint's EMoE top-k (mode emoe)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=None, help="prompt budget in tokens (default: the model's)")
+    parser.add_argument("--top-k", type=_positive_int, default=None,
+                        help="override the checkpoint's EMoE top-k (mode emoe)")
+    parser.add_argument("--mmlu-dir", default=None,
+                        help="another directory of Hendrycks MMLU CSVs (dev/, val/, test/) for the emoe_mmlu tasks "
+                             "(default: the shipped data/eval/mmlu)")
+    parser.add_argument("--mmlu-split", choices=("val", "test"), default="val",
+                        help="the split the emoe_mmlu tasks score (test: with the full MMLU CSVs in --mmlu-dir)")
+    parser.add_argument("--max-length", type=_positive_int, default=None,
+                        help="context budget in tokens (default: the model's)")
     parser.add_argument("--device", default="auto",
                         help="auto (all visible GPUs via device_map=auto, else cpu) | cpu | cuda | cuda:1")
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                         help="auto: the checkpoint's dtype on GPU, fp32 on CPU")
     parser.add_argument("--output", default=None,
-                        help="results JSON (default: <checkpoint parent>/eval/<name>_mmlu_<split>_<mode>.json)")
-    parser.add_argument("--no-progress", action="store_true")
+                        help="results JSON (default: <checkpoint parent>/eval/<checkpoint name>_<mode>.json)")
+    parser.add_argument("--no-progress", action="store_true", help="quieter: lm-eval logs errors only")
 
 
 def check_checkpoint_files(path: str) -> None:
@@ -107,47 +149,142 @@ def load_for_eval(path: str, *, mode: str, device: str, dtype: str, top_k: int |
     return model, tokenizer, info
 
 
-def run(args: argparse.Namespace) -> int:
-    from .inputs import check_eval_inputs
-    from .mmlu import evaluate_mmlu, format_report, read_mmlu
+class _DropCustomDatasetNotice(logging.Filter):
+    """lm-eval warns on every task with a ``custom_dataset`` loader (all the shipped ones): noise here."""
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t != "mmlu"]
-    if unknown:
-        print(f"emoe-llm eval: error: unknown task(s) {unknown}; available: mmlu", file=sys.stderr)
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in record.getMessage()
+
+
+def task_manager(include_paths=(), metadata: dict | None = None, *, quiet: bool = False,
+                 lm_eval_tasks: bool = True):
+    """lm-eval's TaskManager over the shipped tasks, the user's directories and (``lm_eval_tasks``) lm-eval's own,
+    whose index takes ~20 s to build on a small machine. Offline: no hub call."""
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from lm_eval.tasks import TaskManager
+
+    # lm-eval's records go to the root logger's handlers (the current stderr), not a handler of their own.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR if quiet else logging.WARNING)
+    task_log = logging.getLogger("lm_eval.api.task")
+    if not any(isinstance(f, _DropCustomDatasetNotice) for f in task_log.filters):
+        task_log.addFilter(_DropCustomDatasetNotice())
+
+    from .tasks import TASKS_DIR
+
+    return TaskManager(include_path=[str(TASKS_DIR), *map(str, include_paths)], include_defaults=lm_eval_tasks,
+                       metadata=metadata)
+
+
+def load_tasks(manager, names: list[str]) -> list:
+    """Build every task (reads its data) before any weights load: a missing file fails in seconds, naming the task."""
+    built = []
+    for name in names:
+        try:
+            loaded = manager.load(name)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"task {name}: data file not found: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"task {name}: {e}") from None
+        top = loaded["groups"].get(name) or loaded["tasks"].get(name)
+        built.extend([top] if top is not None else loaded["tasks"].values())  # a tag: its tasks
+    return built
+
+
+def _json_safe(obj):
+    """lm-eval writes nan for an undefined stderr (e.g. one document): strict JSON gets null instead."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def format_report(results: dict) -> str:
+    lines = []
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            if key in ("alias", "sample_len") or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            lines.append(f"  {metrics.get('alias', task):<40} {key:<28} {value:.4f}")
+    return "\n".join(lines)
+
+
+def list_tasks() -> str:
+    from .tasks import SHIPPED
+
+    width = max(map(len, SHIPPED))
+    return "\n".join(f"{name:<{width}}  {text}" for name, text in SHIPPED.items())
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_tasks:
+        print(list_tasks())
+        return 0
+    if not args.checkpoint:
+        print("emoe-llm eval: error: give a checkpoint dir (or --list-tasks)", file=sys.stderr)
         return 2
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        print("emoe-llm eval: error: --tasks is empty; see emoe-llm eval --list-tasks", file=sys.stderr)
+        return 2
+    for d in args.include_path:
+        if not Path(d).is_dir():
+            print(f"emoe-llm eval: error: --include-path {d} is not a directory", file=sys.stderr)
+            return 2
+    ckpt = Path(args.checkpoint).resolve()
+    metadata = {"tokenizer": str(ckpt), "mmlu_split": args.mmlu_split}
+    if args.mmlu_dir:
+        metadata["mmlu_dir"] = str(Path(args.mmlu_dir).resolve())
     try:
-        # Everything cheap first (CSVs, shard headers): a bad row must not cost the minutes a 7B load takes.
+        # Everything cheap first (task names, task data, shard headers): a bad row must not cost the minutes a 7B
+        # load takes.
         check_eval_inputs(args.checkpoint, batch_size=args.batch_size, top_k=args.top_k, max_length=args.max_length)
-        questions = read_mmlu(args.mmlu_dir, split=args.split, shots=args.shots, subjects=args.subjects,
-                              limit=args.limit)
         check_checkpoint_files(args.checkpoint)
+        manager = task_manager(args.include_path, metadata, quiet=args.no_progress, lm_eval_tasks=False)
+        if any(n not in manager.all_tasks for n in names):  # not shipped nor the user's: lm-eval's own task list
+            manager = task_manager(args.include_path, metadata, quiet=args.no_progress)
+        unknown = [n for n in names if n not in manager.all_tasks]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; see emoe-llm eval --list-tasks (shipped) or lm-eval's "
+                             "task list, or add your YAMLs with --include-path")
+        tasks = load_tasks(manager, names)
         model, tokenizer, info = load_for_eval(args.checkpoint, mode=args.mode, device=args.device, dtype=args.dtype,
                                                top_k=args.top_k)
     except (FileNotFoundError, ValueError) as e:
         print(f"emoe-llm eval: error: {e}", file=sys.stderr)
         return 2
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    from emoe_llm import __version__
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length)
     t0 = time.perf_counter()
-    try:
-        result = evaluate_mmlu(model, tokenizer, args.mmlu_dir, split=args.split, shots=args.shots,
-                               subjects=args.subjects, limit=args.limit, batch_size=args.batch_size,
-                               max_length=args.max_length, progress=not args.no_progress, questions=questions)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"emoe-llm eval: error: {e}", file=sys.stderr)
-        return 2
-    result["checkpoint"] = str(Path(args.checkpoint).resolve())
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=args.num_fewshot,
+                                  limit=args.limit, log_samples=False)
+    result = {"results": out["results"]}
+    if out.get("groups"):
+        result["groups"] = out["groups"]
+    for key in ("n-shot", "n-samples", "higher_is_better", "versions"):
+        if key in out:
+            result[key] = out[key]
     result.update(info)
+    result.update(checkpoint=str(ckpt), tasks=names, include_path=[str(Path(d).resolve()) for d in args.include_path],
+                  num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
+                  seconds=round(time.perf_counter() - t0, 2), lm_eval_version=lm_eval.__version__,
+                  emoe_llm_version=__version__)
     mode = info["mode"]
-    result["seconds"] = round(time.perf_counter() - t0, 2)
-    ckpt = Path(args.checkpoint).resolve()
-    out = Path(args.output) if args.output else ckpt.parent / "eval" / f"{ckpt.name}_mmlu_{args.split}_{mode}.json"
-    print(f"MMLU {args.split}, {args.shots}-shot, mode {mode} ({info['mode_source']}): {args.checkpoint}")
-    print(format_report(result))
+    path = Path(args.output) if args.output else ckpt.parent / "eval" / f"{ckpt.name}_{mode}.json"
+    print(f"{', '.join(names)}, mode {mode} ({info['mode_source']}): {args.checkpoint}")
+    print(format_report({**out["results"], **out.get("groups", {})}))
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps(result, indent=2, allow_nan=False))
-        print(f"wrote {out}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(_json_safe(result), indent=2, allow_nan=False))
+        print(f"wrote {path}")
     except OSError as e:
-        print(f"emoe-llm eval: error: could not write {out}: {e} (use --output)", file=sys.stderr)
+        print(f"emoe-llm eval: error: could not write {path}: {e} (use --output)", file=sys.stderr)
         return 1
     return 0
