@@ -96,7 +96,23 @@ def test_cells_arms_and_rows(tmp_path):
     assert random.overrides == ["train.max_steps=4", "model.mode=emoe", "emoe.method=random", "seed=2"]
     assert random.config.seed == 2 and random.config.emoe.method == "random" and random.config.train.max_steps == 4
     assert random.eval_modes() == ["emoe", "dense"] and study.cell("dense-s1").eval_modes() == ["dense"]
-    assert study.eval.args() == ["--tasks", "emoe_nll_alpaca_heldout,emoe_mmlu", "--limit", "8"]
+    assert [e.args() for e in study.evals] == [["--tasks", "emoe_nll_alpaca_heldout,emoe_mmlu", "--limit", "8"]]
+
+
+def test_several_evals_each_with_its_own_limit(tmp_path):
+    from emoe_llm.study.run import eval_command
+
+    study = load_study(write(tmp_path / "s.yaml", STUDY.replace(
+        "eval: {tasks: [emoe_nll_alpaca_heldout, emoe_mmlu], limit: 8}",
+        "eval:\n  - {tasks: [emoe_nll_alpaca_heldout], limit: 48, batch_size: 4}\n  - {tasks: emoe_mmlu, limit: 1}")))
+    cell, out = study.cell("emoe-s1"), tmp_path / "out"
+    cmd = eval_command(study, cell, out, "dense", 1)
+    assert cmd[cmd.index("eval") + 1] == str(out / "cells" / "emoe-s1" / "final")
+    assert cmd[cmd.index("eval") + 2:] == ["--tasks", "emoe_mmlu", "--limit", "1", "--mode", "dense", "--output",
+                                           str(out / "cells" / "emoe-s1" / "eval" / "dense.1.json")]
+    assert eval_command(study, cell, out, "emoe", 0)[-10:] == [
+        "--tasks", "emoe_nll_alpaca_heldout", "--limit", "48", "--batch-size", "4", "--mode", "emoe", "--output",
+        str(out / "cells" / "emoe-s1" / "eval" / "emoe.json")]
 
 
 @pytest.mark.parametrize("arms, message", [

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from ..fileio import atomic_write_text
-from .spec import DENSE_SUFFIX
+from .spec import DENSE_SUFFIX, eval_file
 from .stats import excludes_zero, paired, t_interval
 
 LOWER_IS_BETTER = ("nll", "perplexity", "ppl", "loss", "bits_per_byte", "bpb")
@@ -114,14 +114,15 @@ def build_report(out: Path) -> dict:
         for mode, row in cell["rows"].items():
             if row not in rows:
                 rows.append(row)
-            path = out / "cells" / name / "eval" / f"{mode}.json"
-            if not path.is_file():
-                continue
-            evaluated.setdefault(name, []).append(mode)
-            found, found_directions = read_results(path, study["eval"]["tasks"])
-            directions.update(found_directions)
-            for metric, value in found.items():
-                values.setdefault(metric, {}).setdefault(row, {})[cell["seed"]] = value
+            for i, spec in enumerate(study["eval"]):
+                path = out / "cells" / name / "eval" / eval_file(mode, i)
+                if not path.is_file():
+                    continue
+                evaluated.setdefault(name, []).append(path.name)
+                found, found_directions = read_results(path, spec["tasks"])
+                directions.update(found_directions)
+                for metric, value in found.items():
+                    values.setdefault(metric, {}).setdefault(row, {})[cell["seed"]] = value
     rows.sort(key=lambda r: (list(study["arms"]).index(r.removesuffix(DENSE_SUFFIX)), r.endswith(DENSE_SUFFIX)))
     metrics, pairs = {}, {}
     for metric in sorted(values):

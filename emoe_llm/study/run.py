@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from ..fileio import atomic_write_text
-from .spec import Cell, Study, StudyError, load_study
+from .spec import Cell, Study, StudyError, eval_file, load_study
 
 STUDY_JSON = "study.json"
 
@@ -217,13 +217,18 @@ def cell_dir(out: Path, cell: Cell) -> Path:
     return out / "cells" / cell.name
 
 
-def eval_path(out: Path, cell: Cell, mode: str) -> Path:
-    return cell_dir(out, cell) / "eval" / f"{mode}.json"
+def eval_path(out: Path, cell: Cell, mode: str, index: int = 0) -> Path:
+    return cell_dir(out, cell) / "eval" / eval_file(mode, index)
 
 
-def cell_done(out: Path, cell: Cell) -> bool:
+def eval_runs(study: Study, cell: Cell) -> list[tuple[str, int]]:
+    """(mode, eval index) of every `emoe-llm eval` run of a cell."""
+    return [(m, i) for m in cell.eval_modes() for i in range(len(study.evals))]
+
+
+def cell_done(study: Study, out: Path, cell: Cell) -> bool:
     return (cell_dir(out, cell) / "COMPLETED").is_file() and all(
-        eval_path(out, cell, m).is_file() for m in cell.eval_modes())
+        eval_path(out, cell, m, i).is_file() for m, i in eval_runs(study, cell))
 
 
 def train_command(study: Study, cell: Cell, out: Path, model_path: str, nproc: int | None) -> list[str]:
@@ -237,13 +242,13 @@ def train_command(study: Study, cell: Cell, out: Path, model_path: str, nproc: i
     return cmd + [*cell.overrides, f"model.path={model_path}", f"output_dir={cell_dir(out, cell)}", "resume=auto"]
 
 
-def eval_command(study: Study, cell: Cell, out: Path, mode: str) -> list[str]:
-    return [sys.executable, "-m", "emoe_llm.cli", "eval", str(cell_dir(out, cell) / "final"), *study.eval.args(),
-            "--mode", mode, "--output", str(eval_path(out, cell, mode))]
+def eval_command(study: Study, cell: Cell, out: Path, mode: str, index: int) -> list[str]:
+    return [sys.executable, "-m", "emoe_llm.cli", "eval", str(cell_dir(out, cell) / "final"),
+            *study.evals[index].args(), "--mode", mode, "--output", str(eval_path(out, cell, mode, index))]
 
 
 def run_cells_local(study: Study, out: Path, cells: list[Cell], models: dict[str, str], *, nproc: int | None) -> int:
-    todo = [c for c in cells if not cell_done(out, c)]
+    todo = [c for c in cells if not cell_done(study, out, c)]
     print(f"[study] {len(cells) - len(todo)}/{len(cells)} cells already done; {len(todo)} to run", flush=True)
     t0, finished = time.monotonic(), 0
     for cell in todo:
@@ -267,8 +272,9 @@ def run_cell(study: Study, cell: Cell, out: Path, model_path: str, *, nproc: int
     steps = []
     if not (d / "COMPLETED").is_file():
         steps.append(("train", train_command(study, cell, out, model_path, nproc), logs / "train.log"))
-    steps += [(f"eval --mode {m}", eval_command(study, cell, out, m), logs / f"eval_{m}.log")
-              for m in cell.eval_modes() if not eval_path(out, cell, m).is_file()]
+    steps += [(f"eval --mode {m}" + (f" (eval {i})" if i else ""), eval_command(study, cell, out, m, i),
+               logs / f"eval_{m}{f'.{i}' if i else ''}.log")
+              for m, i in eval_runs(study, cell) if not eval_path(out, cell, m, i).is_file()]
     for what, cmd, log in steps:
         t0 = time.monotonic()
         print(f"[study] {cell.name}: {what} (log: {log})", flush=True)

@@ -94,7 +94,7 @@ def write_scripts(study: Study, out: Path, cells: list[Cell], models: dict[str, 
 
 def submit(study: Study, out: Path, selected: list[Cell], *, changed: list[str], dry_run: bool) -> int:
     """Write the scripts, then (unless ``dry_run``) submit the array and the report job; prints the sbatch lines."""
-    todo = [c for c in selected if not cell_done(out, c)]
+    todo = [c for c in selected if not cell_done(study, out, c)]
     if dry_run:
         models = {c.name: planned_model(study, out, c) for c in todo}
     else:

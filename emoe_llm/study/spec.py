@@ -9,6 +9,7 @@
       random: {model.mode: emoe, emoe.method: random}
     baseline: dense                            # paired differences are taken against this arm
     eval: {tasks: [emoe_mmlu], include_path: null, limit: 20, num_fewshot: null, batch_size: 8}
+    # or a list of such mappings, one `emoe-llm eval` run each (e.g. another --limit for MMLU's 57 subjects)
 
 A cell is (arm, seed): the base recipe + ``overrides`` + the arm's overrides + ``seed=S``. The seed is the recipe's one
 seed (data order, held-out split, init of anything new), so every arm sees the same batches for the same seed.
@@ -32,6 +33,11 @@ EVAL_KEYS = ("tasks", "include_path", "limit", "num_fewshot", "batch_size")
 SLURM_KEYS = ("sbatch_args", "nproc_per_node")
 DENSE_SUFFIX = "@dense"  # the row of an EMoE-trained arm scored with the mask dropped
 NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+def eval_file(mode: str, index: int) -> str:
+    """A cell's eval JSON name: <mode>.json for the study's first eval, <mode>.<i>.json for the i-th."""
+    return f"{mode}.json" if index == 0 else f"{mode}.{index}.json"
 
 
 class StudyError(ValueError):
@@ -86,7 +92,7 @@ class Study:
     seeds: list[int]
     arms: dict[str, list[str]]
     baseline: str
-    eval: EvalSpec
+    evals: list[EvalSpec]
     ds_config: str | None = None
     nproc: int | None = None
     slurm: dict = field(default_factory=dict)
@@ -95,8 +101,11 @@ class Study:
     def to_dict(self) -> dict:
         """The study as written to the study dir (arms as key=value lists, the command line's overrides folded in)."""
         return {"base": self.base, "overrides": self.overrides, "seeds": self.seeds, "arms": self.arms,
-                "baseline": self.baseline, "eval": dataclasses.asdict(self.eval), "ds_config": self.ds_config,
+                "baseline": self.baseline, "eval": [dataclasses.asdict(e) for e in self.evals], "ds_config": self.ds_config,
                 "nproc": self.nproc, "slurm": self.slurm}
+
+    def tasks(self) -> list[str]:
+        return [t for e in self.evals for t in e.tasks]
 
     def cell(self, name: str) -> Cell:
         for c in self.cells:
@@ -175,7 +184,8 @@ def study_from_dict(doc: Any, *, source: str, extra_overrides: list[str] = ()) -
     if bad:
         raise StudyError(f"{source}: {bad[0]}: the study sets seed, output_dir and resume of every cell itself")
     study = Study(path=source, base=base, overrides=overrides, seeds=seeds, arms=arms, baseline=baseline,
-                  eval=_eval_spec(doc["eval"], source), ds_config=doc.get("ds_config"),
+                  evals=[_eval_spec(e, source) for e in (doc["eval"] if isinstance(doc["eval"], list)
+                                                          else [doc["eval"]])], ds_config=doc.get("ds_config"),
                   nproc=_positive(doc.get("nproc"), f"{source}: nproc"), slurm=_slurm(doc.get("slurm"), source))
     if study.ds_config is not None and not Path(study.ds_config).is_file():
         raise StudyError(f"{source}: ds_config: {study.ds_config} not found")
