@@ -53,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[name][0])
     sub_parser = argparse.ArgumentParser(prog=f"emoe-llm {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(sub_parser)
-    args = sub_parser.parse_args(rest) if not getattr(module, "PASSTHROUGH", False) else rest
+    if getattr(module, "PASSTHROUGH", False):
+        args = rest
+    elif getattr(module, "INTERMIXED", False):  # trailing key=value overrides may follow the options
+        args = sub_parser.parse_intermixed_args(rest)
+    else:
+        args = sub_parser.parse_args(rest)
     return int(module.run(args) or 0)
 
 

@@ -27,6 +27,7 @@ from ..fileio import atomic_write_text
 from .spec import Cell, Study, StudyError, eval_file, load_study
 
 STUDY_JSON = "study.json"
+INTERMIXED = True  # emoe_llm.cli: key=value overrides may come after --out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
             for cell in selected:
                 print(" ".join(shlex.quote(c) for c in train_command(study, cell, out, "<model>", args.nproc)))
             return 0
+        check_models(study, selected)
         record_study(study, out, changed)
         models = prepare_models(study, out, selected)
     except StudyError as e:
@@ -146,15 +148,13 @@ def prepare_models(study: Study, out: Path, cells: list[Cell]) -> dict[str, str]
     from ..convert.errors import ConversionError
     from ..convert.prepare import conversion_key, existing_key, key_differences, prepare_emoe_checkpoint
 
+    check_models(study, cells)
     models, done = {}, {}
     for cell in cells:
         cfg = cell.config
         src = Path(cfg.model.path)
         if cfg.model.build_tiny_if_missing:
             src = build_tiny_dense(out / "models" / "tiny_dense")
-        elif not (src / "config.json").is_file():
-            raise StudyError(f"{study.path}: arm '{cell.arm}': model.path {src}: config.json not found (expected "
-                             "an HF checkpoint dir)")
         if cfg.emoe is None:
             models[cell.name] = str(src)
             continue
@@ -183,6 +183,15 @@ def prepare_models(study: Study, out: Path, cells: list[Cell]) -> dict[str, str]
                 raise StudyError(f"{study.path}: arm '{cell.arm}': conversion of {src} failed: {err}") from None
         models[cell.name] = str(dst)
     return models
+
+
+def check_models(study: Study, cells: list[Cell]) -> None:
+    """Every model.path is an HF checkpoint dir (or the tiny model the study builds), before anything is created."""
+    for cell in cells:
+        path = Path(cell.config.model.path)
+        if not cell.config.model.build_tiny_if_missing and not (path / "config.json").is_file():
+            raise StudyError(f"{study.path}: arm '{cell.arm}': model.path {path}: config.json not found (expected "
+                             "an HF checkpoint dir; e.g. model.path=$(scripts/get_smollm2.sh) after the study file)")
 
 
 def conversion_dir(out: Path, emoe) -> Path:

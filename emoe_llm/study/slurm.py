@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ..fileio import atomic_write_text
-from .run import cell_dir, cell_done, prepare_models, record_study
+from .run import cell_done, check_models, prepare_models, record_study
 from .spec import Cell, Study, StudyError
 
 HEADER = """#!/bin/bash
@@ -98,6 +98,7 @@ def submit(study: Study, out: Path, selected: list[Cell], *, changed: list[str],
     if dry_run:
         models = {c.name: planned_model(study, out, c) for c in todo}
     else:
+        check_models(study, todo)
         record_study(study, out, changed)
         models = prepare_models(study, out, todo)
     cell_sh, report_sh = write_scripts(study, out, todo, models)

@@ -128,11 +128,23 @@ def _as_overrides(value: Any, where: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, dict):
-        return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in value.items()]
+        return [f"{k}={_override_value(v)}" for k, v in value.items()]
     if isinstance(value, list) and all(isinstance(v, str) and "=" in v for v in value):
         return list(value)
     raise StudyError(f"{where}: expected a mapping of recipe keys (model.mode: dense) or a list of key=value "
                      f"strings, got {value!r}")
+
+
+def _override_value(value: Any) -> str:
+    """A value as the recipe's override parser (YAML) reads it back unchanged: plain when it does ("dense", 16),
+    else JSON ("28:2" would read as the sexagesimal integer 1682)."""
+    if isinstance(value, str):
+        try:
+            if yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:
+            pass
+    return json.dumps(value)
 
 
 def load_study(path: str | Path, extra_overrides: list[str] = ()) -> Study:
