@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -275,3 +276,90 @@ def test_slurm_dry_run_prints_the_array_and_writes_the_scripts(tmp_path, capsys)
     for path in (cell_sh, report_sh):
         proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ the tiny study
+
+
+def step_records(run_dir: Path) -> dict[int, dict]:
+    """The last record of each optimizer step (a resumed run re-logs the steps after its checkpoint)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "event" not in rec and "step" in rec:
+            out[rec["step"]] = rec
+    return out
+
+
+def run_study(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "emoe_llm.cli", "study", "configs/study_tiny.yaml", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end_rerun_and_resume(tmp_path):
+    out = tmp_path / "study"
+    t0 = time.time()
+    proc = run_study("--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    elapsed = time.time() - t0
+    assert "[study] 0/6 cells already done; 6 to run" in proc.stdout and "[study] 6/6 cells done; ETA 0 s" in proc.stdout
+
+    # the three report files, an emoe@dense row beside each EMoE arm, intervals over the 2 seeds
+    for name in ("report.json", "report.md", "report.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows"] == ["dense", "emoe", "emoe@dense", "random", "random@dense"]
+    nll = report["metrics"]["emoe_nll_alpaca_heldout/nll_per_token"]
+    assert report["direction"]["emoe_nll_alpaca_heldout/nll_per_token"] == "lower"
+    assert all(nll[row]["n"] == 2 and nll[row]["ci95"] is not None for row in report["rows"])
+    paired = report["paired"]["emoe_nll_alpaca_heldout/nll_per_token"]
+    assert set(paired) == {"emoe", "emoe@dense", "random", "random@dense"}
+    assert all(p["n"] == 2 and p["seeds"] == [1, 2] for p in paired.values())
+    md = (out / "report.md").read_text()
+    assert "| dense | emoe | emoe@dense | random | random@dense |" in md and "emoe@dense - dense = " in md
+    for cell in ("emoe-s1", "random-s2"):
+        masked = json.loads((out / "cells" / cell / "eval" / "emoe.json").read_text())
+        dense = json.loads((out / "cells" / cell / "eval" / "dense.json").read_text())
+        assert (masked["mode"], dense["mode"]) == ("emoe", "dense")
+        assert masked["results"] != dense["results"]  # the mask changes the function of the same weights
+    assert not (out / "cells" / "dense-s1" / "eval" / "emoe.json").exists()  # a dense arm is scored dense only
+    t = report["training"]["emoe-s1"]
+    assert t["steps"] == 6 and t["tokens"] > 0 and t["expert_load_max_over_mean"] >= 1.0
+
+    # shared conversions: one k-means (dense + emoe arms), one random split; every cell trained from them
+    assert sorted(p.name for p in (out / "converted").iterdir()) == ["kmeans-n16-l2-3-s0", "random-n16-l2-3-s0"]
+    # the paired design: every arm of a seed sees the same batches (target tokens of every step), seeds differ
+    batches = {c: [r["target_tokens"] for _, r in sorted(step_records(out / "cells" / c).items())]
+               for c in ("dense-s1", "emoe-s1", "random-s1", "dense-s2", "emoe-s2", "random-s2")}
+    assert batches["dense-s1"] == batches["emoe-s1"] == batches["random-s1"]
+    assert batches["dense-s2"] == batches["emoe-s2"] == batches["random-s2"]
+    assert batches["dense-s1"] != batches["dense-s2"]
+
+    # a rerun trains nothing and evaluates nothing
+    before = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/metrics.jsonl")}
+    proc = run_study("--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[study] 6/6 cells already done; 0 to run" in proc.stdout
+    assert ": train" not in proc.stdout and ": eval" not in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.glob("cells/*/metrics.jsonl")} == before
+
+    # an interrupted cell resumes from its newest checkpoint: step 3 of 6 here (the run is cut back to it)
+    cell = out / "cells" / "emoe-s2"
+    losses = {s: r["loss"] for s, r in step_records(cell).items()}
+    old_eval = json.loads((cell / "eval" / "emoe.json").read_text())["results"]
+    for name in ("COMPLETED", "final", "eval", "checkpoints/step_00000006"):
+        path = cell / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    proc = run_study("--out", str(out), "--cells", "emoe-s2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[study] 0/1 cells already done; 1 to run" in proc.stdout and "emoe-s2: train" in proc.stdout
+    events = [json.loads(line) for line in (cell / "metrics.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "resume" and e.get("step") == 3 for e in events), events
+    resumed = {s: r["loss"] for s, r in step_records(cell).items()}
+    assert resumed == pytest.approx(losses, rel=1e-5)  # steps 4..6 again, the same losses
+    new_eval = json.loads((cell / "eval" / "emoe.json").read_text())["results"]
+    assert new_eval["emoe_nll_alpaca_heldout"]["nll_per_token,none"] == pytest.approx(
+        old_eval["emoe_nll_alpaca_heldout"]["nll_per_token,none"], rel=1e-4)
+    print(f"tiny study (3 arms x 2 seeds, 6 steps, 9 evals) in {elapsed:.0f} s on this machine")
