@@ -111,7 +111,8 @@ def submit(study: Study, out: Path, selected: list[Cell], *, changed: list[str],
     if dry_run:
         if todo:
             print(" ".join(shlex.quote(a) for a in array))
-        print(" ".join(["sbatch", "--parsable", "--dependency=afterany:<array job id>", str(report_sh)]))
+        print(" ".join(["sbatch", "--parsable", *(["--dependency=afterany:<array job id>"] if todo else []),
+                        str(report_sh)]))
         return 0
     dependency = []
     if todo:
