@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
             return submit(study, out, selected, changed=changed, dry_run=args.dry_run)
         if args.dry_run:
             for cell in selected:
-                print(" ".join(shlex.quote(c) for c in train_command(study, cell, out, "<model>", args.nproc)))
+                model = planned_model(study, out, cell)
+                print(" ".join(shlex.quote(c) for c in train_command(study, cell, out, model, args.nproc)))
             return 0
         check_models(study, selected)
         record_study(study, out, changed)
@@ -183,6 +184,17 @@ def prepare_models(study: Study, out: Path, cells: list[Cell]) -> dict[str, str]
                 raise StudyError(f"{study.path}: arm '{cell.arm}': conversion of {src} failed: {err}") from None
         models[cell.name] = str(dst)
     return models
+
+
+def planned_model(study: Study, out: Path, cell: Cell) -> str:
+    """The model.path a cell would train from, without building or converting anything (--dry-run)."""
+    cfg = cell.config
+    src = out / "models" / "tiny_dense" if cfg.model.build_tiny_if_missing else Path(cfg.model.path)
+    if cfg.emoe is None:
+        return str(src)
+    from ..convert.prepare import existing_key
+
+    return str(src if existing_key(src) is not None else conversion_dir(out, cfg.emoe))
 
 
 def check_models(study: Study, cells: list[Cell]) -> None:

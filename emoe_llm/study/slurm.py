@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ..fileio import atomic_write_text
-from .run import cell_done, check_models, prepare_models, record_study
+from .run import cell_done, check_models, planned_model, prepare_models, record_study
 from .spec import Cell, Study, StudyError
 
 HEADER = """#!/bin/bash
@@ -135,12 +135,3 @@ def _sbatch(cmd: list[str]) -> str:
         print(proc.stderr, file=sys.stderr)
         raise StudyError(f"sbatch failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
     return proc.stdout.strip().split(";")[0]
-
-
-def planned_model(study: Study, out: Path, cell: Cell) -> str:
-    """The model.path a cell would train from, without building or converting anything (--dry-run)."""
-    from .run import conversion_dir
-
-    cfg = cell.config
-    src = out / "models" / "tiny_dense" if cfg.model.build_tiny_if_missing else Path(cfg.model.path)
-    return str(src if cfg.emoe is None else conversion_dir(out, cfg.emoe))
