@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-from slurm_cluster import REPO, SlurmCluster, SlurmUnavailable, pid_alive
+from slurm_cluster import REPO
+from test_slurm import cluster  # noqa: F401 - the module-scoped local cluster fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -31,25 +29,6 @@ baseline: dense
 eval: {{tasks: [emoe_nll_alpaca_heldout], limit: 4}}
 slurm: {{sbatch_args: [--cpus-per-task=2, --time=00:20:00], nproc_per_node: 2}}
 """
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    base = Path(tempfile.mkdtemp(prefix="emoe-slurm-"))
-    base.chmod(0o755)
-    c = SlurmCluster(base / "cluster", nodes=2, cpus_per_node=2)
-    try:
-        c.start()
-    except SlurmUnavailable as e:
-        shutil.rmtree(base, ignore_errors=True)
-        pytest.skip(f"no local Slurm cluster: {e}")
-    try:
-        yield c
-    finally:
-        pids = c.stop()
-        still = {name: pid for name, pid in pids.items() if pid_alive(pid)}
-        shutil.rmtree(base, ignore_errors=True)
-        assert pids and not still, f"daemons not stopped by PID: {still} (recorded: {pids})"
 
 
 def test_tiny_study_as_a_job_array(cluster, tmp_path):
