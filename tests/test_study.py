@@ -232,7 +232,7 @@ def test_report_from_eval_jsons_and_metrics(tmp_path):
     md = (out / "report.md").read_text()
     assert "| metric | better | dense | emoe | emoe@dense | random | random@dense |" in md
     assert ("- emoe_nll_alpaca_heldout/nll_per_token (lower is better): emoe - dense = 0.15 "
-            f"[{0.15 - half:.4g}, {0.15 + half:.4g}], n=3: the interval excludes 0, emoe is worse than dense") in md
+            f"[{0.15 - half:.5g}, {0.15 + half:.5g}], n=3: the interval excludes 0, emoe is worse than dense") in md
     assert "emoe@dense - dense" in md and "the interval includes 0, no difference shown" in md
 
 

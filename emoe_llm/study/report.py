@@ -161,7 +161,7 @@ def write_report(out: Path, *, plot: bool = True) -> list[Path]:
 def _num(x: float | None) -> str:
     if x is None:
         return "-"
-    return f"{x:.4g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+    return f"{x:.5g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.3e}"
 
 
 def _cell_text(stats: dict | None) -> str:
