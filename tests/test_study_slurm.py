@@ -14,7 +14,7 @@ from test_slurm import cluster  # noqa: F401 - the module-scoped local cluster f
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
-STUDY = f"""\\
+STUDY = f"""\
 base: {REPO / 'configs' / 'tiny_cpu.yaml'}
 overrides:
   train.max_steps: 2
