@@ -7,7 +7,7 @@
 #   3. train_throughput.py, 1B widths      -> train_throughput.json (ZeRO-3, 1 GPU: tokens/s and MFU, dense and EMoE)
 #   4. clustering.py on CUDA, 30B width    -> clustering.json     (seconds per 17920x6656 layer, N=256)
 # plus env.json (GPU, versions), summary.json (every step's command, cap, exit status, seconds, headline figures)
-# and logs.tar.gz (each step's full output): 7 files, within what the device tool brings back (8).
+# and logs.tar.gz (each step's full output): 7 files, few enough to copy back from a remote GPU box in one go.
 #
 #   scripts/gpu_check.sh RESULTS_DIR [--wheels DIR]          # on the GPU machine (default wheels: .whl)
 #   scripts/gpu_check.sh RESULTS_DIR --dry-run [--tiny]      # on CPU: check the wheels and every step's command line

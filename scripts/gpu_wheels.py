@@ -1,7 +1,6 @@
 """The wheels that scripts/gpu_check.sh installs on the GPU machine, which reaches no package registry.
 
-The device image (/work/.library/device/KINDS.md: Python 3.12, torch 2.11 + CUDA 13, transformers, peft, pyarrow, ...)
-lacks deepspeed, datasets and bitsandbytes and a few of their dependencies. They travel as wheels in a gitignored
+The target GPU image (Python 3.12, torch 2.11 + CUDA 13, transformers, peft, pyarrow, ...) lacks deepspeed, datasets and bitsandbytes and a few of their dependencies. They travel as wheels in a gitignored
 folder (default .whl/) next to the working tree:
 
     python scripts/gpu_wheels.py fetch [DIR]    # download (cp312 manylinux x86_64) + build deepspeed + slim bnb
@@ -11,7 +10,7 @@ Versions: the ones installed in this venv (the versions the CPU suite runs), exc
 CPU box: BNB_VERSION). ``deepspeed`` is an sdist on PyPI: ``pip wheel --no-deps`` builds a pure-Python wheel here
 (its CUDA ops JIT-compile with the device's nvcc if ever needed; ZeRO-3 with torch's fused AdamW needs none).
 The bitsandbytes wheel carries one native library per CUDA/ROCm/XPU version (43 MB); only the CPU and CUDA 13.x ones
-are kept (the device's torch is a CUDA 13 build), so all wheels plus the repo fit the device tool's 64 MiB.
+are kept (the target's torch is a CUDA 13 build), so all wheels plus the repo stay under a 64 MiB transfer budget.
 """
 
 from __future__ import annotations
@@ -28,11 +27,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = REPO / ".whl"
-TARGET_PYTHON = (3, 12)  # python3 on the device image (KINDS.md: Python 3.12.3)
+TARGET_PYTHON = (3, 12)  # python3 on the target GPU image (Python 3.12.3)
 TARGET_GLIBC = (2, 35)  # conservative: the image's glibc is at least this (Ubuntu 24.04 ships 2.39)
 BNB_VERSION = "0.50.2"
 BNB_KEEP = re.compile(r"libbitsandbytes_(cpu|cuda13\d)\.so$")  # native libraries kept in the slimmed bnb wheel
-TRAVEL_LIMIT = 64 * 2**20  # the device tool's limit on the working tree + carried paths
+TRAVEL_LIMIT = 64 * 2**20  # transfer budget for the working tree + wheels copied to the GPU machine
 
 # distribution name -> why it travels (all of them are missing from the device image)
 REQUIRED = {
@@ -47,7 +46,7 @@ REQUIRED = {
     "multiprocess": "datasets dependency (py312 build)",
 }
 OPTIONAL = {"bitsandbytes": "QLoRA (lora.quantize=4bit); its gpu test is skipped without it"}
-# Packages the device image already has (KINDS.md, "Python packages already there"), as normalised names: every
+# Packages the target GPU image already has, as normalised names: every
 # dependency of a carried wheel must be carried or be one of these.
 IMAGE_PACKAGES = set("""
 accelerate aiohttp attrs certifi charset-normalizer einops filelock fsspec hf-xet httpx huggingface-hub jinja2 msgpack
@@ -87,7 +86,7 @@ def wheel_requirements(path: Path) -> list[str]:
 
 
 def travel_bytes(repo: Path) -> int:
-    """Bytes of what the device tool sends: tracked + untracked-not-ignored files (symlinks count as links)."""
+    """Bytes of what is copied to the GPU machine: tracked + untracked-not-ignored files (symlinks count as links)."""
     try:
         out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
                              capture_output=True, check=True).stdout
@@ -160,7 +159,7 @@ def check(wheel_dir: Path, *, repo: Path | None = REPO, require_optional: bool =
         print(f"  travel size: wheels {wheels / 2**20:.1f} MiB + working tree {tree / 2**20:.1f} MiB = "
               f"{(wheels + tree) / 2**20:.1f} MiB (limit {TRAVEL_LIMIT // 2**20} MiB)")
         if wheels + tree > TRAVEL_LIMIT:
-            problems.append(f"wheels + working tree = {(wheels + tree) / 2**20:.1f} MiB, over the device tool's "
+            problems.append(f"wheels + working tree = {(wheels + tree) / 2**20:.1f} MiB, over the transfer budget of "
                             f"{TRAVEL_LIMIT // 2**20} MiB")
     return problems
 
