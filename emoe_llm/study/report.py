@@ -34,11 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        paths = write_report(Path(args.dir), plot=not args.no_plot)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+        write_report(Path(args.dir), plot=not args.no_plot)  # prints what it wrote
+    except (FileNotFoundError, ValueError) as e:
         print(f"emoe-llm report: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
 
 
