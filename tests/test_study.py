@@ -305,6 +305,7 @@ def run_study(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 6 cells x (train + 1-2 evals): ~8 min on 2 idle cores, far more on a loaded machine
 def test_tiny_study_end_to_end_rerun_and_resume(tmp_path):
     out = tmp_path / "study"
     t0 = time.time()
