@@ -36,6 +36,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .arch import LLAMA, mlp_layout
 from .emoe.settings import parse_layer_spec
 
 GiB = 2**30
@@ -81,14 +82,26 @@ class ModelShape:
     tied: bool = False
     emoe_layers: int = 0
     n_experts: int = 0
+    head_dim: int = 0  # 0 = hidden / heads; Gemma sets it (e.g. 256 with hidden 3072 and 16 heads)
+    model_type: str = "llama"  # the architecture-table entry: which MLP projections exist (fused or not)
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.head_size * self.heads
 
     @property
     def kv_dim(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
+        return self.head_size * self.kv_heads
 
     def layer_params(self) -> int:
+        # q and o (hidden x q_dim), k and v (hidden x kv_dim), the gated MLP's three d_ff x hidden matrices (fused or
+        # not), two norms
         h, kv = self.hidden, self.kv_dim
-        return 2 * h * h + 2 * h * kv + 3 * h * self.ffn + 2 * h
+        return 2 * h * self.q_dim + 2 * h * kv + 3 * h * self.ffn + 2 * h
 
     def n_params(self) -> int:
         emb = self.vocab * self.hidden
@@ -165,9 +178,13 @@ def shape_from_config(config: dict, *, name: str = "config.json", emoe: dict | N
             name=name, hidden=int(config["hidden_size"]), ffn=int(config["intermediate_size"]),
             layers=int(config["num_hidden_layers"]), heads=heads,
             kv_heads=int(config.get("num_key_value_heads") or heads), vocab=int(config["vocab_size"]),
-            tied=bool(config.get("tie_word_embeddings", False)))
+            tied=bool(config.get("tie_word_embeddings", False)), head_dim=int(config.get("head_dim") or 0),
+            model_type=str(config.get("model_type") or "llama"))
+        mlp_layout(shape.model_type)
     except KeyError as e:
-        raise PlanError(f"{name}: missing {e.args[0]!r} (expected a Llama-family config.json)") from None
+        raise PlanError(f"{name}: missing {e.args[0]!r} (expected a config.json of a gated-MLP decoder)") from None
+    except ValueError as e:
+        raise PlanError(f"{name}: {e}") from None
     block = emoe or config.get("emoe")
     if block:
         apply_emoe_block(shape, block, name=name)
@@ -206,11 +223,13 @@ def load_shape(model: str, *, emoe_override: dict | None = None) -> ModelShape:
 
 
 def lora_params(shape: ModelShape, r: int, targets) -> int:
-    dims = {"q_proj": (shape.hidden, shape.hidden), "k_proj": (shape.hidden, shape.kv_dim),
-            "v_proj": (shape.hidden, shape.kv_dim), "o_proj": (shape.hidden, shape.hidden),
-            "gate_proj": (shape.hidden, shape.ffn), "up_proj": (shape.hidden, shape.ffn),
-            "down_proj": (shape.ffn, shape.hidden)}
-    return shape.layers * sum(r * (dims[t][0] + dims[t][1]) for t in targets if t in dims)
+    """Adapter parameters of LoRA rank r on ``targets`` (Llama names, mapped onto the family's fused modules)."""
+    layout = mlp_layout(shape.model_type) if shape.model_type else LLAMA
+    h = shape.hidden
+    dims = {"q_proj": (h, shape.q_dim), "k_proj": (h, shape.kv_dim), "v_proj": (h, shape.kv_dim),
+            "qkv_proj": (h, shape.q_dim + 2 * shape.kv_dim), "o_proj": (shape.q_dim, h),
+            **layout.mlp_lora_dims(h, shape.ffn)}
+    return shape.layers * sum(r * (dims[t][0] + dims[t][1]) for t in layout.lora_targets(targets) if t in dims)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -269,11 +288,11 @@ def activation_bytes(shape: ModelShape, s: Setup, micro: int) -> dict:
     """Activation memory of one micro batch, forward + backward, SDPA/flash attention (no seq^2 term)."""
     a = 2 if s.precision in ("bf16", "fp16") else 4
     tok = micro * s.seq_len
-    h, kv, f = shape.hidden, shape.kv_dim, shape.ffn
+    h, q, kv, f = shape.hidden, shape.q_dim, shape.kv_dim, shape.ffn
     # Saved for backward per token in one decoder layer: attention (norm in/out, q k v, rotated q k, attention out,
     # o_proj in) + MLP (norm in/out, gate out, up out, act(gate), masked product = down_proj input); RMSNorm keeps an
-    # fp32 copy of its input in 16-bit runs.
-    per_token_layer = a * (7 * h + 3 * kv + 4 * f) + (2 * 4 * h if a < 4 else 0)
+    # fp32 copy of its input in 16-bit runs. q-sized tensors are q_dim wide (= hidden except with Gemma's head_dim).
+    per_token_layer = a * (3 * h + 4 * q + 3 * kv + 4 * f) + (2 * 4 * h if a < 4 else 0)
     layer = tok * per_token_layer
     if s.gradient_checkpointing:
         layers = shape.layers * tok * a * h + layer  # layer inputs kept, one layer recomputed at a time
@@ -402,7 +421,7 @@ def make_plan(shape: ModelShape, s: Setup) -> Plan:
     fwd = 2 * P
     bwd = 2 * P if s.lora else 4 * P
     per_token = fwd + bwd + (fwd if s.gradient_checkpointing else 0)
-    per_token += 4 * shape.layers * shape.hidden * s.seq_len * (3 + (1 if s.gradient_checkpointing else 0))
+    per_token += 4 * shape.layers * shape.q_dim * s.seq_len * (3 + (1 if s.gradient_checkpointing else 0))
     tokens_per_step = s.micro_batch * s.grad_accum * s.world * s.seq_len
     plan.flops_per_step = per_token * tokens_per_step
     if s.mfu is not None:

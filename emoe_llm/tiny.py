@@ -1,4 +1,5 @@
-"""Tiny Llama models built in code: the embedded default for the demo, tests and CPU benchmarks (no model hub)."""
+"""Tiny models built in code: the embedded default for the demo, tests and CPU benchmarks (no model hub). The tiny
+Llama is the default; ``model_type`` builds the same-sized model of any family in the architecture table."""
 
 from __future__ import annotations
 
@@ -34,6 +35,21 @@ def tiny_llama_config(*, vocab_size: int = 2048, **overrides):
     return LlamaConfig(**kwargs)
 
 
+def tiny_config(model_type: str = "llama", **overrides):
+    """The tiny Llama's sizes as a ``model_type`` config (head_dim pinned: Gemma's default of 256 would dwarf it)."""
+    if model_type == "llama":
+        return tiny_llama_config(**overrides)
+    from transformers import AutoConfig
+
+    base = tiny_llama_config().to_dict()
+    kwargs = {k: base[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                   "tie_word_embeddings", "bos_token_id", "eos_token_id")}
+    kwargs.update(head_dim=base["hidden_size"] // base["num_attention_heads"], pad_token_id=0)
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
 def save_tiny_checkpoint(
     path: str | os.PathLike,
     *,
@@ -41,13 +57,15 @@ def save_tiny_checkpoint(
     seed: int = 0,
     max_shard_size: str | int | None = None,
     dtype: torch.dtype = torch.float32,
+    model_type: str = "llama",
     **config_overrides,
 ) -> Path:
-    """Write a randomly initialised tiny Llama as a real HF safetensors checkpoint (optionally sharded).
+    """Write a randomly initialised tiny model (Llama unless ``model_type`` says otherwise) as a real HF safetensors
+    checkpoint (optionally sharded).
 
     With ``tokenizer_dir`` the tokenizer files are copied in and vocab/bos/eos ids follow the tokenizer.
     """
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     path = Path(path)
     if tokenizer_dir is not None:
@@ -60,7 +78,8 @@ def save_tiny_checkpoint(
         if tok.eos_token_id is not None:
             config_overrides.setdefault("eos_token_id", tok.eos_token_id)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(**config_overrides)).to(dtype)
+    config = tiny_config(model_type, **config_overrides)
+    model = (LlamaForCausalLM(config) if model_type == "llama" else AutoModelForCausalLM.from_config(config)).to(dtype)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(path, **kwargs)
     if tokenizer_dir is not None:

@@ -423,6 +423,15 @@ def _(w):
     return _convert(w, src)
 
 
+@case("convert", "already-moe", "SRC is already a mixture of experts (model_type mixtral)",
+      r"model_type 'mixtral' is not supported: it is already a mixture-of-experts model")
+def _(w):
+    src = w.src()
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "mixtral"}))
+    return _convert(w, src)
+
+
 @case("convert", "already-converted", "SRC is already an EMoE checkpoint", r"already has an 'emoe' block")
 def _(w):
     return _convert(w, w.converted("src"))

@@ -3,7 +3,8 @@
     summary = convert_checkpoint("Llama-2-7b-hf", "Llama-2-7b-emoe", n_experts=64, top_k=16, layers="28,30")
 
 Two passes over SRC:
-  1. cluster: for each layer to permute, read only its gate_proj weight, run ``emoe.cluster_labels`` (same seed and
+  1. cluster: for each layer to permute, read only its gate weight (the gate rows of a fused gate/up tensor,
+     ``emoe_llm.arch``), run ``emoe.cluster_labels`` (same seed and
      same input dtype as ``apply_emoe`` on the loaded model, so the result is identical) and keep the labels (d_ff
      int64) on disk in the workspace;
   2. write: one output shard per input shard, same names; every tensor is streamed through in 64 MB chunks (cast if
@@ -30,7 +31,7 @@ import torch
 
 from .. import emoe
 from .errors import ConversionError
-from .names import NEURON_AXIS, check_mlp_layout, mlp_tensor_names
+from .names import check_mlp_layout, mlp_tensor_names, source_layout
 from .safetensors_io import DTYPE_CODES, OutputEntry, ShardWriter
 from .source import SAFE_INDEX, SAFE_SINGLE, SourceCheckpoint, check_required_tensors, open_source
 from .workspace import Workspace
@@ -231,8 +232,7 @@ def _cluster_layers(source, ws: Workspace, settings, *, n_init, max_iter, device
     bar = _bar(progress, total=len(settings.permuted_layers), initial=len(settings.permuted_layers) - len(todo),
                desc="clustering", unit="layer")
     for layer in todo:
-        gate_name = mlp_tensor_names(layer, source)["gate"]
-        gate = source.read(gate_name)  # stored dtype, as apply_emoe sees it after from_pretrained(dtype="auto")
+        gate = _read_gate(source, layer)  # stored dtype, as apply_emoe sees it after from_pretrained(dtype="auto")
         counters["bytes_read"] += gate.numel() * gate.element_size()
         labels, stats = emoe.cluster_labels(gate, settings.n_experts, seed=settings.seed, method=settings.method,
                                             n_init=n_init, max_iter=max_iter, device=device)
@@ -243,6 +243,14 @@ def _cluster_layers(source, ws: Workspace, settings, *, n_init, max_iter, device
         if on_step is not None:
             on_step("layer", {"layer": layer, **stats})
     bar.close()
+
+
+def _read_gate(source: SourceCheckpoint, layer: int) -> torch.Tensor:
+    """(d_ff, d) gate rows of one layer: the whole gate tensor, or the first half of a fused gate/up tensor."""
+    names = mlp_tensor_names(layer, source)
+    if "gate" in names:
+        return source.read(names["gate"])
+    return source.read(names["gate_up"])[: source.config["intermediate_size"]].clone()
 
 
 # --- pass 2: shards -------------------------------------------------------------------------------------------------
@@ -261,6 +269,7 @@ def _out_dtype_code(meta, out_dtype: torch.dtype | None) -> str:
 
 def _write_shards(source, ws: Workspace, settings, out_dtype, *, progress, counters, on_step) -> dict[str, int]:
     """Write every output shard not already in the workspace; returns {shard: data bytes}."""
+    layout = source_layout(source)
     permuted = {}  # tensor name -> (layer, role)
     for layer in settings.permuted_layers:
         for role, name in mlp_tensor_names(layer, source).items():
@@ -287,7 +296,8 @@ def _write_shards(source, ws: Workspace, settings, out_dtype, *, progress, count
                     layer, role = permuted[name]
                     if layer not in labels_cache:
                         labels_cache[layer] = emoe.expert_permutation(ws.load_labels(layer), settings.n_experts)
-                    tensor = source.read(name).index_select(NEURON_AXIS[role], labels_cache[layer])
+                    index = layout.neuron_index(role, labels_cache[layer])
+                    tensor = source.read(name).index_select(layout.neuron_axis(role), index)
                     writer.write_tensor(name, tensor if out_dtype is None or not meta.is_floating
                                         else tensor.to(out_dtype))
                     del tensor

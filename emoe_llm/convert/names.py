@@ -1,37 +1,31 @@
-"""The explicit tensor-name map of a Llama-style SwiGLU MLP, and the checks that a checkpoint has it."""
+"""A checkpoint's neuron-indexed MLP tensors (names from the architecture table) and the checks that it has them."""
 
 from __future__ import annotations
 
+from ..arch import MLPLayout, mlp_layout
 from .errors import ConversionError
 from .source import SourceCheckpoint
 
-# role -> tensor name template; biases exist only with config "mlp_bias": true.
-MLP_WEIGHTS = {
-    "gate": "model.layers.{i}.mlp.gate_proj.weight",  # (d_ff, d): rows are neurons
-    "up": "model.layers.{i}.mlp.up_proj.weight",  # (d_ff, d): rows are neurons
-    "down": "model.layers.{i}.mlp.down_proj.weight",  # (d, d_ff): columns are neurons
-}
-MLP_BIASES = {
-    "gate_bias": "model.layers.{i}.mlp.gate_proj.bias",  # (d_ff,)
-    "up_bias": "model.layers.{i}.mlp.up_proj.bias",  # (d_ff,)
-    # down_proj.bias is indexed by output features: a neuron permutation leaves it alone.
-}
-NEURON_AXIS = {"gate": 0, "up": 0, "down": 1, "gate_bias": 0, "up_bias": 0}
+
+def source_layout(source: SourceCheckpoint) -> MLPLayout:
+    """The architecture-table entry for SRC's config.json ``model_type`` (ConversionError when it has none)."""
+    try:
+        return mlp_layout(source.config.get("model_type"))
+    except ValueError as e:
+        raise ConversionError(f"{source.root / 'config.json'}: {e}") from None
 
 
 def mlp_tensor_names(layer: int, source: SourceCheckpoint) -> dict[str, str]:
     """{role: tensor name} of one layer's neuron-indexed tensors (biases included when the checkpoint has them)."""
-    names = {role: t.format(i=layer) for role, t in MLP_WEIGHTS.items()}
-    for role, t in MLP_BIASES.items():
-        if t.format(i=layer) in source.tensors:
-            names[role] = t.format(i=layer)
-    return names
+    names = source_layout(source).tensor_names(layer)
+    return {role: n for role, n in names.items() if not role.endswith("_bias") or n in source.tensors}
 
 
 def check_mlp_layout(source: SourceCheckpoint, layers: list[int]) -> None:
-    """Every layer to permute has gate/up/down with shapes (d_ff, d), (d_ff, d), (d, d_ff) from config.json."""
+    """Every layer to permute has its MLP tensors with the shapes the layout and config.json give."""
+    layout = source_layout(source)
     d_ff, d = source.config["intermediate_size"], source.config["hidden_size"]
-    expected = {"gate": (d_ff, d), "up": (d_ff, d), "down": (d, d_ff), "gate_bias": (d_ff,), "up_bias": (d_ff,)}
+    expected = layout.expected_shapes(d_ff, d)
     for layer in layers:
         names = mlp_tensor_names(layer, source)
         for role, name in names.items():
@@ -52,7 +46,9 @@ def _missing_mlp_message(source: SourceCheckpoint, layer: int, name: str) -> str
     found = sorted(n for n in source.tensors if prefix in n and (".mlp." in n or "ffn" in n or "feed_forward" in n))
     if not found:
         found = sorted(n for n in source.tensors if prefix in n)[:8]
+    model_type = source.config.get("model_type")
     return (
-        f"{source.root}: tensor '{name}' not found. EMoE needs a Llama-style SwiGLU MLP named "
-        f"model.layers.N.mlp.{{gate,up,down}}_proj.weight; layer {layer} has: {found[:8] or 'no tensors at all'}"
+        f"{source.root}: tensor '{name}' not found. EMoE needs a Llama-style SwiGLU MLP (gated, stored as "
+        f"model_type '{model_type}' does under model.layers.N.mlp); layer {layer} has: "
+        f"{found[:8] or 'no tensors at all'}"
     )

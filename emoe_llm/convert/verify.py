@@ -7,8 +7,9 @@ Checks, cheapest first (every failure is collected, not just the first):
   1. structure: DST's config has a valid ``emoe`` block and otherwise equals SRC's; DST's index is complete (every
      tensor in a shard that exists, every shard parses); same tensor names and shapes as SRC; dtypes as converted;
   2. copied tensors are byte-identical to SRC (after the recorded ``--dtype`` cast), streamed in chunks;
-  3. every permuted layer's MLP computes the same function: on random inputs the SwiGLU output of DST's tensors
-     equals SRC's (float64, one tensor in memory at a time), and DST's neurons are a permutation of SRC's;
+  3. every permuted layer's MLP computes the same function: on random inputs the gated-MLP output of DST's tensors
+     (the family's layout and activation, ``emoe_llm.arch``) equals SRC's (float64, one tensor in memory at a
+     time), and DST's neurons are a permutation of SRC's;
   4. small models (``max_logits_bytes``): the dense logits of the whole model are equal on random tokens.
 """
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from .. import emoe
 from .convert import OUTPUT_DTYPES, SUMMARY_FILE
 from .errors import ConversionError
-from .names import check_mlp_layout, mlp_tensor_names
+from .names import check_mlp_layout, mlp_tensor_names, source_layout
 from .safetensors_io import DTYPE_CODES
 from .source import SourceCheckpoint, open_source
 
@@ -224,18 +225,23 @@ def _rows_times(ckpt: SourceCheckpoint, name: str, x: torch.Tensor, cast=None) -
 
 
 def _mlp_output(ckpt: SourceCheckpoint, layer: int, x: torch.Tensor, cast=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(intermediate h (d_ff, t), output y (d, t)) of one layer's SwiGLU MLP for inputs x (d, t)."""
+    """(intermediate h (d_ff, t), output y (d, t)) of one layer's gated MLP for inputs x (d, t)."""
+    from transformers.activations import ACT2FN
+
+    layout = source_layout(ckpt)
     names = mlp_tensor_names(layer, ckpt)
-    gate = _rows_times(ckpt, names["gate"], x, cast)
-    if "gate_bias" in names:
-        gate += _read(ckpt, names["gate_bias"], cast).to(torch.float64)[:, None]
-    up = _rows_times(ckpt, names["up"], x, cast)
-    if "up_bias" in names:
-        up += _read(ckpt, names["up_bias"], cast).to(torch.float64)[:, None]
-    h = F.silu(gate) * up
+
+    def project(role: str) -> torch.Tensor:
+        out = _rows_times(ckpt, names[role], x, cast)
+        if f"{role}_bias" in names:
+            out += _read(ckpt, names[f"{role}_bias"], cast).to(torch.float64)[:, None]
+        return out
+
+    gate, up = project("gate_up").chunk(2, dim=0) if layout.fused else (project("gate"), project("up"))
+    h = ACT2FN[layout.activation(ckpt.config)](gate) * up
     del gate, up
     y = _rows_times(ckpt, names["down"], h, cast)
-    down_bias = names["down"].replace(".weight", ".bias")
+    down_bias = layout.down_bias_name(layer)
     if down_bias in ckpt.tensors:
         y += _read(ckpt, down_bias, cast).to(torch.float64)[:, None]
     return h, y

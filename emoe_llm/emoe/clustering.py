@@ -1,4 +1,4 @@
-"""Balanced k-means over the L2-normalised rows of ``gate_proj.weight``.
+"""Balanced k-means over the L2-normalised gate rows of an MLP (``emoe_llm.arch``: the gate projection's weight).
 
 EMoE splits the d_ff neurons of a SwiGLU MLP into N experts of *exactly* d_ff/N neurons each, by clustering the
 neurons' keys (rows of W_gate, L2-normalised). The paper uses ``k_means_constrained`` (a min-cost-flow solver), which
@@ -21,7 +21,7 @@ and q in B (clusters of m points) the exact change of the inertia is
 
 i.e. the fixed-centroid (Lloyd) gain plus a term that always favours the swap. A swap keeps every cluster at exactly m
 points. ``swap_rounds`` rounds of such swaps refine the winning restart (see ``_swap_refine``); each round costs about
-one Lloyd iteration and applies hundreds of swaps. On real SmolLM2-135M gate_proj weights this takes the result from
+one Lloyd iteration and applies hundreds of swaps. On real SmolLM2-135M gate weights this takes the result from
 up to 0.66% above k-means-constrained (n_init 10) to 0.3-1.8% below it (BENCHMARKS.md section 2c).
 """
 
@@ -69,7 +69,7 @@ def balanced_kmeans(
     """Cluster ``points`` (n, d) into ``n_clusters`` groups of exactly n / n_clusters points.
 
     Args:
-        points: (n, d) tensor; for EMoE the gate_proj weight. Any dtype; computed in fp32.
+        points: (n, d) tensor; for EMoE the (d_ff, d) gate weight. Any dtype; computed in fp32.
         n_clusters: N. Must divide n.
         seed: makes the result deterministic (same seed, same device, same input -> same labels).
         n_init: k-means++ restarts; the one with the lowest inertia is kept.

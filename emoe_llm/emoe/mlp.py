@@ -1,17 +1,19 @@
-"""EMoEMLP: a drop-in for LlamaMLP (and the same-shaped Mistral / Qwen2 MLPs) with avg-k top-k expert masking.
+"""EMoEMLP: a drop-in for any gated MLP of the architecture table (LlamaMLP, Gemma2MLP, Phi3MLP's fused gate/up, ...)
+with avg-k top-k expert masking.
 
 The MLP's neurons were permuted so that expert i is the contiguous block [i*E, (i+1)*E). For every token:
 
-    g = gate_proj(x)                                   # (..., d_ff)   pre-activation gate values
+    g, u = gate(x), up(x)                              # (..., d_ff)   pre-activation gate values, up projection
     s = g.view(..., N, E).mean(-1)                     # (..., N)      avg-k expert scores (the router)
     m = one_hot(topk(s, k))                            # (..., N)      hard 0/1 mask, no softmax, no rescale
-    y = down_proj((act(g) * up_proj(x)).view(..., N, E) * m[..., None])
+    y = down((act(g) * u).view(..., N, E) * m[..., None])
 
-The router is the mean of each expert's gate_proj rows, so there are no new parameters, and top-k is not
+(A fused layout computes g and u with one projection and splits it: the score uses the gate half.)
+The router is the mean of each expert's gate rows, so there are no new parameters, and top-k is not
 differentiable, so the router gets no gradient: a neuron outside the selected experts gets zero gradient for that
 token. With k == N the mask is skipped and the module computes exactly the dense MLP.
 
-ZeRO-3: parameters are only touched through the gate/up/down submodule calls, and the same parameters are used for
+ZeRO-3: parameters are only touched through the projection submodule calls, and the same parameters are used for
 every token (compute-all-then-mask), so there is no data-dependent module order and no leaf-module registration is
 needed. The mask is applied by broadcasting over (N, E) instead of materialising a (..., d_ff) mask.
 """
@@ -21,32 +23,35 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..arch import LLAMA, MLPLayout
+
 
 class EMoEMLP(nn.Module):
-    """Wraps an existing MLP's ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn`` (same parameters, same
-    state-dict keys) and adds the EMoE top-k expert mask.
+    """Wraps an existing MLP's projections and activation (same parameters, same state-dict keys) and adds the EMoE
+    top-k expert mask.
 
     Args:
-        mlp: the dense MLP module to wrap (LlamaMLP-shaped); its submodules are reused, not copied.
+        mlp: the dense MLP module to wrap; its submodules are reused, not copied.
         n_experts: N; must divide d_ff.
         top_k: k, 1 <= k <= N.
         layer_idx: for logging only.
+        layout: the architecture-table entry of the model (``emoe_llm.arch.layout_of(model)``); default Llama.
     """
 
-    def __init__(self, mlp: nn.Module, *, n_experts: int, top_k: int, layer_idx: int | None = None):
+    def __init__(self, mlp: nn.Module, *, n_experts: int, top_k: int, layer_idx: int | None = None,
+                 layout: MLPLayout = LLAMA):
         super().__init__()
-        for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
+        for name in layout.submodules:
             if not hasattr(mlp, name):
                 raise TypeError(
-                    f"{type(mlp).__name__} has no '{name}': EMoE needs a SwiGLU MLP with gate_proj/up_proj/down_proj"
+                    f"{type(mlp).__name__} has no '{name}': EMoE needs a gated MLP with {', '.join(layout.submodules)}"
                 )
-        self.gate_proj = mlp.gate_proj
-        self.up_proj = mlp.up_proj
-        self.down_proj = mlp.down_proj
-        self.act_fn = mlp.act_fn
+        self.layout = layout
+        for name in layout.submodules:
+            setattr(self, name, getattr(mlp, name))
         object.__setattr__(self, "_dense", mlp)  # kept unregistered: no duplicate parameters or state-dict keys
         # Under ZeRO-3 the weight is partitioned (shape 0); out_features is the reliable width.
-        d_ff = getattr(self.gate_proj, "out_features", None) or self.gate_proj.weight.shape[0]
+        d_ff = layout.d_ff(self)
         if n_experts < 1 or d_ff % n_experts:
             raise ValueError(f"n_experts={n_experts} must divide the MLP width d_ff={d_ff}")
         if not 1 <= top_k <= n_experts:
@@ -69,14 +74,15 @@ class EMoEMLP(nn.Module):
         """(..., d_ff) pre-activation gate values -> (..., N) 0/1 mask of the top-k experts (no gradient)."""
         with torch.no_grad():
             # fp32 scores make routing the same in bf16 and fp32 runs except on near-ties.
-            scores = gate_out.detach().float().view(*gate_out.shape[:-1], self.n_experts, self.expert_size).mean(-1)
+            # reshape, not view: a fused layout's gate half is a strided slice of the gate/up output.
+            scores = gate_out.detach().float().reshape(*gate_out.shape[:-1], self.n_experts, self.expert_size).mean(-1)
             top = scores.topk(self.top_k, dim=-1).indices
             mask = torch.zeros_like(scores, dtype=gate_out.dtype).scatter_(-1, top, 1.0)
         return mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_out = self.gate_proj(x)
-        hidden = self.act_fn(gate_out) * self.up_proj(x)
+        gate_out, up_out = self.layout.gate_and_up(self, x)
+        hidden = getattr(self, self.layout.act_attr)(gate_out) * up_out
         if self.top_k < self.n_experts:
             mask = self.expert_mask(gate_out)
             if self.training:
@@ -102,6 +108,6 @@ class EMoEMLP(nn.Module):
     def dense_mlp(self) -> nn.Module:
         """The original dense module (sharing these parameters), e.g. to undo EMoE for dense inference."""
         # Re-attach the current submodules: peft may have swapped them (LoRA) after this wrapper was made.
-        for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
+        for name in self.layout.submodules:
             setattr(self._dense, name, getattr(self, name))
         return self._dense

@@ -2,7 +2,7 @@
 
     model = AutoModelForCausalLM.from_pretrained(path)
     apply_emoe(model, n_experts=64, top_k=16, layers=[28, 30])   # cluster + permute + EMoE MLPs, config.emoe set
-    model.save_pretrained(out)                                    # a plain Llama checkpoint with an "emoe" block
+    model.save_pretrained(out)                                    # a plain checkpoint of the same family + "emoe" block
 
     model = load_emoe_model(out)              # EMoE forward (masking) from a converted checkpoint
     AutoModelForCausalLM.from_pretrained(out) # dense inference of the same weights
@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..arch import layout_of
 from .clustering import balanced_kmeans, random_balanced_labels
 from .mlp import EMoEMLP
 from .permute import expert_permutation, permute_mlp_
@@ -49,7 +50,7 @@ def cluster_labels(
     max_iter: int = 30,
     device: str | torch.device | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Expert label of every neuron of one layer (from its gate_proj weight) and the clustering stats."""
+    """Expert label of every neuron of one layer (from its (d_ff, d) gate weight) and the clustering stats."""
     if method in ("kmeans", "kmeans_exact"):
         result = balanced_kmeans(gate_weight, n_experts, seed=seed, n_init=n_init, max_iter=max_iter, device=device,
                                  assign="exact" if method == "kmeans_exact" else "fast")
@@ -100,16 +101,18 @@ def apply_emoe(
         n_experts=n_experts, top_k=top_k, layers=layer_list, d_ff=d_ff, n_layers=n_layers,
         model_type=getattr(config, "model_type", None),
     )
+    layout = layout_of(model)
     stats = {}
     for idx in permuted:
         mlp = blocks[idx].mlp
-        if getattr(mlp.gate_proj.weight, "ds_numel", None) is not None:
+        gate = layout.gate_weight(mlp)
+        if getattr(gate, "ds_numel", None) is not None or gate.numel() == 0:
             raise RuntimeError("apply_emoe needs a model whose parameters are not ZeRO-3 partitioned; "
                                "convert the checkpoint first (emoe-llm convert) and load it under zero.Init")
         labels, stats[str(idx)] = cluster_labels(
-            mlp.gate_proj.weight, n_experts, seed=seed, method=method, n_init=n_init, max_iter=max_iter, device=device
+            gate, n_experts, seed=seed, method=method, n_init=n_init, max_iter=max_iter, device=device
         )
-        permute_mlp_(mlp, expert_permutation(labels, n_experts))
+        permute_mlp_(mlp, expert_permutation(labels, n_experts), layout)
     settings = EMoESettings(
         n_experts=n_experts, top_k=top_k, layers=layer_list, permuted_layers=permuted, seed=seed, method=method,
         clustering=stats,
@@ -149,9 +152,11 @@ def enable_emoe(model: nn.Module, *, top_k: int | None = None, layers=None) -> E
         n_experts=settings.n_experts, top_k=settings.top_k, layers=settings.layers,
         d_ff=config.intermediate_size, n_layers=len(blocks), model_type=getattr(config, "model_type", None),
     )
+    layout = layout_of(model)
     disable_emoe(model)
     for idx in settings.layers:
-        blocks[idx].mlp = EMoEMLP(blocks[idx].mlp, n_experts=settings.n_experts, top_k=settings.top_k, layer_idx=idx)
+        blocks[idx].mlp = EMoEMLP(blocks[idx].mlp, n_experts=settings.n_experts, top_k=settings.top_k, layer_idx=idx,
+                                  layout=layout)
     config.emoe = settings.to_dict()
     return settings
 
@@ -184,7 +189,8 @@ def load_emoe_model(path, *, mode: str = "emoe", top_k: int | None = None, layer
     from transformers import AutoModelForCausalLM
 
     if from_pretrained_kwargs.get("trust_remote_code"):
-        raise ValueError("load_emoe_model does not use trust_remote_code; EMoE checkpoints are plain Llama models")
+        raise ValueError("load_emoe_model does not use trust_remote_code; EMoE checkpoints are plain transformers "
+                         "models")
     model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
     if mode == "emoe":
         enable_emoe(model, top_k=top_k, layers=layers)

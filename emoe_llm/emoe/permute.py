@@ -1,13 +1,16 @@
 """Function-preserving neuron permutation: make every expert a contiguous block of the MLP.
 
-Neuron j of a SwiGLU MLP owns row j of gate_proj and up_proj (and their biases, if any) and column j of down_proj.
-Reordering the neurons consistently in all three leaves the MLP's output unchanged, because the intermediate
-activation is elementwise and down_proj sums over the neurons.
+Neuron j of a gated MLP owns row j of the gate and up projections (and their biases, if any) and column j of the
+down projection; in a fused gate/up tensor it owns rows j and d_ff + j (``emoe_llm.arch``). Reordering the neurons
+consistently in all of them leaves the MLP's output unchanged, because the intermediate activation is elementwise and
+the down projection sums over the neurons.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..arch import LLAMA, MLPLayout
 
 
 def expert_permutation(labels: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -61,20 +64,12 @@ def permute_mlp_tensors(
 
 
 @torch.no_grad()
-def permute_mlp_(mlp: torch.nn.Module, perm: torch.Tensor) -> None:
-    """Permute a loaded MLP module (gate_proj / up_proj / down_proj Linear layers) in place."""
-    out = permute_mlp_tensors(
-        mlp.gate_proj.weight,
-        mlp.up_proj.weight,
-        mlp.down_proj.weight,
-        perm,
-        gate_bias=mlp.gate_proj.bias,
-        up_bias=mlp.up_proj.bias,
-    )
-    mlp.gate_proj.weight.copy_(out["gate"])
-    mlp.up_proj.weight.copy_(out["up"])
-    mlp.down_proj.weight.copy_(out["down"])
-    if out["gate_bias"] is not None:
-        mlp.gate_proj.bias.copy_(out["gate_bias"])
-    if out["up_bias"] is not None:
-        mlp.up_proj.bias.copy_(out["up_bias"])
+def permute_mlp_(mlp: torch.nn.Module, perm: torch.Tensor, layout: MLPLayout = LLAMA) -> None:
+    """Permute a loaded MLP module's projections (their weights and neuron-indexed biases) in place."""
+    for name in layout.projections:
+        proj = getattr(mlp, name)
+        role = name.removesuffix("_proj")  # gate / up / down / gate_up, the table's tensor roles
+        index = layout.neuron_index(role, perm).to(proj.weight.device)
+        proj.weight.copy_(proj.weight.index_select(layout.neuron_axis(role), index))
+        if proj.bias is not None and role != "down":  # down's bias is indexed by output features
+            proj.bias.copy_(proj.bias.index_select(0, index))

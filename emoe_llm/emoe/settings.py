@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-# Decoders whose MLP is the Llama SwiGLU shape (gate_proj/up_proj/down_proj, act_fn).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+from ..arch import SUPPORTED_MODEL_TYPES, mlp_layout  # noqa: F401 - re-exported: the families EMoE converts
+
 FORMAT_VERSION = 1
 # kmeans: balanced k-means with the fast assignment; kmeans_exact: with the optimal (min-cost-flow) assignment in
 # every Lloyd step, as k-means-constrained in the official code; random: the paper's random-split ablation.
@@ -21,7 +21,7 @@ class EMoESettings:
     layers: decoder layers that run as EMoE at train time (0-indexed).
     permuted_layers: layers whose neurons were clustered and permuted (a superset of ``layers``); any of them can
         be switched to EMoE later without re-clustering.
-    seed / method: how the clusters were made ("kmeans" = balanced k-means on gate_proj keys, "kmeans_exact" = the
+    seed / method: how the clusters were made ("kmeans" = balanced k-means on the gate rows, "kmeans_exact" = the
         same with the optimal balanced assignment in every step, "random" = the
         paper's random-split ablation).
     clustering: per-layer stats, {"28": {"inertia": ..., "iterations": ..., "swaps": ..., "seconds": ...}}.
@@ -104,11 +104,8 @@ def validate_settings(
     *, n_experts: int, top_k: int, layers: list[int], d_ff: int, n_layers: int, model_type: str | None
 ) -> None:
     """Raise ValueError naming the first bad setting (architecture, N, k, layers)."""
-    if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model_type '{model_type}' is not supported: EMoE needs a Llama-style SwiGLU MLP "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+    if model_type is not None:
+        mlp_layout(model_type)  # raises, saying why, for an already-MoE or gate-less architecture
     if not isinstance(n_experts, int) or n_experts < 1:
         raise ValueError(f"n_experts must be a positive integer, got {n_experts!r}")
     if d_ff % n_experts:

@@ -5,7 +5,7 @@ Forward-only. For every decoder layer L and every k in ``--ks``, only layer L's 
 
   * dNLL: the increase of the mean next-token NLL on response tokens over the dense model;
   * the expert load of that layer: max/mean (1 = balanced) and the normalised entropy of the load (1 = uniform);
-  * per layer, the balanced k-means inertia of the gate_proj keys against a random balanced split (<1 = clustered).
+  * per layer, the balanced k-means inertia of the gate rows (keys) against a random balanced split (<1 = clustered).
 
 It prints a table, writes ``DIR/probe.json`` and a heatmap ``DIR/probe.png`` (layer x k), and recommends the
 cheapest layer set for a dNLL budget (greedy on the single-layer figures, then measured with those layers masked
@@ -148,7 +148,7 @@ def nll_from(model, start: int, captured, target_pos, targets) -> tuple[float, i
 
 
 def keys_inertia(gate_weight, labels, n_experts: int) -> float:
-    """Sum of squared distances of the L2-normalised gate_proj rows to their expert's centroid."""
+    """Sum of squared distances of the L2-normalised gate rows to their expert's centroid."""
     import torch
     import torch.nn.functional as F
 
@@ -173,6 +173,7 @@ def probe(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from emoe_llm.arch import layout_of
     from emoe_llm.data import IGNORE_INDEX, load_tokenizer
     from emoe_llm.emoe import (EMoEMLP, EMoESettings, cluster_labels, decoder_layers, expert_permutation,
                                parse_layer_spec, permute_mlp_, random_balanced_labels)
@@ -207,6 +208,7 @@ def probe(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(ckpt)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
     layers_all = decoder_layers(model)
+    layout = layout_of(model)
     probe_layers = parse_layer_spec(args.layers, len(layers_all))
     rows = held_out_rows(tokenizer, args.data, template=args.template, n_tokens=args.tokens,
                          max_seq_len=args.max_seq_len)
@@ -220,10 +222,10 @@ def probe(args: argparse.Namespace) -> dict:
         if i in permuted:
             labels = block_labels
         else:
-            labels, _ = cluster_labels(mlp.gate_proj.weight, n_experts, seed=args.seed, device=device)
-            permute_mlp_(mlp, expert_permutation(labels, n_experts))
+            labels, _ = cluster_labels(layout.gate_weight(mlp), n_experts, seed=args.seed, device=device)
+            permute_mlp_(mlp, expert_permutation(labels, n_experts), layout)
             labels = block_labels  # after the permutation expert e is the block e
-        weight = mlp.gate_proj.weight.cpu()
+        weight = layout.gate_weight(mlp).cpu()
         kmeans = keys_inertia(weight, labels, n_experts)
         rand = keys_inertia(weight, random_balanced_labels(d_ff, n_experts, seed=args.seed), n_experts)
         clustering[i] = {"inertia_kmeans": round(kmeans, 4), "inertia_random": round(rand, 4),
@@ -248,7 +250,8 @@ def probe(args: argparse.Namespace) -> dict:
         wrapped = {}
         for i, k in masked.items():
             wrapped[i] = layers_all[i].mlp
-            layers_all[i].mlp = EMoEMLP(wrapped[i], n_experts=n_experts, top_k=k, layer_idx=i)
+            layers_all[i].mlp = EMoEMLP(wrapped[i], n_experts=n_experts, top_k=k, layer_idx=i,
+                                         layout=layout)
             layers_all[i].mlp.training = True  # only switches on its load counters; the model stays in eval
         try:
             start = min(masked)

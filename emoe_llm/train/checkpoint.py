@@ -207,10 +207,32 @@ def _gathered(params: list):
         yield
 
 
+def _plain_weight(param) -> torch.Tensor:
+    """A parameter as a plain checkpoint stores it: a bitsandbytes 4-bit weight (QLoRA's frozen base) dequantized
+    to its original shape and dtype, anything else as it is."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is None:
+        return param.data
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.dequantize_4bit(param.data, quant_state)
+
+
 def _merged_base_weight(layer) -> torch.Tensor:
     """``W`` of a peft LoRA layer with its adapters merged by peft itself (``LoraLayer.merge``, the step
-    ``merge_and_unload`` takes per layer: LoRA, rsLoRA and DoRA alike), then undone, so the model stays as trained."""
+    ``merge_and_unload`` takes per layer: LoRA, rsLoRA and DoRA alike), then undone, so the model stays as trained.
+
+    A 4-bit base (QLoRA) is dequantized and the adapters' deltas added in full precision: peft's own merge would
+    quantize the sum to NF4 again, and its new weight object would not be the ZeRO-3 parameter."""
     base = layer.get_base_layer()
+    if getattr(base.weight, "quant_state", None) is not None:
+        if any(layer.use_dora.get(name) for name in layer.active_adapters):
+            raise NotImplementedError("exporting DoRA on a 4-bit base is not supported; use plain LoRA with QLoRA")
+        merged = _plain_weight(base.weight).clone()
+        for name in layer.active_adapters:
+            if name in layer.lora_A:
+                merged += layer.get_delta_weight(name).to(merged.dtype)
+        return merged
     original = base.weight.data.clone()
     layer.merge()
     merged = base.weight.data.detach().clone()
@@ -236,7 +258,7 @@ def _export_tensors(model) -> dict:
         if isinstance(owner, LoraLayer):
             out[key] = (list(owner.parameters()), lambda owner=owner: _merged_base_weight(owner))
         else:
-            out[key] = ([param], lambda param=param: param.data)
+            out[key] = ([param], lambda param=param: _plain_weight(param))
     persistent = set(model.state_dict().keys())
     for name, buf in model.named_buffers():  # none in Llama; keeps other architectures complete
         if name in persistent and buf is not None:
@@ -249,6 +271,9 @@ def _shape(params: list, fn) -> tuple[torch.Size, torch.dtype]:
         t = fn()
         return t.shape, t.dtype
     p = params[0]
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None:  # packed 4-bit storage: the plain weight's shape and dtype are in its quant state
+        return quant_state.shape, quant_state.dtype
     return getattr(p, "ds_shape", p.shape), p.dtype
 
 

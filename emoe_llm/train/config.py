@@ -148,8 +148,8 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list = field(default_factory=lambda: ["q_proj", "v_proj"])
     quantize: str = "none"
-    """none | 4bit (QLoRA: bitsandbytes NF4, CUDA only). The export always merges (final/ is a plain
-    AutoModelForCausalLM); the adapter alone goes to final/adapter/."""
+    """none | 4bit (QLoRA: bitsandbytes NF4; GPU, or CPU with bitsandbytes >= 0.49). The export always merges
+    (final/ is a plain AutoModelForCausalLM, 4-bit weights dequantized); the adapter alone goes to final/adapter/."""
 
 
 @dataclass

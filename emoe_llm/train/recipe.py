@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -50,6 +51,7 @@ from deepspeed.accelerator import get_accelerator
 from transformers import AutoModelForCausalLM, get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
 
+from ..arch import layout_of
 from ..convert.prepare import prepare_emoe_checkpoint
 from ..data import SFTCollator, build_sft_datasets, load_tokenizer
 from ..emoe import TRAINED_KEY, enable_emoe, pop_expert_load, trained_record
@@ -146,6 +148,18 @@ def pick_attn_implementation(requested: str, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
+def supports_sdpa(path: Path) -> bool:
+    """Whether transformers' class for the checkpoint's config can run SDPA attention (unknown classes: assume so)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(str(path)))]
+    except (KeyError, ValueError, OSError):
+        return True
+    return bool(getattr(model_class, "_supports_sdpa", True))
+
+
 def prepare_model_path(cfg: RecipeConfig, *, rank: int) -> Path:
     """Collective. The checkpoint to load: model.path when it is converted (check_runnable made sure it is the emoe:
     section's conversion) or when there is no emoe: section; else rank 0 converts it into output_dir/converted (kept
@@ -165,11 +179,15 @@ def prepare_model_path(cfg: RecipeConfig, *, rank: int) -> Path:
 def load_model(cfg: RecipeConfig, path: Path, *, dtype: torch.dtype):
     """Build the model. Under ZeRO-3 the caller keeps an HfDeepSpeedConfig alive, so from_pretrained runs inside
     deepspeed.zero.Init and every rank only ever holds its own partition."""
-    kwargs = dict(dtype=dtype, attn_implementation=pick_attn_implementation(cfg.model.attn_implementation, dtype),
-                  trust_remote_code=cfg.model.trust_remote_code)
+    attn = pick_attn_implementation(cfg.model.attn_implementation, dtype)
+    if attn == "sdpa" and cfg.model.attn_implementation == "auto" and not supports_sdpa(path):
+        attn = "eager"  # Gemma-2: SDPA cannot apply its attention-logit soft-capping
+    kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.lora.quantize == "4bit":
         kwargs["quantization_config"] = qlora_quantization_config(dtype)
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if cfg.lora.quantize == "4bit":
+        keep_4bit_layout(model)
     model.config.use_cache = False
     if cfg.model.mode == "emoe":
         settings = enable_emoe(model, top_k=cfg.emoe.top_k, layers=cfg.emoe.layers)
@@ -185,27 +203,49 @@ def load_model(cfg: RecipeConfig, path: Path, *, dtype: torch.dtype):
 
 
 def qlora_quantization_config(dtype: torch.dtype):
-    if not torch.cuda.is_available():
-        raise ConfigError("lora.quantize=4bit (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has no CUDA. "
-                          "Use lora.quantize=none (plain LoRA) on CPU")
+    """NF4 base weights (double-quantised), computing in ``dtype``: bf16 on a GPU, fp32 on CPU, where bitsandbytes
+    >= 0.49 runs its 4-bit kernels too."""
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
     except ImportError:
-        raise ConfigError("lora.quantize=4bit (QLoRA) needs bitsandbytes: pip install 'emoe-llm[gpu]'") from None
+        raise ConfigError("lora.quantize=4bit (QLoRA) needs bitsandbytes (a dependency of emoe-llm): "
+                          "pip install 'bitsandbytes>=0.49'") from None
+    if not torch.cuda.is_available() and _version_tuple(bitsandbytes.__version__) < (0, 49):
+        raise ConfigError(f"lora.quantize=4bit (QLoRA) on CPU needs bitsandbytes >= 0.49 (its CPU 4-bit kernels); "
+                          f"installed: {bitsandbytes.__version__}")
     from transformers import BitsAndBytesConfig
 
-    # quant_storage = compute dtype lets ZeRO-3 partition the packed 4-bit weights like ordinary 16-bit ones.
+    # quant_storage = compute dtype: the packed 4-bit weights are then tensors of the same dtype as every other
+    # parameter, which ZeRO-3 needs to flatten, partition and all-gather them with the rest (transformers loads a
+    # quantized model outside zero.Init; deepspeed.initialize partitions it).
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
 
 
+def keep_4bit_layout(model) -> None:
+    """Turn off bitsandbytes' CPU inference fast path. On a CPU with AVX512-BF16 the first eval-mode forward of a
+    Linear4bit repacks its weight into a kernel layout (replacing the parameter's data, which under ZeRO-3 is a
+    gathered partition that must keep its shape) and computes in bf16. Without it, evaluation, the export probe and
+    training all run the same fp32 dequantize-and-matmul."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+
+
 def add_lora(model, cfg: RecipeConfig):
-    """peft LoRA on ``lora.target_modules``. EMoEMLP keeps gate_proj/up_proj/down_proj as submodules, so LoRA on
-    them wraps the same Linears and the router (mean of gate_proj outputs) sees the adapted gate."""
+    """peft LoRA on ``lora.target_modules``, named as on Llama and mapped onto the family's modules by the
+    architecture table (Phi-3: q/k/v -> qkv_proj, gate/up -> gate_up_proj). EMoEMLP keeps the MLP's projections as
+    submodules, so LoRA on them wraps the same Linears and the router (mean of the gate rows' outputs) sees the
+    adapted gate."""
     from peft import LoraConfig, get_peft_model
 
+    targets = layout_of(model).lora_targets(cfg.lora.target_modules)
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
     if cfg.model.gradient_checkpointing:
         model.enable_input_require_grads()
@@ -551,6 +591,11 @@ def build_engine(cfg: RecipeConfig, ds_config: dict, *, dtype: torch.dtype, tota
     if keepalive is not None:  # evidence that zero.Init partitioned the model: each rank holds ~1/world of it
         local = sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor"))
         log0(f"ZeRO-3: rank 0 holds {local / max(1, n_params):.1%} of the parameters ({dist.get_world_size()} ranks)")
+        packed = [p for p in params if getattr(p, "quant_state", None) is not None]
+        if packed:  # QLoRA: transformers loads 4-bit models outside zero.Init; deepspeed.initialize partitions them
+            held = sum(p.ds_tensor.numel() for p in packed if hasattr(p, "ds_tensor"))
+            log0(f"QLoRA: {len(packed)} NF4 weights, rank 0 holds {held / sum(p.ds_numel for p in packed):.1%} of "
+                 "their packed storage")
     log0(f"model {model_path}: {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable), mode {cfg.model.mode}"
          f"{', LoRA r=' + str(cfg.lora.r) if cfg.lora.enabled else ''}; warmup {warmup} steps")
     return engine, scheduler, keepalive
@@ -834,6 +879,10 @@ def export(run: Run) -> Path | None:
     """Collective. final/: the merged, consolidated HF checkpoint (+ final/adapter/ for LoRA). Returns it on rank 0."""
     base = run.engine.module
     hf_config = (base.get_base_model() if hasattr(base, "get_base_model") else base).config
+    if getattr(hf_config, "quantization_config", None) is not None:
+        # QLoRA: final/ holds dequantized, merged weights, a plain checkpoint; the running model keeps its config
+        hf_config = copy.deepcopy(hf_config)
+        del hf_config.quantization_config
     hf_config.use_cache = True
     hf_config.dtype = run.dtype
     # how this run was trained, so `emoe-llm eval` scores it the same way by default (a dense baseline dense)
