@@ -20,6 +20,8 @@ SUBCOMMANDS = {
     "probe": ("emoe_llm.eval.probe", "forward-only: dNLL of masking each layer at each k, expert load, clustering quality"),
     "plot": ("emoe_llm.eval.plot_run", "PNGs of a training run from its metrics.jsonl (loss, lr, tokens/s, expert load)"),
     "plan": ("emoe_llm.plan", "per-GPU memory, fit, largest micro batch and step time of a job before you sbatch it"),
+    "study": ("emoe_llm.study.run", "dense vs EMoE vs random split over seeds (local or a Slurm job array), then the report"),
+    "report": ("emoe_llm.study.report", "a study dir's results: t intervals over seeds, paired differences, plots"),
     "demo": ("emoe_llm.demo", "the whole pipeline on a tiny embedded Llama on CPU: convert, ZeRO-3 train, export, eval"),
 }
 
@@ -51,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[name][0])
     sub_parser = argparse.ArgumentParser(prog=f"emoe-llm {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(sub_parser)
-    args = sub_parser.parse_args(rest) if not getattr(module, "PASSTHROUGH", False) else rest
+    if getattr(module, "PASSTHROUGH", False):
+        args = rest
+    elif getattr(module, "INTERMIXED", False):  # trailing key=value overrides may follow the options
+        args = sub_parser.parse_intermixed_args(rest)
+    else:
+        args = sub_parser.parse_args(rest)
     return int(module.run(args) or 0)
 
 

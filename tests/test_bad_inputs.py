@@ -1649,6 +1649,69 @@ def _(w):
     return run
 
 
+# ---------------------------------------------------------------------------------------------------- study
+
+
+STUDY = f"""\
+base: {REPO / 'configs' / 'tiny_cpu.yaml'}
+overrides: [train.max_steps=2]
+seeds: [1, 2]
+arms:
+  dense: {{model.mode: dense}}
+  emoe: {{model.mode: emoe}}
+baseline: dense
+eval: {{tasks: [emoe_nll_alpaca_heldout], limit: 4}}
+"""
+
+
+def _study(w: World, text: str, *extra: str) -> Run:
+    """`emoe-llm study` on a study file; the retry after the fix is a dry run (it validates the same way)."""
+    study = w.file("study.yaml", text)
+    out = w.tmp / "study_out"
+    argv = ["study", str(study), "--out", str(out), *extra]
+    return Run(argv, sources=[study], outputs=[out], retry_argv=[*argv, "--dry-run"],
+               fix=lambda: study.write_text(STUDY))
+
+
+@case("study", "unknown-arm-key", "an arm overrides a key the recipe does not have: names the arm, creates nothing",
+      r"study\.yaml: arm 'emoe': .*unknown config key\(s\) model\.mdoe")
+def _(w):
+    return _study(w, STUDY.replace("emoe: {model.mode: emoe}", "emoe: {model.mdoe: emoe}"))
+
+
+@case("study", "bad-arm-value", "an arm sets a bad value", r"arm 'emoe': .*model\.mode must be 'dense' or 'emoe', "
+      r"got 'sparse'")
+def _(w):
+    return _study(w, STUDY.replace("emoe: {model.mode: emoe}", "emoe: {model.mode: sparse}"))
+
+
+@case("study", "baseline-not-an-arm", "the baseline is not one of the arms", r"baseline 'dense2' is not an arm; "
+      r"arms: dense, emoe")
+def _(w):
+    return _study(w, STUDY.replace("baseline: dense", "baseline: dense2"))
+
+
+@case("study", "changed-study", "the study file changed after cells ran: refused unless the cells are named or "
+      "--force", r"differs from the study .*study_out ran .* for cell\(s\) emoe-s1, emoe-s2: name them with --cells")
+def _(w):
+    from emoe_llm.study.run import record_study
+    from emoe_llm.study.spec import load_study
+
+    run = _study(w, STUDY)
+    record_study(load_study(run.argv[1]), w.tmp / "study_out", [])  # what the first run recorded
+    Path(run.argv[1]).write_text(STUDY.replace("emoe: {model.mode: emoe}", "emoe: {model.mode: emoe, emoe.top_k: 2}"))
+    run.sources, run.outputs = [w.tmp / "study_out", Path(run.argv[1])], []
+    run.fix, run.retry_argv = lambda: None, [*run.argv, "--force", "--dry-run"]
+    return run
+
+
+@case("study", "report-not-a-study", "emoe-llm report on a directory that is no study dir",
+      r"study\.json not found: is .* a study dir")
+def _(w):
+    (w.tmp / "runs").mkdir()
+    return Run(["report", str(w.tmp / "runs")])
+
+
 # ---------------------------------------------------------------------------------------------------- the tests
 
 
@@ -1673,7 +1736,7 @@ def test_table_size_and_ids():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids))
     assert len(CASES) >= 60
-    assert {c.surface for c in CASES} >= {"convert", "verify", "data", "train", "eval", "slurm"}
+    assert {c.surface for c in CASES} >= {"convert", "verify", "data", "train", "eval", "slurm", "study"}
 
 
 def test_save_tiny_checkpoint_copies_only_tokenizer_files(tmp_path):
