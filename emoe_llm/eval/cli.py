@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         # Everything cheap first (task names, task data, shard headers): a bad row must not cost the minutes a 7B
         # load takes.
-        check_eval_inputs(args.checkpoint, batch_size=args.batch_size, top_k=args.top_k, max_length=args.max_length)
+        check_eval_inputs(args.checkpoint)
         check_checkpoint_files(args.checkpoint)
         manager = task_manager(args.include_path, metadata, quiet=args.no_progress, lm_eval_tasks=False)
         if any(n not in manager.all_tasks for n in names):  # not shipped nor the user's: lm-eval's own task list
