@@ -7,9 +7,7 @@
 Trailing key=value arguments override the recipe (dots for nesting): train.lr=1e-5 model.mode=dense resume=none
 """
 
-import sys
-
-from emoe_llm.train.recipe import cli
+from emoe_llm.train.recipe import cli, exit_after
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    exit_after(cli())

@@ -1,6 +1,8 @@
 """Recipe config tree, overrides, batch layout, LR schedule, data order, launcher command (no processes)."""
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,6 +102,36 @@ def test_lr_schedule_linear_and_constant(kind, shape):
     lrs, _, _ = lr_curve(cfg, 10)
     for s in range(2, 10):
         assert lrs[s] == pytest.approx(1.0 if shape is None else 0.2 + 0.8 * shape((s - 2) / 8))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup,min_lr_ratio", [(0, 0.0), (3, 0.0), (4, 0.15)])
+def test_lr_schedule_is_transformers_warmup_stable_decay(kind, warmup, min_lr_ratio):
+    """schedule.py writes out transformers' warmup_stable_decay (importing it costs ~5 s a rank): every step agrees."""
+    from transformers.optimization import get_wsd_schedule
+
+    total = 17
+    cfg = load_config(TINY, ["train.lr=1.0", f"train.warmup_steps={warmup}", f"train.min_lr_ratio={min_lr_ratio}",
+                             f"train.lr_scheduler={kind}", "train.warmup_ratio=0"])
+    ours, _, warmup = lr_curve(cfg, total)
+    decay = 0 if kind == "constant" else total - warmup
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_wsd_schedule(opt, num_warmup_steps=warmup, num_decay_steps=decay, num_training_steps=total,
+                              num_stable_steps=total - warmup - decay, min_lr_ratio=min_lr_ratio,
+                              decay_type="linear" if kind == "linear" else "cosine")
+    expected = []
+    for _ in range(total):
+        expected.append(theirs.get_last_lr()[0])
+        opt.step()
+        theirs.step()
+    assert ours == pytest.approx(expected, abs=1e-12)
+
+
+def test_the_recipe_imports_neither_peft_nor_bitsandbytes():
+    """Every rank of every launch imports the recipe; peft + bitsandbytes (LoRA/QLoRA only) would add ~5 s to it."""
+    code = "import sys, emoe_llm.train.recipe; print(sorted({'peft', 'bitsandbytes'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"  # after DeepSpeed's accelerator notice
 
 
 def test_epoch_indices_partition_and_determinism():

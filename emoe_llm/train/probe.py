@@ -5,8 +5,6 @@ checked against the model that was trained (``emoe-llm demo`` and the tests do).
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from ..emoe import emoe_modules
@@ -50,4 +48,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe.cli(entry=main))
+    recipe.exit_after(recipe.cli(entry=main))

@@ -6,7 +6,6 @@
 """
 
 import argparse
-import sys
 
 import torch.distributed as dist
 
@@ -57,4 +56,4 @@ if __name__ == "__main__":
         inject_nan_at(faults.nan_at_step)
     if faults.raise_at_step:
         raise_at(faults.raise_at_step, faults.raise_on_rank)
-    sys.exit(recipe.cli(rest, entry=probe.main))
+    recipe.exit_after(recipe.cli(rest, entry=probe.main))
