@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up .venv, then convert + ZeRO-3 fine-tune (2 CPU ranks) + export + eval a tiny Llama
 #   make test   set up .venv, then run the whole test suite: in-process tests on 2 xdist workers, then the slow
-#               DeepSpeed and Slurm tests one at a time
+#               DeepSpeed and Slurm tests, a test file per worker on 2 workers
 #   make smollm2  build (once) the real SmolLM2-135M-Instruct checkpoint in ${EMOE_LLM_CACHE:-~/.cache/emoe_llm}/models/
 VENV ?= .venv
 PYTEST_ARGS ?=
@@ -15,12 +15,16 @@ demo: setup
 	$(VENV)/bin/emoe-llm demo
 
 # Two passes over the whole suite: the in-process tests on one pytest-xdist worker per core, then the `slow` ones
-# one at a time (each spawns its own DeepSpeed ranks or Slurm daemons, which would fight the workers for the cores).
-# Both passes always run; the exit status is the first failing one's (5, "nothing selected", counts as a pass).
+# (each spawns DeepSpeed ranks or Slurm daemons) on SLOW_WORKERS workers, a test file per worker at a time
+# (tests/conftest.py groups them): the ranks spend much of their time starting up, importing and waiting on each other,
+# so two files at once keep the cores busy. Both passes always run; the exit status is the first failing one's
+# (5, "nothing selected", counts as a pass).
+SLOW_WORKERS ?= 2
 test: setup
 	@rc=0; \
 	$(VENV)/bin/python -m pytest -m "not slow" -n 2 $(PYTEST_ARGS) || { s=$$?; [ $$s -eq 5 ] || rc=$$s; }; \
-	$(VENV)/bin/python -m pytest -m slow $(PYTEST_ARGS) || { s=$$?; [ $$s -eq 5 ] || [ $$rc -ne 0 ] || rc=$$s; }; \
+	$(VENV)/bin/python -m pytest -m slow -n $(SLOW_WORKERS) --dist loadgroup $(PYTEST_ARGS) || \
+	  { s=$$?; [ $$s -eq 5 ] || [ $$rc -ne 0 ] || rc=$$s; }; \
 	exit $$rc
 
 # the first pass of `make test` alone

@@ -20,3 +20,14 @@ def tiny_eval_checkpoints(tmp_path_factory):
     model.save_pretrained(root / "emoe")
     load_tokenizer(dense).save_pretrained(root / "emoe")
     return {"dense": dense, "emoe": root / "emoe"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n N --dist loadgroup`` (the slow pass of ``make test``): the slow tests of one file run on one
+    worker, one after another, so a module-scoped run (a trained checkpoint several tests read) is made once; both Slurm
+    files share one group, so two local clusters never run at once. Without xdist the marks do nothing."""
+    for item in items:
+        if item.get_closest_marker("slow") is None or item.get_closest_marker("xdist_group") is not None:
+            continue
+        group = "slurm" if item.get_closest_marker("slurm") else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -7,9 +7,7 @@ fine-tunes of a fused (phi3) and a separate-layout (gemma2) family are the slow 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from emoe_llm.convert.source import open_source
 from emoe_llm.convert.verify import _mlp_output
 from emoe_llm.plan import lora_params, shape_from_config
 from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint, tiny_config
-from emoe_llm.train.launch import free_port
+from ranks import rank_command, rank_env
 
 REQUIRED = ["llama", "mistral", "qwen2", "gemma2", "gemma3_text", "olmo2", "phi3", "granite"]
 OTHERS = [t for t in arch.SUPPORTED_MODEL_TYPES if t not in REQUIRED]
@@ -170,7 +168,6 @@ def test_planner_shapes_match_the_real_models(model_type):
 # 2-rank ZeRO-3 fine-tunes
 
 REPO = Path(__file__).resolve().parents[1]
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 
 
 @pytest.mark.slow
@@ -186,14 +183,13 @@ def test_zero3_emoe_finetune_exports_a_plain_checkpoint_that_matches(tmp_path, m
     assert cli_main(["convert", str(src), str(dst), "--experts", "8", "--top-k", "2", "--layers", "2,3",
                      "--quiet"]) == 0
     out = tmp_path / "run"
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "emoe_llm.train.probe",
+    cmd = rank_command("emoe_llm.train.probe", module=True) + [
            "--ds_config", "ds_configs/z3.json", "--config", "configs/tiny_cpu.yaml", f"model.path={dst}",
            f"model.tokenizer={tok}", "emoe.n_experts=8", "emoe.top_k=2", "emoe.layers=2,3", f"output_dir={out}",
            f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=2", "train.save_every_steps=0",
            "train.eval_every_steps=0", "logging.progress_bar=false", "logging.tensorboard=false",
            "data.sources.0.max_rows=40"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=500, env=env)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=500, env=rank_env())
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     final = out / "final"
     assert json.loads((final / "config.json").read_text())["model_type"] == model_type

@@ -1,10 +1,7 @@
 """EMoE under real DeepSpeed ZeRO-3 with 2 CPU ranks matches a single-process reference (forward, backward, step)."""
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from emoe_llm.emoe import apply_emoe, enable_emoe, pop_expert_load
 from emoe_llm.tiny import tiny_llama_config
-from emoe_llm.train.launch import free_port
+from ranks import rank_command, rank_env
 
 WORKER = Path(__file__).parent / "dist" / "emoe_zero3_worker.py"
 
@@ -22,11 +19,8 @@ WORKER = Path(__file__).parent / "dist" / "emoe_zero3_worker.py"
 def run_two_ranks(tmp_path, checkpoint, batches, *extra):
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    deepspeed = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
-    port = str(free_port())  # not derived from the pid: both parametrisations would share it, back to back
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", port, str(WORKER), "--checkpoint", str(checkpoint),
-           "--batches", str(batches), "--out", str(out), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    cmd = rank_command(WORKER, "--checkpoint", str(checkpoint), "--batches", str(batches), "--out", str(out), *extra)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=rank_env())
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     return ranks, load_file(out / "params.safetensors")

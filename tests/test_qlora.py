@@ -10,22 +10,19 @@ the export: the frozen base weights equal bitsandbytes' own dequantization bit f
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint
-from emoe_llm.train.launch import free_port
+from ranks import rank_command, rank_env
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 TOLERANCE = 1e-5  # merged export vs trained model, max |logit difference| (measured: <= 4e-7)
 
 
@@ -36,16 +33,15 @@ def dense(tmp_path_factory) -> Path:
 
 
 def qlora_run(out: Path, dense: Path, mode: str) -> str:
-    """deepspeed --num_gpus 2 -m emoe_llm.train.probe (the recipe + run/export_probe.pt), 3 QLoRA steps."""
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "emoe_llm.train.probe",
+    """torchrun --nproc_per_node 2 -m emoe_llm.train.probe (the recipe + run/export_probe.pt), 3 QLoRA steps."""
+    cmd = rank_command("emoe_llm.train.probe", module=True) + [
            "--ds_config", "ds_configs/z3.json", "--config", "configs/tiny_cpu.yaml", f"model.path={dense}",
            f"model.mode={mode}", f"output_dir={out}", "lora.enabled=true", "lora.quantize=4bit",
            "lora.target_modules=[q_proj,v_proj,gate_proj,up_proj,down_proj]", "train.lr=1e-2",
            f"data.cache_dir={out.parent / 'cache'}", "data.sources.0.max_rows=40", "train.max_steps=3",
            "train.save_every_steps=0", "train.eval_every_steps=0", "logging.progress_bar=false",
            "logging.tensorboard=false"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=500, env=env)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=500, env=rank_env())
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     return log

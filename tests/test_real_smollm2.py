@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from emoe_llm import fixtures
-from emoe_llm.train.launch import free_port
+from ranks import rank_command, rank_env
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +60,6 @@ def test_fixture_is_a_plain_sharded_hf_checkpoint(smollm2):
 
 
 REPO = Path(__file__).resolve().parents[1]
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 LAYERS = "26,28"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -146,7 +145,7 @@ def finetuned(converted, tmp_path_factory):
     """2 CPU ranks, ZeRO-3 with the repo's z3.json (bf16 there: on this CPU-only machine it resolves to fp32), 2 steps
     of 2 short rows at a low lr: the pretrained model must survive it."""
     out = tmp_path_factory.mktemp("smollm2_run") / "run"
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "emoe_llm.train",
+    cmd = rank_command("emoe_llm.train", module=True) + [
            "--ds_config", str(REPO / "ds_configs" / "z3.json"), "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
            f"output_dir={out}", f"model.path={converted}", f"emoe.layers='{LAYERS}'", "data.template=auto",
            "data.max_seq_len=96",
@@ -155,7 +154,7 @@ def finetuned(converted, tmp_path_factory):
            "train.max_steps=2", "train.micro_batch_size=1", "train.global_batch_size=2", "train.lr=1e-5",
            "train.warmup_ratio=0", "train.save_every_steps=0", "train.eval_every_steps=0",
            "model.gradient_checkpointing=false", "logging.progress_bar=false", "logging.tensorboard=false"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=rank_env())
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     return out, log

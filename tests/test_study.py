@@ -18,7 +18,7 @@ import pytest
 
 from emoe_llm.cli import main
 from emoe_llm.study import stats
-from emoe_llm.study.report import build_report, write_report
+from emoe_llm.study.report import write_report
 from emoe_llm.study.run import record_study
 from emoe_llm.study.spec import StudyError, load_study
 

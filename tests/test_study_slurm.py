@@ -43,7 +43,7 @@ def test_tiny_study_as_a_job_array(cluster, tmp_path):
     while time.time() < deadline:
         if not cluster.run(["squeue", "-h", "-o", "%i"], check=False).stdout.strip():
             break
-        time.sleep(5)
+        time.sleep(1)  # polls squeue; the report job is the last one to leave it
     logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted((out / "slurm").glob("*.out")))
     assert report.is_file(), f"no report after the jobs ended:\n{logs}\n{cluster.diagnostics()}"
     data = json.loads(report.read_text())

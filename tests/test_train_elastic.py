@@ -9,18 +9,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint
-from emoe_llm.train.launch import free_port
+from ranks import rank_command, rank_env
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 STEPS, SAVE_AT = 6, 3
 
 
@@ -35,15 +33,14 @@ def work(tmp_path_factory):
 
 
 def train(work, out: Path, nproc: int, *extra: str) -> str:
-    cmd = [str(DEEPSPEED), "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module", "emoe_llm.train",
+    cmd = rank_command("emoe_llm.train", module=True, nproc=nproc) + [
            "--ds_config", str(work["ds"]), "--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"output_dir={out}",
            f"model.path={work['dense']}",  # dense: converted first with the emoe: section
            f"data.cache_dir={work['cache']}", "logging.progress_bar=false", "logging.tensorboard=false",
            f"train.max_steps={STEPS}", f"train.save_every_steps={SAVE_AT}", "train.eval_every_steps=0",
            "train.export=false", "train.keep_last=0", *extra]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=env)
+                            start_new_session=True, env=rank_env())
     try:
         log, _ = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:

@@ -20,14 +20,13 @@ import pytest
 import torch
 
 from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint
-from emoe_llm.train.launch import free_port
+from ranks import rank_command, rank_env
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny_cpu.yaml"
 Z3 = REPO / "ds_configs" / "z3.json"
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 WRAPPER = REPO / "tests" / "dist" / "train_with_faults.py"  # the recipe + export probe + monkeypatched faults
 STEPS = 8
 
@@ -43,17 +42,17 @@ def work(tmp_path_factory):
 
 
 def launch(work, out: Path, *overrides, ds=Z3, faults=(), background=False):
-    """deepspeed --num_gpus 2 tests/dist/train_with_faults.py ...: the recipe `emoe-llm train --nproc 2` runs, plus
+    """torchrun --nproc_per_node 2 tests/dist/train_with_faults.py ...: the recipe `emoe-llm train --nproc 2` runs, plus
     run/export_probe.pt and the faults asked for (e.g. ["--nan-at-step", "3"])."""
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(WRAPPER), *faults,
-           "--ds_config", str(ds), "--config", str(TINY), f"output_dir={out}", f"model.path={work['dense']}",
+    # a run with a fault asserts the exit code, which only the deepspeed launcher passes through (tests/ranks.py)
+    cmd = rank_command(WRAPPER, *faults, launcher="deepspeed" if faults else "torchrun")
+    cmd += ["--ds_config", str(ds), "--config", str(TINY), f"output_dir={out}", f"model.path={work['dense']}",
            f"data.cache_dir={work['cache']}", "logging.progress_bar=false", f"train.max_steps={STEPS}",
            "train.save_every_steps=4", "train.eval_every_steps=4", "train.eval_max_batches=1", *overrides]
     out.mkdir(parents=True, exist_ok=True)
     log = open(out.parent / f"{out.name}.{int(time.time() * 1000)}.log", "w")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env=env)
+                            env=rank_env())
     proc.log_path = Path(log.name)
     if background:
         return proc

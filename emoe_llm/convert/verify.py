@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .. import emoe
 from .convert import OUTPUT_DTYPES, SUMMARY_FILE
