@@ -15,15 +15,15 @@ demo: setup
 	$(VENV)/bin/emoe-llm demo
 
 # Two passes over the whole suite: the in-process tests on one pytest-xdist worker per core, then the `slow` ones
-# (each spawns DeepSpeed ranks or Slurm daemons) on SLOW_WORKERS workers, a test file per worker at a time
-# (tests/conftest.py groups them): the ranks spend much of their time starting up, importing and waiting on each other,
-# so two files at once keep the cores busy. Both passes always run; the exit status is the first failing one's
+# (each spawns DeepSpeed ranks or Slurm daemons) on SLOW_WORKERS workers, a test file per worker at a time (a file's
+# module-scoped runs are made once; tests/conftest.py puts the longest files first): the ranks spend much of their
+# time starting up, importing and waiting on each other, so two files at once keep the cores busy. Both passes always run; the exit status is the first failing one's
 # (5, "nothing selected", counts as a pass).
 SLOW_WORKERS ?= 2
 test: setup
 	@rc=0; \
 	$(VENV)/bin/python -m pytest -m "not slow" -n 2 $(PYTEST_ARGS) || { s=$$?; [ $$s -eq 5 ] || rc=$$s; }; \
-	$(VENV)/bin/python -m pytest -m slow -n $(SLOW_WORKERS) --dist loadgroup $(PYTEST_ARGS) || \
+	$(VENV)/bin/python -m pytest -m slow -n $(SLOW_WORKERS) --dist loadfile $(PYTEST_ARGS) || \
 	  { s=$$?; [ $$s -eq 5 ] || [ $$rc -ne 0 ] || rc=$$s; }; \
 	exit $$rc
 

@@ -98,6 +98,12 @@ pip_install() {  # pip_install TARGET [extra pip args]: the carried wheels, no r
 if [ "$DRY" = 1 ]; then
   say "DRY RUN on $(uname -m), python $("$PY" -c 'import platform; print(platform.python_version())')"
   say "wheels in $WHEELS"
+  if [ ! -d "$WHEELS" ]; then  # nothing to check the install or the steps against: say so now, not after them
+    "$PY" scripts/gpu_wheels.py check "$WHEELS"
+    rm -rf "$LOGS"
+    say "dry run FAILED"
+    exit 1
+  fi
   "$PY" scripts/gpu_wheels.py check "$WHEELS" || { say "wheel check FAILED"; FAILED=1; }
   site=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-site.XXXXXX")
   plats=()

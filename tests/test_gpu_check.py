@@ -52,13 +52,16 @@ def fake_wheel(folder: Path, name: str, version: str = "1.0", tag: str = "py3-no
     return path
 
 
-@pytest.fixture
-def wheels(tmp_path):
-    folder = tmp_path / "wheels"
+def fake_wheels(folder: Path) -> Path:
     folder.mkdir()
     for name in gpu_wheels.REQUIRED:
         fake_wheel(folder, name, requires=["torch>=2.0", "packaging"] if name == "deepspeed" else ())
     return folder
+
+
+@pytest.fixture
+def wheels(tmp_path):
+    return fake_wheels(tmp_path / "wheels")
 
 
 def dry_run(results: Path, wheels: Path, *extra, script=SCRIPT, timeout=600):
@@ -67,9 +70,17 @@ def dry_run(results: Path, wheels: Path, *extra, script=SCRIPT, timeout=600):
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
-@pytest.mark.slow  # the whole script: a dozen Python processes
-def test_dry_run_checks_wheels_and_every_step_command_line(tmp_path, wheels):
-    proc = dry_run(tmp_path / "results", wheels)
+@pytest.fixture(scope="module")
+def tiny_dry_run(tmp_path_factory):
+    """One `--dry-run --tiny` run (a dozen Python processes), read by the two tests below: the wheel and command-line
+    checks every dry run does, then the four steps at CPU size."""
+    root = tmp_path_factory.mktemp("gpu_check")
+    return root / "results", dry_run(root / "results", fake_wheels(root / "wheels"), "--tiny", timeout=1200)
+
+
+@pytest.mark.slow
+def test_dry_run_checks_wheels_and_every_step_command_line(tiny_dry_run):
+    results, proc = tiny_dry_run
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "wheel check: ok" in out and "distributions" in out
@@ -89,7 +100,7 @@ def test_dry_run_checks_wheels_and_every_step_command_line(tmp_path, wheels):
     assert tt["peak_tflops"] == 989 and tt["extra_peak_tflops"] == 790
     assert parsed["clustering"]["shapes"] == "30b" and parsed["clustering"]["devices"] == ["cuda"]
     assert "dry run ok" in out
-    with tarfile.open(tmp_path / "results" / "logs.tar.gz") as tar:
+    with tarfile.open(results / "logs.tar.gz") as tar:
         assert "logs/collect.log" in tar.getnames()
 
 
@@ -105,11 +116,11 @@ def test_dry_run_fails_on_a_broken_step_command_line(tmp_path, wheels):
     assert "command line BROKEN" in out and "--micro-roundz" in out and "dry run FAILED" in out
 
 
-@pytest.mark.slow  # the whole script: a dozen Python processes
-def test_dry_run_fails_without_wheels(tmp_path):
-    proc = dry_run(tmp_path / "results", tmp_path / "nowhere")
+def test_dry_run_fails_at_once_without_wheels(tmp_path):
+    proc = dry_run(tmp_path / "results", tmp_path / "nowhere", timeout=60)
     assert proc.returncode != 0
-    assert "no such folder" in proc.stderr + proc.stdout
+    assert "no such folder" in proc.stderr + proc.stdout and "dry run FAILED" in proc.stdout
+    assert "step " not in proc.stdout  # stopped before checking any step's command line
 
 
 def test_wheel_check_rejects_wrong_platform_duplicates_and_missing(tmp_path, wheels):
@@ -146,10 +157,9 @@ def test_slimmed_wheel_keeps_only_cpu_and_cuda13_libraries(tmp_path):
 
 
 @pytest.mark.slow
-def test_dry_run_tiny_runs_every_step_through_json_and_summary(tmp_path, wheels):
+def test_dry_run_tiny_runs_every_step_through_json_and_summary(tiny_dry_run):
     """--tiny: the four steps at CPU size, each writing its JSON, then summary.json with every step's figures."""
-    results = tmp_path / "results"
-    proc = dry_run(results, wheels, "--tiny", timeout=1200)
+    results, proc = tiny_dry_run
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     summary = json.loads((results / "summary.json").read_text())
     assert summary["ok"] and [s["name"] for s in summary["steps"]] == ["pytest_gpu", "step_overhead",

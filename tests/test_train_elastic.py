@@ -70,6 +70,13 @@ def resumed_steps(out: Path) -> list[dict]:
     return [r for r in recs[i + 1:] if "event" not in r and "loss" in r]
 
 
+def steps_after_checkpoint(full: Path) -> list[dict]:
+    """The uninterrupted run's records of the steps after SAVE_AT: what a resume at its own world size reproduces
+    exactly (test_train_zero3's preempt/kill -9 test holds it to 1e-6), so the reference for a resume elsewhere."""
+    recs = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if "event" not in r and "loss" in r and r["step"] > SAVE_AT]
+
+
 @pytest.fixture(scope="module")
 def full_runs(work):
     """Uninterrupted runs on 2 and on 1 rank (the same global batch 8: micro 2 x accum 2 x 2 / x accum 4 x 1)."""
@@ -83,9 +90,7 @@ def full_runs(work):
 
 @pytest.mark.parametrize("saved_on,resumed_on", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
 def test_resume_at_another_world_size(work, full_runs, saved_on, resumed_on):
-    same = stopped_at_checkpoint(full_runs[saved_on], work["root"] / f"same{saved_on}to{saved_on}")
     other = stopped_at_checkpoint(full_runs[saved_on], work["root"] / f"elastic{saved_on}to{resumed_on}")
-    train(work, same, saved_on)
     log = train(work, other, resumed_on)
     assert f"universal checkpoint, {saved_on} -> {resumed_on} ranks" in log
     ckpt = other / "checkpoints" / f"step_{SAVE_AT:08d}"
@@ -93,7 +98,7 @@ def test_resume_at_another_world_size(work, full_runs, saved_on, resumed_on):
     assert not list(ckpt.glob(".universal.tmp-*"))
     assert not (full_runs[saved_on] / "checkpoints" / f"step_{SAVE_AT:08d}" / "universal").exists()  # source kept
 
-    ref, got = resumed_steps(same), resumed_steps(other)
+    ref, got = steps_after_checkpoint(full_runs[saved_on]), resumed_steps(other)
     assert [r["step"] for r in got] == list(range(SAVE_AT + 1, STEPS + 1))  # none lost, none repeated
     assert [r["step"] for r in ref] == [r["step"] for r in got]
     # the first resumed step: same weights, optimizer state, LR and samples -> the same loss (fp32 tolerance)
@@ -113,15 +118,13 @@ LORA = ("lora.enabled=true", "lora.dropout=0")
 
 def test_lora_resume_at_another_world_size(work):
     """LoRA freezes the base weights: only the adapters have optimizer state, and the universal checkpoint must carry
-    the frozen partitions too. 2 ranks stopped at step 3 finish on 1 rank with the loss of a 2-rank resume."""
+    the frozen partitions too. 2 ranks stopped at step 3 finish on 1 rank with the losses of the uninterrupted run."""
     full = work["root"] / "lora_full2"
     train(work, full, 2, *LORA)
-    same = stopped_at_checkpoint(full, work["root"] / "lora_same2to2")
     other = stopped_at_checkpoint(full, work["root"] / "lora_elastic2to1")
-    train(work, same, 2, *LORA)
     log = train(work, other, 1, *LORA)
     assert "universal checkpoint, 2 -> 1 ranks" in log
-    ref, got = resumed_steps(same), resumed_steps(other)
+    ref, got = steps_after_checkpoint(full), resumed_steps(other)
     assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(SAVE_AT + 1, STEPS + 1))
     assert got[0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-5), (got[0], ref[0])
     for a, b in zip(got, ref):
