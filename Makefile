@@ -23,7 +23,7 @@ SLOW_WORKERS ?= 2
 test: setup
 	@rc=0; \
 	$(VENV)/bin/python -m pytest -m "not slow" -n 2 $(PYTEST_ARGS) || { s=$$?; [ $$s -eq 5 ] || rc=$$s; }; \
-	$(VENV)/bin/python -m pytest -m slow -n $(SLOW_WORKERS) --dist loadfile $(PYTEST_ARGS) || \
+	$(VENV)/bin/python -m pytest -m slow -n $(SLOW_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) || \
 	  { s=$$?; [ $$s -eq 5 ] || [ $$rc -ne 0 ] || rc=$$s; }; \
 	exit $$rc
 

@@ -23,8 +23,9 @@ def tiny_eval_checkpoints(tmp_path_factory):
 
 
 
-# The slow files that take longest, first: `make test` hands the slow tests out a file per worker (--dist loadfile), in
-# collection order, so the long ones start at once and the short ones fill in around them.
+# The slow files that take longest, first: `make test` hands the slow tests out a file per worker (--dist loadfile
+# --no-loadscope-reorder: in collection order, not most-tests-first), so the long ones start at once and the short
+# ones fill in around them.
 LONGEST_FIRST = ("test_slurm", "test_study", "test_train_zero3", "test_train_elastic", "test_real_smollm2")
 
 

@@ -296,13 +296,14 @@ def step_records(run_dir: Path) -> dict[int, dict]:
 
 
 def run_study(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "emoe_llm.cli", "study", "configs/study_tiny.yaml", *args]
+    # one rank per cell: this test is about the study (cells, reruns, resume, report); 2-rank training has its own
+    cmd = [sys.executable, "-m", "emoe_llm.cli", "study", "configs/study_tiny.yaml", "--nproc", "1", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)  # 6 cells x (train + 1-2 evals): ~8 min on 2 idle cores, far more on a loaded machine
+@pytest.mark.timeout(3600)  # 6 cells x (train + 1-2 evals): minutes on 2 idle cores, far more on a loaded machine
 def test_tiny_study_end_to_end_rerun_and_resume(tmp_path):
     out = tmp_path / "study"
     t0 = time.time()

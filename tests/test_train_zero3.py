@@ -41,11 +41,11 @@ def work(tmp_path_factory):
     return {"root": root, "dense": dense, "cache": root / "data_cache", "fp32": root / "z3_fp32.json"}
 
 
-def launch(work, out: Path, *overrides, ds=Z3, faults=(), background=False):
+def launch(work, out: Path, *overrides, ds=Z3, faults=(), background=False, launcher="torchrun"):
     """torchrun --nproc_per_node 2 tests/dist/train_with_faults.py ...: the recipe `emoe-llm train --nproc 2` runs, plus
     run/export_probe.pt and the faults asked for (e.g. ["--nan-at-step", "3"])."""
     # a run with a fault asserts the exit code, which only the deepspeed launcher passes through (tests/ranks.py)
-    cmd = rank_command(WRAPPER, *faults, launcher="deepspeed" if faults else "torchrun")
+    cmd = rank_command(WRAPPER, *faults, launcher="deepspeed" if faults else launcher)
     cmd += ["--ds_config", str(ds), "--config", str(TINY), f"output_dir={out}", f"model.path={work['dense']}",
            f"data.cache_dir={work['cache']}", "logging.progress_bar=false", f"train.max_steps={STEPS}",
            "train.save_every_steps=4", "train.eval_every_steps=4", "train.eval_max_batches=1", *overrides]
@@ -100,7 +100,7 @@ def max_step(out: Path) -> int:
 @pytest.fixture(scope="module")
 def emoe_run(work):
     out = work["root"] / "emoe"
-    proc = launch(work, out)
+    proc = launch(work, out, launcher="deepspeed")  # the reference of the preemption test, under the same launcher
     assert proc.returncode == 0, output_of(proc)[-4000:]
     work["emoe_run_port"] = proc.args[proc.args.index("--master_port") + 1]
     return out, output_of(proc)
@@ -171,7 +171,9 @@ def test_preempt_then_kill9_then_resume_reproduces_the_curve(work, emoe_run):
     ref_out, _ = emoe_run
     out = work["root"] / "interrupted"
     # 1) preemption through the STOP file (what a Slurm trap creates)
-    proc = launch(work, out, background=True)
+    # the deepspeed launcher: its ranks share its process group, which kill -9 below takes down whole (torchrun
+    # starts each rank in a session of its own)
+    proc = launch(work, out, background=True, launcher="deepspeed")
     assert wait_for(lambda: max_step(out) >= 2, proc), output_of(proc)[-3000:]
     (out / "STOP").touch()
     proc.wait(timeout=300)
@@ -182,7 +184,7 @@ def test_preempt_then_kill9_then_resume_reproduces_the_curve(work, emoe_run):
     assert not (out / "COMPLETED").exists() and stopped < STEPS
     assert (out / "checkpoints" / f"step_{stopped:08d}" / "trainer_state.json").is_file()
     # 2) restart (removes the stale STOP), killed with SIGKILL after the step-4 checkpoint is complete
-    proc = launch(work, out, background=True)
+    proc = launch(work, out, background=True, launcher="deepspeed")
     ckpt4 = out / "checkpoints" / "step_00000004" / "trainer_state.json"
     assert wait_for(lambda: ckpt4.is_file() and max_step(out) >= 5, proc), output_of(proc)[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
@@ -190,7 +192,7 @@ def test_preempt_then_kill9_then_resume_reproduces_the_curve(work, emoe_run):
     assert f"resumed from {out / 'checkpoints' / f'step_{stopped:08d}'}" in output_of(proc)
     assert not (out / "STOP").exists() and not (out / "COMPLETED").exists()
     # 3) resume: auto picks step 4 and finishes
-    proc = launch(work, out)
+    proc = launch(work, out, launcher="deepspeed")
     log = output_of(proc)
     assert proc.returncode == 0, log[-3000:]
     assert f"resumed from {out / 'checkpoints' / 'step_00000004'}" in log
