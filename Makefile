@@ -5,6 +5,10 @@
 #   make smollm2  build (once) the real SmolLM2-135M-Instruct checkpoint in ${EMOE_LLM_CACHE:-~/.cache/emoe_llm}/models/
 VENV ?= .venv
 PYTEST_ARGS ?=
+# The venv's tools first, as in an activated venv: DeepSpeed JIT-builds its CPU op with the first `ninja` on PATH, and
+# a system ninja (1.11) beside the venv's (1.13, a DeepSpeed dependency) rebuilds the op from scratch (~1.5 min of both
+# cores) every time the other one built it last.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup demo test test-fast gpu-wheels smollm2
 setup: $(VENV)/.installed

@@ -20,6 +20,7 @@ PY="$VENV/bin/python"
 "$PY" -c "import torch, transformers, deepspeed; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"
 # DeepSpeed JIT-builds its CPU communication op (~1 min) the first time a process joins a group. Build it here, once:
 # a run or test killed mid-build (a timeout) leaves torch's build lock behind, and every later run waits on it forever.
-"$PY" -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); \
+# With the venv's ninja (first on PATH), the one every run uses: another ninja would find nothing to reuse.
+PATH="$(cd "$VENV" && pwd)/bin:$PATH" "$PY" -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); \
 b is None or b.load(verbose=False); print('DeepSpeed CPU comm op:', 'built' if b else 'not used on this accelerator')"
 touch "$VENV/.installed"

@@ -33,7 +33,9 @@ def rank_command(target: str | os.PathLike, *args: str, nproc: int = 2, module: 
 
 
 def rank_env(**extra: str) -> dict:
-    """This environment, the repo on PYTHONPATH (tests/dist scripts import emoe_llm), one OpenMP thread per rank (the
-    ranks share the cores; torchrun sets this, the deepspeed launcher does not, and the two must train alike)."""
+    """This environment, the repo on PYTHONPATH (tests/dist scripts import emoe_llm), the venv's tools first on PATH
+    (its ninja builds DeepSpeed's CPU op; a system ninja would rebuild it), one OpenMP thread per rank (the ranks share
+    the cores; torchrun sets this, the deepspeed launcher does not, and the two must train alike)."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
+    tools = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "PATH": tools, "OMP_NUM_THREADS": "1", **extra}

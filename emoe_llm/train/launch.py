@@ -120,5 +120,10 @@ def run(argv: list[str]) -> int:
     if dry:
         return 0
     sys.stdout.flush()
+    # This environment's tools first on the ranks' PATH, as in an activated venv: DeepSpeed JIT-builds its CPU ops with
+    # the first `ninja` found, and a second ninja (a system one) rebuilds them from scratch each time it alternates.
+    bin_dir = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
     os.execvp(cmd[0], cmd)  # the launcher replaces us: signals (Slurm preemption) reach it directly
     return 0  # not reached
