@@ -21,8 +21,8 @@ demo: setup
 # Two passes over the whole suite: the in-process tests on one pytest-xdist worker per core, then the `slow` ones
 # (each spawns DeepSpeed ranks or Slurm daemons) on SLOW_WORKERS workers, a test file per worker at a time (a file's
 # module-scoped runs are made once; tests/conftest.py puts the longest files first): the ranks spend much of their
-# time starting up, importing and waiting on each other, so two files at once keep the cores busy. Both passes always run; the exit status is the first failing one's
-# (5, "nothing selected", counts as a pass).
+# time starting up, importing and waiting on each other, so two files at once keep the cores busy. Both passes always
+# run; the exit status is the first failing one's (5, "nothing selected", counts as a pass).
 SLOW_WORKERS ?= 2
 test: setup
 	@rc=0; \

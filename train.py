@@ -7,7 +7,8 @@
 Trailing key=value arguments override the recipe (dots for nesting): train.lr=1e-5 model.mode=dense resume=none
 """
 
-from emoe_llm.train.recipe import cli, exit_after
+from emoe_llm.cli import exit_after
+from emoe_llm.train.recipe import cli
 
 if __name__ == "__main__":
     exit_after(cli())

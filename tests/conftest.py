@@ -22,7 +22,6 @@ def tiny_eval_checkpoints(tmp_path_factory):
     return {"dense": dense, "emoe": root / "emoe"}
 
 
-
 # The slow files that take longest, first: `make test` hands the slow tests out a file per worker (--dist loadfile
 # --no-loadscope-reorder: in collection order, not most-tests-first), so the long ones start at once and the short
 # ones fill in around them.

@@ -1,5 +1,6 @@
 """``python -m emoe_llm.train`` == ``train.py`` (used by ``emoe-llm train`` so an installed package needs no repo)."""
 
-from .recipe import cli, exit_after
+from ..cli import exit_after
+from .recipe import cli
 
 exit_after(cli())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..cli import exit_after
 from ..emoe import emoe_modules
 from . import recipe
 
@@ -48,4 +49,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    recipe.exit_after(recipe.cli(entry=main))
+    exit_after(recipe.cli(entry=main))

@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import gc
 import hashlib
 import json
 import math
@@ -53,6 +52,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from ..arch import layout_of
+from ..cli import exit_after
 from ..convert.prepare import prepare_emoe_checkpoint
 from ..data import SFTCollator, build_sft_datasets, load_tokenizer
 from ..emoe import TRAINED_KEY, enable_emoe, pop_expert_load, trained_record
@@ -958,14 +958,6 @@ def cli(argv=None, *, entry=None) -> int:
         return (entry or main)(argv)
     except Exception as e:  # noqa: BLE001 - every failure ends as one line from one rank (see failure.py)
         return handle_failure(e)
-
-
-def exit_after(code: int) -> None:
-    """End a rank process: ``sys.exit(code)`` without the interpreter's last cyclic garbage collection over the engine,
-    model and datasets (~3 s per rank on 2 CPU cores, after everything is written). ``gc.freeze`` moves the live
-    objects out of the collector's sight; they are still freed by reference counting."""
-    gc.freeze()
-    sys.exit(code)
 
 
 if __name__ == "__main__":

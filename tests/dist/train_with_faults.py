@@ -9,6 +9,7 @@ import argparse
 
 import torch.distributed as dist
 
+from emoe_llm.cli import exit_after
 from emoe_llm.train import probe, recipe
 
 
@@ -56,4 +57,4 @@ if __name__ == "__main__":
         inject_nan_at(faults.nan_at_step)
     if faults.raise_at_step:
         raise_at(faults.raise_at_step, faults.raise_on_rank)
-    recipe.exit_after(recipe.cli(rest, entry=probe.main))
+    exit_after(recipe.cli(rest, entry=probe.main))
