@@ -8,6 +8,7 @@ import pytest
 
 
 @pytest.mark.slow
+@pytest.mark.smoke  # `make test` runs it: the README's main job, real ZeRO-3 ranks
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(

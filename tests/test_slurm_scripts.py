@@ -92,6 +92,7 @@ echo "GLOO_SOCKET_IFNAME=${{GLOO_SOCKET_IFNAME:-}} DEEPSPEED_TIMEOUT=$DEEPSPEED_
 env | grep -E '^(NNODES|NPROC_PER_NODE|MASTER_ADDR|MASTER_PORT|NCCL_IB_HCA)=' | sort | tr '\\n' ' '
 """
     env = clean_env(SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_NODELIST="node-[a-d]", MASTER_ADDR="node-a", **slurm_env)
+    env.pop("OMP_NUM_THREADS", None)  # common.sh derives it from the allocation unless the user set it (the tests do)
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
 
 
