@@ -29,7 +29,8 @@ CASES = {
 }
 
 
-# Each runs a whole benchmark script in a subprocess (train_throughput a 1-rank DeepSpeed job): slow, run by `make test`
+# Each runs a whole benchmark script in a subprocess (train_throughput a 1-rank DeepSpeed job): slow, run by
+# `make test-slow`
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_benchmark_script_runs_and_prints_its_figure_last(script, tmp_path):

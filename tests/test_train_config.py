@@ -172,6 +172,13 @@ def test_launch_command():
     with pytest.raises(SystemExit, match="--config"):
         build_command(["--nproc", "2"])
     assert math.isfinite(int(build_command(["--config", "c"])[4]))
+    # one process needs no launcher: the recipe itself, with the variables a launcher gives its rank
+    cmd = build_command(["--nproc", "1", "--master-port", "1234", "--config", "c.yaml"])
+    assert cmd[0] == "env" and cmd[-4:] == ["-m", "emoe_llm.train", "--config", "c.yaml"]
+    assert {"RANK=0", "LOCAL_RANK=0", "WORLD_SIZE=1", "MASTER_PORT=1234"} <= set(cmd)
+    assert build_command(["--nproc", "1", "--launcher", "deepspeed", "--config", "c"])[1:3] == ["--num_gpus", "1"]
+    with pytest.raises(SystemExit, match="--launcher none runs one process; --nproc is 2"):
+        build_command(["--nproc", "2", "--launcher", "none", "--config", "c"])
 
 
 def test_bare_train_args_use_the_tiny_demo_recipe():
