@@ -84,6 +84,17 @@ def test_emoe_checkpoint_runs_masked_and_records_k(tiny, user_tasks, tmp_path):
     assert dense["mode"] == "dense" and "top_k" not in dense
     assert main(["eval", str(tiny["dense"]), *common, "--mode", "emoe"]) == 2  # no 'emoe' block
 
+    # both modes in one process: a JSON per mode, each equal to its own run's
+    both = tmp_path / "both" / "{mode}.json"
+    assert main(["eval", str(tiny["emoe"]), *common, "--mode", "emoe,dense", "--output", str(both)]) == 0
+    for mode, alone in (("emoe", masked), ("dense", dense)):
+        together = json.loads((tmp_path / "both" / f"{mode}.json").read_text())
+        assert together["mode"] == mode and together["results"] == alone["results"]
+    # refused before anything loads: one file for two modes, a mode twice, emoe on a dense checkpoint
+    assert main(["eval", str(tiny["emoe"]), *common, "--mode", "emoe,dense", "--output", str(a)]) == 2
+    assert main(["eval", str(tiny["emoe"]), *common, "--mode", "auto,emoe", "--output", str(both)]) == 2
+    assert main(["eval", str(tiny["dense"]), *common, "--mode", "dense,emoe", "--output", str(both)]) == 2
+
 
 def test_default_output_path(tiny, user_tasks):
     assert main(["eval", str(tiny["dense"]), "--tasks", "capitals_qa", "--include-path", str(user_tasks),

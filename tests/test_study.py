@@ -104,13 +104,14 @@ def test_several_evals_each_with_its_own_limit(tmp_path):
         "eval: {tasks: [emoe_nll_alpaca_heldout, emoe_mmlu], limit: 8}",
         "eval:\n  - {tasks: [emoe_nll_alpaca_heldout], limit: 48, batch_size: 4}\n  - {tasks: emoe_mmlu, limit: 1}")))
     cell, out = study.cell("emoe-s1"), tmp_path / "out"
-    cmd = eval_command(study, cell, out, "dense", 1)
+    cmd = eval_command(study, cell, out, ["dense"], 1)
     assert cmd[cmd.index("eval") + 1] == str(out / "cells" / "emoe-s1" / "final")
     assert cmd[cmd.index("eval") + 2:] == ["--tasks", "emoe_mmlu", "--limit", "1", "--mode", "dense", "--output",
-                                           str(out / "cells" / "emoe-s1" / "eval" / "dense.1.json")]
-    assert eval_command(study, cell, out, "emoe", 0)[-10:] == [
-        "--tasks", "emoe_nll_alpaca_heldout", "--limit", "48", "--batch-size", "4", "--mode", "emoe", "--output",
-        str(out / "cells" / "emoe-s1" / "eval" / "emoe.json")]
+                                           str(out / "cells" / "emoe-s1" / "eval" / "{mode}.1.json")]
+    # both modes of an EMoE cell in one process, a JSON each (emoe.json, dense.json)
+    assert eval_command(study, cell, out, ["emoe", "dense"], 0)[-10:] == [
+        "--tasks", "emoe_nll_alpaca_heldout", "--limit", "48", "--batch-size", "4", "--mode", "emoe,dense",
+        "--output", str(out / "cells" / "emoe-s1" / "eval" / "{mode}.json")]
 
 
 @pytest.mark.parametrize("arms, message", [

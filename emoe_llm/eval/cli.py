@@ -19,6 +19,9 @@ A converted checkpoint that was never trained here runs masked ('emoe' block), a
     emoe-llm eval runs/llama2_7b_emoe/final                # EMoE  -> masked  (EMoE)
     emoe-llm eval runs/llama2_7b_emoe/final --mode dense   # EMoE  -> dense   (EMoE2LoRA-style: mask at train only)
 
+``--mode emoe,dense`` scores both in one process (imports, task index and task data paid once; the weights are loaded
+again for each mode), one JSON each: ``--output`` then names them with ``{mode}`` (``eval/{mode}.json``).
+
 The result JSON keeps lm-eval's ``results`` (and ``groups``) dicts unchanged, beside the mode used and why
 (``mode_source``), the training record, k / layers when masked, the settings, the seconds and the versions.
 """
@@ -74,9 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=_positive_int, default=None,
                         help="at most N documents per task (default: all; for quick checks only)")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="documents per forward (default 8)")
-    parser.add_argument("--mode", choices=("auto", "dense", "emoe"), default="auto",
+    parser.add_argument("--mode", type=_modes, default=["auto"],
                         help="auto (default): as the checkpoint was trained (config.json 'emoe_trained'); "
-                             "dense / emoe override it")
+                             "dense / emoe override it; several, comma-separated (emoe,dense), are scored one after "
+                             "the other in this process")
     parser.add_argument("--top-k", type=_positive_int, default=None,
                         help="override the checkpoint's EMoE top-k (mode emoe)")
     parser.add_argument("--mmlu-dir", default=None,
@@ -91,8 +95,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                         help="auto: the checkpoint's dtype on GPU, fp32 on CPU")
     parser.add_argument("--output", default=None,
-                        help="results JSON (default: <checkpoint parent>/eval/<checkpoint name>_<mode>.json)")
+                        help="results JSON (default: <checkpoint parent>/eval/<checkpoint name>_<mode>.json); "
+                             "'{mode}' in it is replaced by the mode (needed with several modes)")
     parser.add_argument("--no-progress", action="store_true", help="quieter: lm-eval logs errors only")
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",")]
+    bad = [m for m in modes if m not in ("auto", "dense", "emoe")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"each mode must be auto, dense or emoe, got {text!r}")
+    return modes
+
+
+def resolve_modes(path: str, requested: list[str]) -> list[str]:
+    """The modes to score, resolved (auto -> the checkpoint's) and checked before anything loads: distinct, and
+    emoe only on a checkpoint with an 'emoe' block."""
+    cfg_path = Path(path) / "config.json"
+    config = json.loads(cfg_path.read_text())
+    resolved = [resolve_eval_mode(config, m)[0] for m in requested]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"--mode {','.join(requested)} names the same mode twice ({', '.join(resolved)} for "
+                         f"{cfg_path})")
+    if "emoe" in resolved and not config.get("emoe"):
+        raise ValueError(f"--mode emoe: {cfg_path} has no 'emoe' block (not a converted checkpoint); use --mode dense")
+    return resolved
+
+
+def output_path(output: str | None, ckpt: Path, mode: str, n_modes: int) -> Path:
+    if output is None:
+        return ckpt.parent / "eval" / f"{ckpt.name}_{mode}.json"
+    if n_modes > 1 and "{mode}" not in output:
+        raise ValueError(f"--output {output}: with several modes it must contain {{mode}} (e.g. eval/{{mode}}.json), "
+                         "one file per mode")
+    return Path(output.replace("{mode}", mode))
 
 
 def check_checkpoint_files(path: str) -> None:
@@ -251,7 +287,24 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown task(s) {unknown}; see emoe-llm eval --list-tasks (shipped) or lm-eval's "
                              "task list, or add your YAMLs with --include-path")
         tasks = load_tasks(manager, names)
-        model, tokenizer, info = load_for_eval(args.checkpoint, mode=args.mode, device=args.device, dtype=args.dtype,
+        modes = resolve_modes(args.checkpoint, args.mode)
+        paths = {mode: output_path(args.output, ckpt, mode, len(modes)) for mode in modes}
+    except (FileNotFoundError, ValueError) as e:
+        print(f"emoe-llm eval: error: {e}", file=sys.stderr)
+        return 2
+    for requested, mode in zip(args.mode, modes):
+        rc = evaluate_mode(args, ckpt, names, manager, tasks, mode=requested,
+                           path=paths[mode])
+        if rc:
+            return rc
+    return 0
+
+
+def evaluate_mode(args: argparse.Namespace, ckpt: Path, names: list[str], manager, tasks: list, *, mode: str,
+                  path: Path) -> int:
+    """Load the checkpoint in ``mode``, score ``tasks`` with lm-eval, write the results JSON to ``path``."""
+    try:
+        model, tokenizer, info = load_for_eval(args.checkpoint, mode=mode, device=args.device, dtype=args.dtype,
                                                top_k=args.top_k)
     except (FileNotFoundError, ValueError) as e:
         print(f"emoe-llm eval: error: {e}", file=sys.stderr)
@@ -276,9 +329,7 @@ def run(args: argparse.Namespace) -> int:
                   num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
                   seconds=round(time.perf_counter() - t0, 2), lm_eval_version=lm_eval.__version__,
                   emoe_llm_version=__version__)
-    mode = info["mode"]
-    path = Path(args.output) if args.output else ckpt.parent / "eval" / f"{ckpt.name}_{mode}.json"
-    print(f"{', '.join(names)}, mode {mode} ({info['mode_source']}): {args.checkpoint}")
+    print(f"{', '.join(names)}, mode {info['mode']} ({info['mode_source']}): {args.checkpoint}")
     print(format_report({**out["results"], **out.get("groups", {})}))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -287,4 +338,5 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"emoe-llm eval: error: could not write {path}: {e} (use --output)", file=sys.stderr)
         return 1
+    del model, lm  # before the next mode loads its copy
     return 0
