@@ -1011,7 +1011,25 @@ def _(w):
 
 @case("eval", "mode-emoe-dense", "--mode emoe on a dense checkpoint", r"has no 'emoe' block .*use --mode dense")
 def _(w):
-    return _eval(w, w.shared["dense"], w.shared["mmlu"], "--mode", "emoe", before_weights=False)
+    return _eval(w, w.shared["dense"], w.shared["mmlu"], "--mode", "emoe")
+
+
+@case("eval", "mode-twice", "--mode auto,emoe on a converted checkpoint: auto is emoe there",
+      r"--mode auto,emoe names the same mode twice \(emoe, emoe for .*config\.json\)")
+def _(w):
+    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--mode", "auto,emoe")
+
+
+@case("eval", "modes-one-output", "--mode emoe,dense with an --output without {mode}",
+      r"--output .*results\.json: with several modes it must contain \{mode\}")
+def _(w):
+    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--mode", "emoe,dense")
+
+
+@case("eval", "mode-unknown", "--mode emoe,sparse",
+      r"argument --mode: each mode must be auto, dense or emoe, got 'emoe,sparse'")
+def _(w):
+    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--mode", "emoe,sparse")
 
 
 @case("eval", "unknown-task", "--tasks names an unknown task",
