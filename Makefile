@@ -20,8 +20,8 @@ demo: setup
 
 # Two tiers, both run by CI (.ci/run):
 #   make test       what a developer runs: every in-process test plus the `smoke` run (the demo: convert + ZeRO-3 on
-#                   2 CPU ranks + export + eval), on one pytest-xdist worker per core. About 9 min on a clean clone,
-#                   set-up included (README).
+#                   2 CPU ranks + export + eval), on one pytest-xdist worker per core. About 7.5 min on a clean
+#                   clone, set-up included (README).
 #   make test-slow  the other `slow` tests: DeepSpeed rank groups, the real SmolLM2, a real Slurm cluster, the study,
 #                   whole benchmark/GPU-check scripts (~45 CPU-minutes: ~25 min on 2 cores). SLOW_WORKERS workers, a
 #                   test file per worker at a time (a file's module-scoped runs are made once; tests/conftest.py puts

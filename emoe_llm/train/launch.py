@@ -11,10 +11,10 @@ which imports DeepSpeed twice, in two processes, before the first rank starts. F
 scripts in ``slurm/``.
 
 Kept on purpose, and kept thin: it only fills in ``--nproc`` (all visible GPUs, or 2 CPU ranks) and a free
-``--master_port``, prints the launcher command, and ``exec``s ``deepspeed`` / ``torchrun`` in its place -- nothing of
-ours stays between the launcher and the ranks (signals reach the launcher directly), and ``--dry-run`` shows the plain
-command to run by hand. The recipe never re-launches itself: ``deepspeed ... train.py`` and ``torchrun ... train.py``
-work the same.
+``--master_port``, prints the launcher command, and ``exec``s ``deepspeed`` / ``torchrun`` (or, for one process, the
+recipe) in its place -- nothing of ours stays between the launcher and the ranks (signals reach the launcher
+directly), and ``--dry-run`` shows the plain command to run by hand. The recipe never re-launches itself:
+``deepspeed ... train.py`` and ``torchrun ... train.py`` work the same.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ usage: emoe-llm train [--nproc N] [--launcher deepspeed|torchrun|none] [--master
 
 Launcher options (consumed here):
   --nproc N          processes (GPUs) on this node; default: all visible GPUs, or 2 on a CPU-only machine
-  --launcher L       deepspeed (default), torchrun, or none (one process, no launcher: --nproc 1 only; the
-                     default for --nproc 1)
+  --launcher L       deepspeed (the default for 2+ processes), torchrun, or none (one process, no launcher:
+                     --nproc 1 only, and its default)
   --master-port P    rendezvous port (default: a free one)
   --dry-run          print the command and exit
 
