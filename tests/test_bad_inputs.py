@@ -1043,7 +1043,7 @@ def _(w):
     return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--num-fewshot", "-1")
 
 
-@case("eval", "batch-size-zero", "--batch-size 0", r"argument --batch-size: must be a positive integer, got 0")
+@case("eval", "batch-size-zero", "--batch-size 0", r"argument --batch-size: must be >= 1, got 0")
 def _(w):
     return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--batch-size", "0")
 
@@ -1412,7 +1412,7 @@ def _(w):
     return _probe(w, w.shared["dense"], "--ks", "2,x")
 
 
-@case("eval", "top-k-zero", "--top-k 0", r"argument --top-k: must be a positive integer, got 0")
+@case("eval", "top-k-zero", "--top-k 0", r"argument --top-k: must be >= 1, got 0")
 def _(w):
     return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--top-k", "0")
 

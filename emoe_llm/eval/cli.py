@@ -37,32 +37,12 @@ import sys
 import time
 from pathlib import Path
 
+from emoe_llm.checks import nonnegative_int, positive_int
 from emoe_llm.emoe.settings import TRAINED_KEY, resolve_eval_mode
 from emoe_llm.eval.inputs import check_eval_inputs
 from emoe_llm.fileio import atomic_write_text
 
 DEFAULT_TASKS = "emoe_mmlu"
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,23 +52,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
                         help="a directory of your own lm-eval task YAMLs (repeatable), as lm-eval's --include_path")
     parser.add_argument("--list-tasks", action="store_true", help="list the tasks shipped with emoe-llm and exit")
-    parser.add_argument("--num-fewshot", type=_non_negative_int, default=None,
+    parser.add_argument("--num-fewshot", type=nonnegative_int, default=None,
                         help="shots per question (default: each task's own, e.g. 5 for emoe_mmlu)")
-    parser.add_argument("--limit", type=_positive_int, default=None,
+    parser.add_argument("--limit", type=positive_int, default=None,
                         help="at most N documents per task (default: all; for quick checks only)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="documents per forward (default 8)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="documents per forward (default 8)")
     parser.add_argument("--mode", type=_modes, default=["auto"],
                         help="auto (default): as the checkpoint was trained (config.json 'emoe_trained'); "
                              "dense / emoe override it; several, comma-separated (emoe,dense), are scored one after "
                              "the other in this process")
-    parser.add_argument("--top-k", type=_positive_int, default=None,
+    parser.add_argument("--top-k", type=positive_int, default=None,
                         help="override the checkpoint's EMoE top-k (mode emoe)")
     parser.add_argument("--mmlu-dir", default=None,
                         help="another directory of Hendrycks MMLU CSVs (dev/, val/, test/) for the emoe_mmlu tasks "
                              "(default: the shipped data/eval/mmlu)")
     parser.add_argument("--mmlu-split", choices=("val", "test"), default="val",
                         help="the split the emoe_mmlu tasks score (test: with the full MMLU CSVs in --mmlu-dir)")
-    parser.add_argument("--max-length", type=_positive_int, default=None,
+    parser.add_argument("--max-length", type=positive_int, default=None,
                         help="context budget in tokens (default: the model's)")
     parser.add_argument("--device", default="auto",
                         help="auto (all visible GPUs via device_map=auto, else cpu) | cpu | cuda | cuda:1")
