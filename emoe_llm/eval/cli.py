@@ -273,8 +273,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"emoe-llm eval: error: {e}", file=sys.stderr)
         return 2
     for requested, mode in zip(args.mode, modes):
-        rc = evaluate_mode(args, ckpt, names, manager, tasks, mode=requested,
-                           path=paths[mode])
+        rc = evaluate_mode(args, ckpt, names, manager, tasks, mode=requested, path=paths[mode])
         if rc:
             return rc
     return 0
