@@ -139,6 +139,9 @@ def trained_record(mode: str, emoe_block: dict | None, *, lora: bool = False) ->
     return record
 
 
+EVAL_MODES = ("auto", "dense", "emoe")  # how a checkpoint is scored: as trained, plain, or masked
+
+
 def resolve_eval_mode(config: dict, requested: str = "auto") -> tuple[str, str]:
     """(mode, why) for evaluating a checkpoint whose config.json is ``config``.
 
@@ -146,7 +149,7 @@ def resolve_eval_mode(config: dict, requested: str = "auto") -> tuple[str, str]:
     checkpoint that was never trained here runs masked when it has an ``emoe`` block, else dense."""
     if requested in ("dense", "emoe"):
         return requested, "requested (--mode)"
-    if requested != "auto":
+    if requested not in EVAL_MODES:
         raise ValueError(f"mode must be auto, dense or emoe, got {requested!r}")
     trained = config.get(TRAINED_KEY)
     if isinstance(trained, dict) and trained.get("mode") in ("dense", "emoe"):

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from emoe_llm.checks import nonnegative_int, positive_int
-from emoe_llm.emoe.settings import TRAINED_KEY, resolve_eval_mode
+from emoe_llm.emoe.settings import EVAL_MODES, TRAINED_KEY, resolve_eval_mode
 from emoe_llm.eval.inputs import check_eval_inputs
 from emoe_llm.fileio import atomic_write_text
 
@@ -82,22 +82,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",")]
-    bad = [m for m in modes if m not in ("auto", "dense", "emoe")]
-    if bad:
-        raise argparse.ArgumentTypeError(f"each mode must be auto, dense or emoe, got {text!r}")
+    if any(m not in EVAL_MODES for m in modes):
+        raise argparse.ArgumentTypeError(f"each mode must be {', '.join(EVAL_MODES[:-1])} or {EVAL_MODES[-1]}, got "
+                                         f"{text!r}")
     return modes
 
 
-def resolve_modes(path: str, requested: list[str]) -> list[str]:
-    """The modes to score, resolved (auto -> the checkpoint's) and checked before anything loads: distinct, and
-    emoe only on a checkpoint with an 'emoe' block."""
+def resolve_modes(path: str, requested: list[str]) -> list[tuple[str, str]]:
+    """(mode, why) of each mode to score, resolved (auto -> the checkpoint's) and checked before anything loads:
+    distinct, and emoe only on a checkpoint with an 'emoe' block."""
     cfg_path = Path(path) / "config.json"
     config = json.loads(cfg_path.read_text())
-    resolved = [resolve_eval_mode(config, m)[0] for m in requested]
-    if len(set(resolved)) != len(resolved):
-        raise ValueError(f"--mode {','.join(requested)} names the same mode twice ({', '.join(resolved)} for "
+    resolved = [resolve_eval_mode(config, m) for m in requested]
+    modes = [mode for mode, _ in resolved]
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"--mode {','.join(requested)} names the same mode twice ({', '.join(modes)} for "
                          f"{cfg_path})")
-    if "emoe" in resolved and not config.get("emoe"):
+    if "emoe" in modes and not config.get("emoe"):
         raise ValueError(f"--mode emoe: {cfg_path} has no 'emoe' block (not a converted checkpoint); use --mode dense")
     return resolved
 
@@ -129,9 +130,10 @@ def check_checkpoint_files(path: str) -> None:
         raise ValueError(f"checkpoint {root} is incomplete or corrupt: {e}") from None
 
 
-def load_for_eval(path: str, *, mode: str, device: str, dtype: str, top_k: int | None = None):
-    """(model, tokenizer, info) -- plain transformers, EMoE masking added for mode emoe. ``info``: the resolved
-    ``mode``, ``mode_source``, the checkpoint's training record and, when masked, the ``top_k`` / ``layers`` used."""
+def load_for_eval(path: str, *, mode: str, mode_source: str, device: str, dtype: str, top_k: int | None = None):
+    """(model, tokenizer, info) -- plain transformers, EMoE masking added for mode emoe (a mode ``resolve_modes``
+    gave). ``info``: ``mode``, ``mode_source``, the checkpoint's training record and, when masked, the ``top_k`` /
+    ``layers`` used."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -141,11 +143,7 @@ def load_for_eval(path: str, *, mode: str, device: str, dtype: str, top_k: int |
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: expected an HF checkpoint dir")
     config = json.loads(cfg_path.read_text())
-    has_emoe = bool(config.get("emoe"))
-    mode, source = resolve_eval_mode(config, mode)
-    info = {"mode": mode, "mode_source": source, "trained": config.get(TRAINED_KEY)}
-    if mode == "emoe" and not has_emoe:
-        raise ValueError(f"--mode emoe: {cfg_path} has no 'emoe' block (not a converted checkpoint); use --mode dense")
+    info = {"mode": mode, "mode_source": mode_source, "trained": config.get(TRAINED_KEY)}
     shard = device == "auto" and torch.cuda.device_count() > 1  # e.g. 30B in bf16 over several GPUs
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -268,23 +266,23 @@ def run(args: argparse.Namespace) -> int:
                              "task list, or add your YAMLs with --include-path")
         tasks = load_tasks(manager, names)
         modes = resolve_modes(args.checkpoint, args.mode)
-        paths = {mode: output_path(args.output, ckpt, mode, len(modes)) for mode in modes}
+        paths = {mode: output_path(args.output, ckpt, mode, len(modes)) for mode, _ in modes}
     except (FileNotFoundError, ValueError) as e:
         print(f"emoe-llm eval: error: {e}", file=sys.stderr)
         return 2
-    for requested, mode in zip(args.mode, modes):
-        rc = evaluate_mode(args, ckpt, names, manager, tasks, mode=requested, path=paths[mode])
+    for mode, source in modes:
+        rc = evaluate_mode(args, ckpt, names, manager, tasks, mode=mode, mode_source=source, path=paths[mode])
         if rc:
             return rc
     return 0
 
 
 def evaluate_mode(args: argparse.Namespace, ckpt: Path, names: list[str], manager, tasks: list, *, mode: str,
-                  path: Path) -> int:
+                  mode_source: str, path: Path) -> int:
     """Load the checkpoint in ``mode``, score ``tasks`` with lm-eval, write the results JSON to ``path``."""
     try:
-        model, tokenizer, info = load_for_eval(args.checkpoint, mode=mode, device=args.device, dtype=args.dtype,
-                                               top_k=args.top_k)
+        model, tokenizer, info = load_for_eval(args.checkpoint, mode=mode, mode_source=mode_source,
+                                               device=args.device, dtype=args.dtype, top_k=args.top_k)
     except (FileNotFoundError, ValueError) as e:
         print(f"emoe-llm eval: error: {e}", file=sys.stderr)
         return 2

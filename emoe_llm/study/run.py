@@ -266,8 +266,8 @@ def train_command(study: Study, cell: Cell, out: Path, model_path: str, nproc: i
 def eval_command(study: Study, cell: Cell, out: Path, modes: list[str], index: int) -> list[str]:
     """One `emoe-llm eval` for every mode of a cell (emoe,dense: one process, a JSON per mode)."""
     return [sys.executable, "-m", "emoe_llm.cli", "eval", str(cell_dir(out, cell) / "final"),
-            *study.evals[index].args(), "--mode", ",".join(modes), "--output",
-            str(cell_dir(out, cell) / "eval" / eval_file("{mode}", index))]
+            *study.evals[index].args(), "--mode", ",".join(modes),
+            "--output", str(eval_path(out, cell, "{mode}", index))]
 
 
 def run_cells_local(study: Study, out: Path, cells: list[Cell], models: dict[str, str], *, nproc: int | None) -> int:
@@ -296,7 +296,7 @@ def run_cell(study: Study, cell: Cell, out: Path, model_path: str, *, nproc: int
     if not (d / "COMPLETED").is_file():
         steps.append(("train", train_command(study, cell, out, model_path, nproc), logs / "train.log"))
     for i in range(len(study.evals)):
-        modes = [m for m, j in eval_runs(study, cell) if j == i and not eval_path(out, cell, m, j).is_file()]
+        modes = [m for m in cell.eval_modes() if not eval_path(out, cell, m, i).is_file()]
         if modes:
             steps.append((f"eval --mode {','.join(modes)}" + (f" (eval {i})" if i else ""),
                           eval_command(study, cell, out, modes, i), logs / f"eval{f'.{i}' if i else ''}.log"))
