@@ -4,7 +4,7 @@ Most multi-rank tests start their ranks with ``torchrun`` (what ``emoe-llm train
 scripts run): it is up in ~2 s, where the ``deepspeed`` launcher imports DeepSpeed twice, in two processes one after
 the other, before the first rank starts (~7 s on 2 cores) and polls its ranks once a second. The engine is DeepSpeed
 ZeRO-3 either way. The ``deepspeed`` launcher keeps its own tests: the bare ``deepspeed ... train.py`` command, the
-demo, the study (``emoe-llm train``'s default), the bad-input runs a user sees through it, every run whose exit code
+demo (``emoe-llm train``'s default at 2 ranks), the bad-input runs a user sees through it, every run whose exit code
 is asserted (torchrun turns a rank's exit code into its own 1) and every run a test kills (torchrun starts each rank
 in a session of its own, out of reach of a kill of the launcher's process group).
 """
