@@ -69,19 +69,21 @@ def test_cli_results_equal_simple_evaluate(tiny, user_tasks, tmp_path):
     assert set(ours["results"]) == {"capitals_qa"}
     assert ours["results"] == json.loads(json.dumps(direct["results"]))  # exactly, every key and value
     # beside lm-eval's dict: how the model was evaluated
-    assert ours["mode"] == "dense" and ours["mode_source"] == "no 'emoe' block in config.json"
+    assert ours["mode"] == "dense" and ours["mode_source"].startswith("auto: every export is scored dense")
     assert ours["tasks"] == ["capitals_qa"] and ours["lm_eval_version"] == lm_eval.__version__
     assert ours["checkpoint"] == str(tiny["dense"].resolve()) and ours["seconds"] > 0
 
 
-def test_emoe_checkpoint_runs_masked_and_records_k(tiny, user_tasks, tmp_path):
-    a, b = tmp_path / "a.json", tmp_path / "b.json"
+def test_emoe_checkpoint_scores_dense_by_default_masked_on_request(tiny, user_tasks, tmp_path):
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
     common = ["--tasks", "capitals_qa", "--include-path", str(user_tasks), "--device", "cpu", "--no-progress"]
-    assert main(["eval", str(tiny["emoe"]), *common, "--output", str(a)]) == 0
+    assert main(["eval", str(tiny["emoe"]), *common, "--mode", "emoe", "--output", str(a)]) == 0
     assert main(["eval", str(tiny["emoe"]), *common, "--mode", "dense", "--output", str(b)]) == 0
-    masked, dense = json.loads(a.read_text()), json.loads(b.read_text())
+    assert main(["eval", str(tiny["emoe"]), *common, "--output", str(c)]) == 0  # auto: dense, as the paper scored
+    masked, dense, auto = (json.loads(p.read_text()) for p in (a, b, c))
     assert masked["mode"] == "emoe" and masked["top_k"] == 4 and masked["layers"] == [2, 3]
     assert dense["mode"] == "dense" and "top_k" not in dense
+    assert auto["mode"] == "dense" and "converted" in auto["mode_source"] and auto["results"] == dense["results"]
     assert main(["eval", str(tiny["dense"]), *common, "--mode", "emoe"]) == 2  # no 'emoe' block
 
     # both modes in one process: a JSON per mode, each equal to its own run's
@@ -92,7 +94,7 @@ def test_emoe_checkpoint_runs_masked_and_records_k(tiny, user_tasks, tmp_path):
         assert together["mode"] == mode and together["results"] == alone["results"]
     # refused before anything loads: one file for two modes, a mode twice, emoe on a dense checkpoint
     assert main(["eval", str(tiny["emoe"]), *common, "--mode", "emoe,dense", "--output", str(a)]) == 2
-    assert main(["eval", str(tiny["emoe"]), *common, "--mode", "auto,emoe", "--output", str(both)]) == 2
+    assert main(["eval", str(tiny["emoe"]), *common, "--mode", "auto,dense", "--output", str(both)]) == 2
     assert main(["eval", str(tiny["dense"]), *common, "--mode", "dense,emoe", "--output", str(both)]) == 2
 
 
@@ -136,7 +138,8 @@ def test_mmlu_task_prompt_is_the_original():
 
 
 def test_nll_task_matches_a_manual_forward(tiny, tmp_path):
-    """emoe_nll_alpaca_heldout: nll_per_token is the mean over rows of -log p(output + EOS | prompt) per token."""
+    """emoe_nll_alpaca_heldout: nll_per_token is sum over rows of -log p(output + EOS | prompt) / sum of target
+    tokens; the per-document records beside the JSON carry each row's NLL and token count."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "nll.json"
@@ -146,7 +149,7 @@ def test_nll_task_matches_a_manual_forward(tiny, tmp_path):
     rows = json.loads((DATA_DIR / "instruct" / "alpaca_en_demo.json").read_text())[900:903]
     tok = load_tokenizer(tiny["dense"])
     model = AutoModelForCausalLM.from_pretrained(tiny["dense"], dtype=torch.float32)
-    per_token, per_row = [], []
+    tokens, per_row = [], []
     for r in rows:
         prompt = tok(shipped.alpaca_prompt(r["instruction"], r["input"]))["input_ids"]
         full = tok(shipped.alpaca_prompt(r["instruction"], r["input"]) + r["output"] + tok.eos_token)["input_ids"]
@@ -155,10 +158,16 @@ def test_nll_task_matches_a_manual_forward(tiny, tmp_path):
             logp = torch.log_softmax(model(torch.tensor([full])).logits[0].float(), -1)
         nll = -sum(logp[i - 1, full[i]].item() for i in range(len(prompt), len(full)))
         per_row.append(nll)
-        per_token.append(nll / (len(full) - len(prompt)))
-    assert res["emoe_nll_alpaca_heldout"]["nll_per_token,none"] == pytest.approx(sum(per_token) / 3, rel=1e-4)
+        tokens.append(len(full) - len(prompt))
+    assert res["emoe_nll_alpaca_heldout"]["nll_per_token,none"] == pytest.approx(sum(per_row) / sum(tokens), rel=1e-4)
     assert res["emoe_nll_alpaca_heldout"]["nll_per_row,none"] == pytest.approx(sum(per_row) / 3, rel=1e-4)
     assert math.isfinite(res["emoe_nll_selfinstruct"]["nll_per_token,none"])
+    records = [json.loads(line) for line in (tmp_path / "nll.samples.jsonl").read_text().splitlines()]
+    heldout = [r for r in records if r["task"] == "emoe_nll_alpaca_heldout"]
+    assert [r["doc_id"] for r in heldout] == [0, 1, 2] and len(records) == 6
+    assert [r["nll_per_row"] for r in heldout] == pytest.approx(per_row, rel=1e-4)
+    assert [r["nll_per_token_weight"] for r in heldout] == tokens
+    assert [r["nll_per_token"] for r in heldout] == pytest.approx([n / t for n, t in zip(per_row, tokens)], rel=1e-4)
 
 
 def test_nll_sets_are_held_out_and_complete():
@@ -199,3 +208,27 @@ def test_shipped_multiple_choice_sets(name, rows):
             target = task.doc_to_text(doc)
         # the gold answer: an index, or (COPA) the text of one choice
         assert len(choices) >= 2 and (target in choices or 0 <= int(target) < len(choices))
+
+
+@pytest.mark.parametrize("template", ["alpaca", "auto", "llama3"])
+def test_nll_target_is_what_training_learnt(template):
+    """The NLL tasks score, under the checkpoint's training template, exactly the tokens training learnt for the row:
+    the target's ids after the prompt equal the labelled ids of the training encoder (Llama-3 tokenizer: its own
+    chat template for auto)."""
+    from emoe_llm.data.encode import encode_conversation
+    from emoe_llm.data.formats import normalize_record
+    from emoe_llm.data.templates import resolve_template
+
+    tok = load_tokenizer(DATA_DIR / "tokenizers" / "llama3")
+    rows = json.loads((DATA_DIR / "instruct" / "alpaca_en_demo.json").read_text())[900:904]
+    for row in rows:
+        prompt, target = shipped.nll_prompt_and_target(tok, template, row)
+        full = tok(prompt + target, add_special_tokens=False)["input_ids"]
+        head = tok(prompt, add_special_tokens=False)["input_ids"]
+        assert full[: len(head)] == head
+        messages = normalize_record(dict(row), "alpaca", "row")["messages"]
+        ids, labels = encode_conversation(tok, resolve_template(template, tok)[1], messages)
+        learnt = [i for i, label in zip(ids, labels) if label != -100]
+        assert full[len(head):] == learnt, template
+    if template == "auto":
+        assert "<|start_header_id|>assistant<|end_header_id|>" in prompt  # the chat template, not the Alpaca prompt

@@ -23,17 +23,22 @@ def test_shipped_mmlu_files_load():
         load_mmlu("anatomy", mmlu_split="test")  # the shipped snapshot has no test split
 
 
-def test_eval_mode_follows_the_training_record():
+def test_eval_mode_auto_is_dense_for_every_export():
+    """The paper scored the saved checkpoint with a plain load: auto is dense, the mask only on request."""
     from emoe_llm.emoe import resolve_eval_mode, trained_record
 
     block = {"n_experts": 16, "top_k": 4, "layers": [2, 3]}
     dense_run = {"emoe": block, "emoe_trained": trained_record("dense", block)}
-    emoe_run = {"emoe": {**block, "top_k": 2}, "emoe_trained": trained_record("emoe", {**block, "top_k": 2})}
-    assert resolve_eval_mode(dense_run)[0] == "dense"          # the dense baseline is scored dense
-    assert resolve_eval_mode(dense_run, "emoe")[0] == "emoe"   # ... unless asked (dense -> masked cell)
-    assert resolve_eval_mode(emoe_run)[0] == "emoe" and resolve_eval_mode(emoe_run, "dense")[0] == "dense"
-    assert emoe_run["emoe_trained"] == {"mode": "emoe", "lora": False, "n_experts": 16, "top_k": 2, "layers": [2, 3]}
-    assert resolve_eval_mode({"emoe": block})[0] == "emoe"     # converted, never trained
+    emoe_run = {"emoe": {**block, "top_k": 2},
+                "emoe_trained": trained_record("emoe", {**block, "top_k": 2}, template="alpaca")}
+    assert resolve_eval_mode(dense_run)[0] == "dense"
+    assert resolve_eval_mode(dense_run, "emoe")[0] == "emoe"   # dense -> masked cell, on request
+    mode, why = resolve_eval_mode(emoe_run)
+    assert mode == "dense" and "trained emoe" in why and "--mode emoe" in why
+    assert resolve_eval_mode(emoe_run, "emoe") == ("emoe", "requested (--mode)")
+    assert emoe_run["emoe_trained"] == {"mode": "emoe", "lora": False, "template": "alpaca", "n_experts": 16,
+                                        "top_k": 2, "layers": [2, 3]}
+    assert resolve_eval_mode({"emoe": block})[0] == "dense"    # converted, never trained
     assert resolve_eval_mode({})[0] == "dense"
     with pytest.raises(ValueError, match="'dense' or 'emoe'"):
         trained_record("masked", block)

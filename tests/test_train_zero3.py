@@ -241,12 +241,14 @@ def _eval(final: Path, out: Path, *extra) -> dict:
 
 def test_dense_run_export_evaluates_dense_by_default(dense_runs, emoe_run, tmp_path):
     """The dense baseline's export records how it was trained and `emoe-llm eval` scores it dense (not masked);
-    --mode emoe on the same export is the masked cell and differs; the EMoE run's export evaluates masked."""
+    --mode emoe on the same export is the masked cell and differs; the EMoE run's export is scored dense too (the
+    paper's protocol) unless --mode emoe."""
     big, _, _ = dense_runs
     cfg = json.loads((big / "final" / "config.json").read_text())
-    assert cfg["emoe_trained"] == {"mode": "dense", "lora": False}
+    assert cfg["emoe_trained"] == {"mode": "dense", "lora": False, "template": "alpaca"}
     dense = _eval(big / "final", tmp_path / "dense.json")
     assert dense["mode"] == "dense" and dense["trained"]["mode"] == "dense" and "trained dense" in dense["mode_source"]
+    assert dense["nll_template"]["name"] == "alpaca" and "training template" in dense["nll_template"]["source"]
     masked = _eval(big / "final", tmp_path / "masked.json", "--mode", "emoe")
     assert masked["mode"] == "emoe" and masked["top_k"] == 4 and masked["layers"] == [2, 3]
     nll = "nll_per_token,none"
@@ -254,8 +256,9 @@ def test_dense_run_export_evaluates_dense_by_default(dense_runs, emoe_run, tmp_p
         dense["results"]["emoe_nll_alpaca_heldout"][nll], abs=1e-6)
     out, _ = emoe_run
     assert json.loads((out / "final" / "config.json").read_text())["emoe_trained"] == {
-        "mode": "emoe", "lora": False, "n_experts": 16, "top_k": 4, "layers": [2, 3]}
-    assert _eval(out / "final", tmp_path / "emoe.json")["mode"] == "emoe"
+        "mode": "emoe", "lora": False, "template": "alpaca", "n_experts": 16, "top_k": 4, "layers": [2, 3]}
+    assert _eval(out / "final", tmp_path / "emoe.json")["mode"] == "dense"
+    assert _eval(out / "final", tmp_path / "emoe_masked.json", "--mode", "emoe")["mode"] == "emoe"
 
 
 def test_grad_accumulation_matches_one_big_batch(dense_runs):

@@ -123,37 +123,37 @@ def validate_settings(
             raise ValueError(f"EMoE layer {i} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
 
 
-# How a checkpoint was fine-tuned, written next to the ``emoe`` block of an exported config.json ("emoe_trained"), so
-# evaluation runs it the way it was trained unless told otherwise (a dense baseline must not be scored masked).
+# How a checkpoint was fine-tuned, written next to the ``emoe`` block of an exported config.json ("emoe_trained"):
+# the mode, N / k / layers, and the prompt template, which the NLL eval tasks render their prompts with.
 TRAINED_KEY = "emoe_trained"
 
 
-def trained_record(mode: str, emoe_block: dict | None, *, lora: bool = False) -> dict:
-    """``{"mode": "dense"|"emoe", "lora": bool[, "n_experts", "top_k", "layers"]}`` for an exported run."""
+def trained_record(mode: str, emoe_block: dict | None, *, lora: bool = False, template: str | None = None) -> dict:
+    """``{"mode": "dense"|"emoe", "lora": bool, "template"[, "n_experts", "top_k", "layers"]}`` for an exported run
+    (``template``: the recipe's data.template)."""
     if mode not in ("dense", "emoe"):
         raise ValueError(f"training mode must be 'dense' or 'emoe', got {mode!r}")
-    record = {"mode": mode, "lora": bool(lora)}
+    record = {"mode": mode, "lora": bool(lora), "template": template}
     if mode == "emoe":
         settings = EMoESettings.from_dict(emoe_block or {})
         record.update(n_experts=settings.n_experts, top_k=settings.top_k, layers=list(settings.layers))
     return record
 
 
-EVAL_MODES = ("auto", "dense", "emoe")  # how a checkpoint is scored: as trained, plain, or masked
+EVAL_MODES = ("auto", "dense", "emoe")  # how a checkpoint is scored: auto (= dense), plain, or masked
 
 
 def resolve_eval_mode(config: dict, requested: str = "auto") -> tuple[str, str]:
     """(mode, why) for evaluating a checkpoint whose config.json is ``config``.
 
-    ``requested`` "dense"/"emoe" wins; "auto" follows the ``emoe_trained`` record of a trained export; a converted
-    checkpoint that was never trained here runs masked when it has an ``emoe`` block, else dense."""
+    ``requested`` "dense"/"emoe" wins; "auto" is dense for every checkpoint, as the paper's evaluation (a plain load
+    of the saved checkpoint) and every plain loader score it; an EMoE-trained export says so in the reason."""
     if requested in ("dense", "emoe"):
         return requested, "requested (--mode)"
     if requested not in EVAL_MODES:
         raise ValueError(f"mode must be auto, dense or emoe, got {requested!r}")
     trained = config.get(TRAINED_KEY)
-    if isinstance(trained, dict) and trained.get("mode") in ("dense", "emoe"):
-        return trained["mode"], f"trained {trained['mode']} ({TRAINED_KEY} in config.json)"
-    if config.get("emoe"):
-        return "emoe", "converted checkpoint without a training record ('emoe' block in config.json)"
-    return "dense", "no 'emoe' block in config.json"
+    how = (f"trained {trained['mode']}" if isinstance(trained, dict) and trained.get("mode") in ("dense", "emoe")
+           else "converted, no training record" if config.get("emoe") else "a plain checkpoint")
+    return "dense", (f"auto: every export is scored dense, as the paper's evaluation and a plain load do ({how}; "
+                     "--mode emoe scores it masked)")

@@ -1,4 +1,4 @@
-"""``emoe-llm eval``: EleutherAI's lm-evaluation-harness on an HF causal-LM checkpoint, in the mode it was trained.
+"""``emoe-llm eval``: EleutherAI's lm-evaluation-harness on an HF causal-LM checkpoint, dense or with the EMoE mask.
 
     emoe-llm eval runs/x/final --tasks emoe_mmlu,emoe_nll_alpaca_heldout
     emoe-llm eval runs/x/final --tasks my_task --include-path my_tasks/ --limit 50 --output my.json
@@ -9,15 +9,20 @@ The model is loaded once (plain transformers, EMoE masking added in mode emoe) a
 ``emoe_llm/eval/tasks`` (``--list-tasks``), lm-eval's own, and those in ``--include-path`` directories. Offline:
 the command sets ``HF_DATASETS_OFFLINE`` / ``HF_HUB_OFFLINE``, so a task whose data is not local fails.
 
-``--mode auto`` (default) evaluates a trained export the way it was trained: the recipe records the training mode in
-config.json (``emoe_trained``: dense or emoe, N, k, layers), so a dense baseline is scored dense and an EMoE run masked.
-A converted checkpoint that was never trained here runs masked ('emoe' block), anything else dense. ``--mode emoe``
-/ ``--mode dense`` override it. The paper's four cells, one command each:
+``--mode auto`` (default) scores every checkpoint dense: the weights as a plain ``AutoModelForCausalLM`` load sees
+them, which is what the paper's evaluation computed (OpenCompass on the saved checkpoint; the EMoE mask is a
+training-time device). ``--mode emoe`` scores it with the expert mask (the checkpoint's 'emoe' block: N, k, layers).
+The JSON records the mode and why (``mode``, ``mode_source``). The paper's four cells, one command each:
 
     emoe-llm eval runs/llama2_7b_dense/final               # dense -> dense   (the baseline)
     emoe-llm eval runs/llama2_7b_dense/final --mode emoe   # dense -> masked  (LoRA2EMoE-style: mask at test only)
-    emoe-llm eval runs/llama2_7b_emoe/final                # EMoE  -> masked  (EMoE)
-    emoe-llm eval runs/llama2_7b_emoe/final --mode dense   # EMoE  -> dense   (EMoE2LoRA-style: mask at train only)
+    emoe-llm eval runs/llama2_7b_emoe/final                # EMoE  -> dense   (EMoE as the paper reports it)
+    emoe-llm eval runs/llama2_7b_emoe/final --mode emoe    # EMoE  -> masked  (mask at train and test)
+
+The NLL tasks render their prompts with the template the checkpoint was trained with (``emoe_trained.template``
+in config.json: the Alpaca prompt for ``alpaca``, the tokenizer's chat template for ``auto``), so the held-out
+score is in distribution; ``--nll-template`` overrides it. Beside each JSON, ``<output>.samples.jsonl`` holds one
+record per (task, document) -- what a study's paired statistics are computed from.
 
 ``--mode emoe,dense`` scores both in one process (imports, task index and task data paid once; the weights are loaded
 again for each mode), one JSON each: ``--output`` then names them with ``{mode}`` (``eval/{mode}.json``).
@@ -58,9 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="at most N documents per task (default: all; for quick checks only)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="documents per forward (default 8)")
     parser.add_argument("--mode", type=_modes, default=["auto"],
-                        help="auto (default): as the checkpoint was trained (config.json 'emoe_trained'); "
-                             "dense / emoe override it; several, comma-separated (emoe,dense), are scored one after "
+                        help="auto (default): dense, as the paper's evaluation and any plain loader score an export; "
+                             "emoe: with the expert mask; several, comma-separated (emoe,dense), are scored one after "
                              "the other in this process")
+    parser.add_argument("--nll-template", default=None, metavar="TEMPLATE",
+                        help="prompt format of the NLL tasks (alpaca, auto, llama2, llama3, alpaca_merged or a Jinja "
+                             "file; default: the template the checkpoint was trained with, config.json "
+                             "'emoe_trained', else alpaca)")
     parser.add_argument("--top-k", type=positive_int, default=None,
                         help="override the checkpoint's EMoE top-k (mode emoe)")
     parser.add_argument("--mmlu-dir", default=None,
@@ -101,6 +110,42 @@ def resolve_modes(path: str, requested: list[str]) -> list[tuple[str, str]]:
     if "emoe" in modes and not config.get("emoe"):
         raise ValueError(f"--mode emoe: {cfg_path} has no 'emoe' block (not a converted checkpoint); use --mode dense")
     return resolved
+
+
+def nll_template(path: str, requested: str | None) -> tuple[str, str]:
+    """(template, why) the NLL tasks render their prompts with: --nll-template, else the training record's."""
+    if requested:
+        return requested, "requested (--nll-template)"
+    trained = json.loads((Path(path) / "config.json").read_text()).get(TRAINED_KEY)
+    if isinstance(trained, dict) and trained.get("template"):
+        return trained["template"], f"the training template ({TRAINED_KEY}.template in config.json)"
+    return "alpaca", f"no training template recorded ({TRAINED_KEY}.template): the official Alpaca prompt"
+
+
+def samples_path(path: Path) -> Path:
+    """The per-document records beside a results JSON: eval/emoe.json -> eval/emoe.samples.jsonl."""
+    return path.with_name(path.name.removesuffix(".json") + ".samples.jsonl")
+
+
+def sample_records(samples: dict) -> list[dict]:
+    """lm-eval's logged samples -> one record per (task, document): ``task``, ``doc_id`` (the task's document
+    index, the same in every run) and each metric's value for that document (``<metric>[<filter>]`` for a filter
+    other than none). A metric a task scores as a (total, weight) pair -- nll_per_token: (summed NLL, target
+    tokens) -- gives ``<metric>`` = total / weight and ``<metric>_weight``, so a report can weight documents."""
+    records: dict[tuple[str, int], dict] = {}
+    for task, examples in samples.items():
+        for example in examples:
+            rec = records.setdefault((task, example["doc_id"]), {"task": task, "doc_id": example["doc_id"]})
+            filt = example.get("filter", "none")
+            for metric in example.get("metrics", []):
+                name = metric + ("" if filt == "none" else f"[{filt}]")
+                value = example.get(metric)
+                if isinstance(value, (list, tuple)) and len(value) == 2:
+                    total, weight = map(float, value)
+                    rec[name], rec[f"{name}_weight"] = (total / weight if weight else None), weight
+                elif isinstance(value, (int, float)):  # bools too: exact_match may be True/False
+                    rec[name] = float(value)
+    return [records[k] for k in sorted(records)]
 
 
 def output_path(output: str | None, ckpt: Path, mode: str, n_modes: int) -> Path:
@@ -250,6 +295,10 @@ def run(args: argparse.Namespace) -> int:
             return 2
     ckpt = Path(args.checkpoint).resolve()
     metadata = {"tokenizer": str(ckpt), "mmlu_split": args.mmlu_split}
+    try:
+        metadata["nll_template"], template_source = nll_template(args.checkpoint, args.nll_template)
+    except (OSError, ValueError):
+        template_source = None  # no readable config.json: check_eval_inputs below says so
     if args.mmlu_dir:
         metadata["mmlu_dir"] = str(Path(args.mmlu_dir).resolve())
     try:
@@ -271,15 +320,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"emoe-llm eval: error: {e}", file=sys.stderr)
         return 2
     for mode, source in modes:
-        rc = evaluate_mode(args, ckpt, names, manager, tasks, mode=mode, mode_source=source, path=paths[mode])
+        rc = evaluate_mode(args, ckpt, names, manager, tasks, mode=mode, mode_source=source, path=paths[mode],
+                           template=(metadata.get("nll_template"), template_source))
         if rc:
             return rc
     return 0
 
 
 def evaluate_mode(args: argparse.Namespace, ckpt: Path, names: list[str], manager, tasks: list, *, mode: str,
-                  mode_source: str, path: Path) -> int:
-    """Load the checkpoint in ``mode``, score ``tasks`` with lm-eval, write the results JSON to ``path``."""
+                  mode_source: str, path: Path, template: tuple[str | None, str | None] = (None, None)) -> int:
+    """Load the checkpoint in ``mode``, score ``tasks`` with lm-eval, write the per-document records and then the
+    results JSON to ``path`` (the JSON last: a study takes it as the sign that both are there)."""
     try:
         model, tokenizer, info = load_for_eval(args.checkpoint, mode=mode, mode_source=mode_source,
                                                device=args.device, dtype=args.dtype, top_k=args.top_k)
@@ -294,15 +345,17 @@ def evaluate_mode(args: argparse.Namespace, ckpt: Path, names: list[str], manage
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length)
     t0 = time.perf_counter()
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=args.num_fewshot,
-                                  limit=args.limit, log_samples=False)
+                                  limit=args.limit, log_samples=True)
+    records = sample_records(out.pop("samples", {}))
     result = {"results": out["results"]}
     if out.get("groups"):
         result["groups"] = out["groups"]
-    for key in ("n-shot", "n-samples", "higher_is_better", "versions"):
+    for key in ("group_subtasks", "n-shot", "n-samples", "higher_is_better", "versions"):
         if key in out:
             result[key] = out[key]
     result.update(info)
     result.update(checkpoint=str(ckpt), tasks=names, include_path=[str(Path(d).resolve()) for d in args.include_path],
+                  nll_template={"name": template[0], "source": template[1]}, samples=samples_path(path).name,
                   num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
                   seconds=round(time.perf_counter() - t0, 2), lm_eval_version=lm_eval.__version__,
                   emoe_llm_version=__version__)
@@ -310,8 +363,10 @@ def evaluate_mode(args: argparse.Namespace, ckpt: Path, names: list[str], manage
     print(format_report({**out["results"], **out.get("groups", {})}))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(samples_path(path), "".join(json.dumps(_json_safe(r), allow_nan=False) + "\n"
+                                                      for r in records))
         atomic_write_text(path, json.dumps(_json_safe(result), indent=2, allow_nan=False))
-        print(f"wrote {path}")
+        print(f"wrote {path} and its {len(records)} per-document records {samples_path(path).name}")
     except OSError as e:
         print(f"emoe-llm eval: error: could not write {path}: {e} (use --output)", file=sys.stderr)
         return 1

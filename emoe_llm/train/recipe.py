@@ -906,9 +906,9 @@ def export(run: Run) -> Path | None:
         del hf_config.quantization_config
     hf_config.use_cache = True
     hf_config.dtype = run.dtype
-    # how this run was trained, so `emoe-llm eval` scores it the same way by default (a dense baseline dense)
+    # how this run was trained (mode, N/k/layers, prompt template): `emoe-llm eval` reads the template for its NLL tasks
     setattr(hf_config, TRAINED_KEY, trained_record(run.cfg.model.mode, getattr(hf_config, "emoe", None),
-                                                   lora=run.cfg.lora.enabled))
+                                                   lora=run.cfg.lora.enabled, template=run.cfg.data.template))
     final = checkpoint.export_hf(run.engine, run.output_dir / "final", config=hf_config, tokenizer=run.tokenizer,
                                  rank=run.rank, max_shard_size=run.cfg.train.export_max_shard_size)
     if run.cfg.lora.enabled:

@@ -5,7 +5,8 @@ shipped files by absolute path, so the tasks work from any working directory. ``
 to lm-eval's ``TaskManager(include_path=...)``; ``emoe-llm eval --list-tasks`` prints :data:`SHIPPED`.
 
 Runtime options reach a loader as lm-eval task metadata (``TaskManager(metadata=...)``): ``mmlu_dir`` (another
-directory of Hendrycks CSVs), ``mmlu_split`` and, for the NLL tasks, ``tokenizer`` (a tokenizer dir, to count response tokens).
+directory of Hendrycks CSVs), ``mmlu_split`` and, for the NLL tasks, ``tokenizer`` (a tokenizer dir, to count response tokens) and ``nll_template`` (the
+prompt format, a recipe's data.template).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ SHIPPED = {
     "emoe_gsm8k": "GSM8K test (1319 problems, data/eval/gsm8k), 5-shot from other test rows, greedy generation; "
                   "exact_match on the number after '####' (strict-match) or the last number (flexible-extract)",
     "emoe_nll_alpaca_heldout": "response NLL of alpaca_en_demo rows 900..998, which training (max_rows: 900) never "
-                               "sees; nll_per_token (nats, lower is better) and nll_per_row",
+                               "sees, under the checkpoint's training template; nll_per_token (nats per target "
+                               "token over all rows, lower is better) and nll_per_row",
     "emoe_nll_selfinstruct": "response NLL of the 175 human-written self-instruct seed tasks (another distribution); "
-                             "nll_per_token (nats, lower is better) and nll_per_row",
+                             "nll_per_token (nats per target token over all rows, lower is better) and nll_per_row",
     "emoe_arc_easy": "ARC-Easy validation (570), lm-eval's arc_easy prompt; acc, acc_norm",
     "emoe_arc_challenge": "ARC-Challenge validation (299), lm-eval's arc_challenge prompt; acc, acc_norm",
     "emoe_piqa": "PIQA validation (1838), lm-eval's piqa prompt; acc, acc_norm",
@@ -141,41 +143,70 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
     return f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}\n\n### Response:"
 
 
-def _nll_dataset(rows: list[dict], tokenizer: str | None, task: str):
-    """Rows {instruction, input, output} -> {prompt, target (output + EOS), n_target_tokens}. The token count is the
-    harness's own split: len(tok(prompt + target)) - len(tok(prompt)), so nll_per_token divides by what was scored."""
+def nll_prompt_and_target(tok, template: str, row: dict) -> tuple[str, str]:
+    """(prompt, target) of one {instruction, input, output} row as training renders it under ``template`` (a
+    recipe's data.template): the official Alpaca prompt + output + EOS for ``alpaca``; else the row as a user turn
+    and an assistant turn through the chat template, split where the trained span starts and ending where it ends
+    (EOS included), so the target is exactly the tokens training learnt."""
+    if template == "alpaca":
+        return alpaca_prompt(row["instruction"], row.get("input", "")), row["output"] + tok.eos_token
+    from emoe_llm.data.formats import normalize_record
+    from emoe_llm.data.templates import render_with_target_spans, resolve_template
+
+    _, source = resolve_template(template, tok)
+    messages = [{k: v for k, v in m.items() if not k.startswith("_")}
+                for m in normalize_record(dict(row), "alpaca", "nll row")["messages"]]
+    text, spans = render_with_target_spans(tok, source, messages)
+    start, end = spans[-1]
+    return text[:start], text[start:end]
+
+
+def _nll_dataset(rows: list[dict], tokenizer: str | None, task: str, template: str | None = None):
+    """Rows {instruction, input, output} -> {prompt, target, n_target_tokens} under ``template`` (task metadata
+    ``nll_template``; default alpaca). The token count is the harness's own split: len(tok(prompt + target)) -
+    len(tok(prompt)), so nll_per_token divides by what was scored."""
     import datasets
 
     if not tokenizer:
         raise ValueError(f"task {task}: needs the model's tokenizer dir as task metadata 'tokenizer' (emoe-llm eval "
                          "passes it; with lm_eval directly: TaskManager(metadata={'tokenizer': CKPT}))")
     from emoe_llm.data import load_tokenizer
+    from emoe_llm.data.templates import TemplateError
 
     tok = load_tokenizer(tokenizer)
     out = []
     for r in rows:
-        prompt = alpaca_prompt(r["instruction"], r.get("input", ""))
-        target = r["output"] + tok.eos_token
+        try:
+            prompt, target = nll_prompt_and_target(tok, template or "alpaca", r)
+        except TemplateError as e:
+            raise ValueError(f"task {task}: nll template {template!r}: {e}") from None
         n = len(tok(prompt + target)["input_ids"]) - len(tok(prompt)["input_ids"])
         out.append({"prompt": prompt, "target": target, "n_target_tokens": n})
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(out)})
 
 
-def load_alpaca_heldout(tokenizer: str | None = None, **_):
+def load_alpaca_heldout(tokenizer: str | None = None, nll_template: str | None = None, **_):
     if not ALPACA_DEMO.is_file():
         raise FileNotFoundError(f"{ALPACA_DEMO} not found")
     rows = json.loads(ALPACA_DEMO.read_text(encoding="utf-8"))[ALPACA_HELDOUT_START:]
-    return _nll_dataset(rows, tokenizer, "emoe_nll_alpaca_heldout")
+    return _nll_dataset(rows, tokenizer, "emoe_nll_alpaca_heldout", nll_template)
 
 
-def load_selfinstruct(tokenizer: str | None = None, **_):
+def load_selfinstruct(tokenizer: str | None = None, nll_template: str | None = None, **_):
     """The 175 seed tasks; each one's first instance gives the input and the reference output."""
     rows = [{"instruction": r["instruction"], "input": r["instances"][0]["input"],
              "output": r["instances"][0]["output"]} for r in _read_jsonl(SEED_TASKS)]
-    return _nll_dataset(rows, tokenizer, "emoe_nll_selfinstruct")
+    return _nll_dataset(rows, tokenizer, "emoe_nll_selfinstruct", nll_template)
 
 
 def nll_process_results(doc: dict, results) -> dict:
-    """results = [(loglikelihood, is_greedy)] of the target given the prompt; nats, lower is better."""
+    """results = [(loglikelihood, is_greedy)] of the target given the prompt; nats, lower is better. nll_per_token
+    is a (summed NLL, target tokens) pair that ``token_weighted`` aggregates."""
     ll = results[0][0]
-    return {"nll_per_token": -ll / max(1, doc["n_target_tokens"]), "nll_per_row": -ll}
+    return {"nll_per_token": (-ll, max(1, doc["n_target_tokens"])), "nll_per_row": -ll}
+
+
+def token_weighted(pairs) -> float:
+    """sum of NLL / sum of target tokens over the documents: nats per scored token."""
+    total, tokens = (sum(p[i] for p in pairs) for i in (0, 1))
+    return total / tokens
