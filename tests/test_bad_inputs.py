@@ -1673,6 +1673,7 @@ arms:
   dense: {{model.mode: dense}}
   emoe: {{model.mode: emoe}}
 baseline: dense
+primary: emoe_nll_alpaca_heldout/nll_per_token
 eval: {{tasks: [emoe_nll_alpaca_heldout], limit: 4}}
 """
 
@@ -1702,6 +1703,12 @@ def _(w):
       r"arms: dense, emoe")
 def _(w):
     return _study(w, STUDY.replace("baseline: dense", "baseline: dense2"))
+
+
+@case("study", "no-primary-metric", "the study names no primary metric: the one comparison it is for is chosen "
+      "before it runs", r"study\.yaml: 'primary' is missing")
+def _(w):
+    return _study(w, STUDY.replace("primary: emoe_nll_alpaca_heldout/nll_per_token\n", ""))
 
 
 @case("study", "changed-study", "the study file changed after cells ran: refused unless the cells are named or "

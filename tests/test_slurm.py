@@ -267,6 +267,7 @@ arms:
   dense: {{model.mode: dense}}
   emoe: {{model.mode: emoe}}
 baseline: dense
+primary: emoe_nll_alpaca_heldout/nll_per_token
 eval: {{tasks: [emoe_nll_alpaca_heldout], limit: 4}}
 slurm: {{sbatch_args: [--cpus-per-task=2, --time=00:20:00], nproc_per_node: 2}}
 """
@@ -288,10 +289,11 @@ def test_tiny_study_as_a_job_array(cluster, tmp_path):
     logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted((out / "slurm").glob("*.out")))
     assert report.is_file(), f"no report after the jobs ended:\n{logs}\n{cluster.diagnostics()}"
     data = json.loads(report.read_text())
-    assert data["rows"] == ["dense", "emoe", "emoe@dense"]
+    assert data["rows"] == ["dense", "emoe", "emoe@masked"]
     nll = data["metrics"]["emoe_nll_alpaca_heldout/nll_per_token"]
     assert all(nll[row]["n"] == 2 for row in data["rows"]), nll
-    assert set(data["paired"]["emoe_nll_alpaca_heldout/nll_per_token"]) == {"emoe", "emoe@dense"}
+    paired = data["paired"]["emoe_nll_alpaca_heldout/nll_per_token"]
+    assert set(paired) == {"emoe", "emoe@masked"} and all(p["n_docs"] == 4 for p in paired.values())
     for cell in ("dense-s1", "emoe-s1", "dense-s2", "emoe-s2"):
         completed = json.loads((out / "cells" / cell / "COMPLETED").read_text())
         assert completed["step"] == 2, logs

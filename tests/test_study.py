@@ -1,6 +1,6 @@
 """`emoe-llm study` / `emoe-llm report`: the study file, its whole-file validation, the statistics against values
 computed by hand, the report from eval JSONs in `emoe-llm eval`'s format, the Slurm dry run, and (slow) the tiny
-study end to end: three report files, an `emoe@dense` row beside each EMoE arm, the same batches for every arm of
+study end to end: three report files, an `emoe@masked` row beside each EMoE arm, per-document records, the same batches for every arm of
 a seed, and a rerun that trains nothing."""
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ arms:
   emoe:   {model.mode: emoe}
   random: {model.mode: emoe, emoe.method: random}
 baseline: dense
+primary: emoe_nll_alpaca_heldout/nll_per_token
 eval: {tasks: [emoe_nll_alpaca_heldout, emoe_mmlu], limit: 8}
 """
 
@@ -50,32 +51,84 @@ def write(path: Path, text: str) -> Path:
 # ------------------------------------------------------------------------------------------------ statistics
 
 
-def test_t_interval_by_hand():
-    # mean 2.5, sd sqrt(5/3) = 1.290994, se 0.645497, t(0.975, 3) = 3.182446 -> half width 2.054260
-    s = stats.t_interval([1.0, 2.0, 3.0, 4.0])
-    assert s["mean"] == 2.5 and s["n"] == 4 and s["values"] == [1.0, 2.0, 3.0, 4.0]
-    assert s["ci95"] == pytest.approx([2.5 - 2.054260, 2.5 + 2.054260], abs=1e-6)
+def test_two_way_by_hand():
+    """Mean squares of a 3 seeds x 4 documents table written out, and the interval built from them."""
+    x = [[0.9, 0.1, 0.5, 0.3], [1.0, 0.3, 0.4, 0.5], [0.8, 0.2, 0.9, 0.4]]
+    S, D = 3, 4
+    m = sum(map(sum, x)) / (S * D)
+    sm = [sum(r) / D for r in x]
+    dm = [sum(x[s][d] for s in range(S)) / S for d in range(D)]
+    ms_seed = D * sum((v - m) ** 2 for v in sm) / (S - 1)
+    ms_doc = S * sum((v - m) ** 2 for v in dm) / (D - 1)
+    ms_res = sum((x[s][d] - sm[s] - dm[d] + m) ** 2 for s in range(S) for d in range(D)) / ((S - 1) * (D - 1))
+    a, b = ms_seed / (S * D), (ms_doc - ms_res) / (S * D)   # seed part (S-1 df), document part (floored at 0)
+    assert b > 0
+    df_b = (ms_doc - ms_res) ** 2 / (ms_doc ** 2 / (D - 1) + ms_res ** 2 / ((S - 1) * (D - 1)))
+    df = (a + b) ** 2 / (a ** 2 / (S - 1) + b ** 2 / df_b)
+    r = stats.two_way(x)
+    assert r["mean"] == pytest.approx(m) and (r["n_seeds"], r["n_docs"]) == (3, 4)
+    assert r["se"] == pytest.approx(math.sqrt(a + b)) and r["df"] == pytest.approx(df)
+    half = stats.t_quantile(0.975, df) * math.sqrt(a + b)
+    assert r["ci95"] == pytest.approx([m - half, m + half])
+    assert r["var_doc"] == pytest.approx((ms_doc - ms_res) / S) and r["var_resid"] == pytest.approx(ms_res)
+    assert r["var_seed"] == pytest.approx(max(0.0, (ms_seed - ms_res) / D))
+    assert 0 <= r["share_seed"] <= 1 and 0 < r["share_doc"] <= 1 and not r["no_variation"]
 
 
-def test_paired_difference_by_hand():
-    arm = {1: 0.40, 2: 0.35, 3: 0.50, 4: 0.9}  # seed 4 has no baseline: not paired
-    base = {1: 0.30, 2: 0.33, 3: 0.41}
-    p = stats.paired(arm, base)
-    # diffs 0.10, 0.02, 0.09: mean 0.07, sd sqrt(0.0019) = 0.0435890, se 0.0251661, t(0.975, 2) = 4.302653
-    assert p["seeds"] == [1, 2, 3] and p["n"] == 3
-    assert p["diffs"] == pytest.approx([0.10, 0.02, 0.09])
-    assert p["mean_diff"] == pytest.approx(0.07)
-    assert p["ci95"] == pytest.approx([0.07 - 0.108281, 0.07 + 0.108281], abs=1e-6)
-    assert stats.excludes_zero(p["ci95"]) is False
-    assert stats.excludes_zero([0.01, 0.2]) is True and stats.excludes_zero([-0.3, -0.1]) is True
+def test_seed_means_alone_understate_the_interval():
+    """Three seeds that agree on a few documents: the per-seed means barely move, the documents do. A t interval
+    over the seed means is nearly zero-width; the seed x document interval is not."""
+    table = [[1, 0, 1, 1, 0, 1, 1, 0], [1, 0, 1, 1, 0, 1, 0, 1], [1, 0, 1, 1, 0, 1, 1, 0]]
+    seed_means = [sum(r) / 8 for r in table]
+    over_seeds = stats.two_way([[v] for v in seed_means])
+    both = stats.two_way(table)
+    assert over_seeds["method"].startswith("seeds only")
+    assert both["ci95"][1] - both["ci95"][0] > 5 * (over_seeds["ci95"][1] - over_seeds["ci95"][0])
+    assert both["share_doc"] > 0.8
 
 
-def test_one_seed_gives_no_interval():
-    s = stats.t_interval([0.42])
-    assert s == {"mean": 0.42, "ci95": None, "n": 1, "values": [0.42]}
-    p = stats.paired({1: 0.5}, {1: 0.25})
-    assert p["mean_diff"] == 0.25 and p["ci95"] is None and p["n"] == 1
-    assert stats.excludes_zero(None) is None
+def test_identical_answers_are_no_variation_not_a_claim():
+    """Three seeds gave the same 40 answers and the arm loses the same 3 questions in each: the seed means are
+    -0.075 three times (a zero-width interval over seeds: 'no variation observed', never 'excludes 0'), while the
+    seed x document interval counts that 3 of 40 questions carry it, and includes 0."""
+    delta = [[-1.0] * 3 + [0.0] * 37] * 3
+    over_seeds = stats.two_way([[-0.075]] * 3)
+    assert over_seeds["no_variation"] and over_seeds["ci95"] == [-0.075, -0.075]
+    assert stats.verdict(over_seeds) == "no variation observed"
+    r = stats.two_way(delta)
+    assert r["mean"] == pytest.approx(-0.075) and r["share_doc"] == pytest.approx(1.0)
+    assert r["ci95"][0] < -0.075 < 0 < r["ci95"][1] and stats.verdict(r) == "includes 0"
+    assert r["df"] == pytest.approx(39)
+
+
+def test_one_seed_or_one_document_or_one_value():
+    one_seed = stats.two_way([[0.0, 1.0, 1.0, 0.0, 1.0]])
+    assert one_seed["method"].startswith("documents only") and one_seed["df"] == 4
+    assert one_seed["se"] == pytest.approx(math.sqrt(0.3 / 5))
+    one_doc = stats.two_way([[0.1], [0.3], [0.2]])  # a t interval over 3 seeds: sd 0.1, t(0.975, 2) = 4.302653
+    assert one_doc["ci95"] == pytest.approx([0.2 - 4.302653 * 0.1 / math.sqrt(3), 0.2 + 4.302653 * 0.1 / math.sqrt(3)])
+    single = stats.two_way([[0.42]])
+    assert single["ci95"] is None and stats.verdict(single) == "no interval" and stats.mde80(single["se"], None) is None
+
+
+def test_mde_power_and_planning():
+    # large df: (z_0.975 + z_0.8) se = 2.8016 se, the rule of thumb
+    assert stats.mde80(0.01, None) == pytest.approx(0.028016, abs=1e-5)
+    assert stats.mde80(0.01, 1e7) == pytest.approx(0.028016, abs=1e-5)
+    # few df need more: with 2 df the noncentral t puts it far above 2.8 se
+    assert stats.mde80(0.01, 2) > 0.05
+    components = {"var_seed": 0.0004, "var_doc": 0.04, "var_resid": 0.01}
+    se_small, _ = stats.planned(components, 3, 100)
+    se_docs, _ = stats.planned(components, 3, 400)
+    se_seeds, _ = stats.planned(components, 6, 100)
+    assert se_docs < se_small and se_seeds < se_small
+    assert se_small == pytest.approx(math.sqrt(0.0004 / 3 + 0.04 / 100 + 0.01 / 300))
+
+
+def test_holm_by_hand():
+    # sorted 0.01, 0.03, 0.04 -> 3*0.01, max(0.03, 2*0.03), max(0.06, 1*0.04)
+    assert stats.holm([0.04, 0.01, None, 0.03]) == pytest.approx([0.06, 0.03, None, 0.06])
+    assert stats.holm([]) == [] and stats.holm([0.9, 0.8]) == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("df, table", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423)])
@@ -89,11 +142,12 @@ def test_t_quantile_matches_the_table(df, table):
 def test_cells_arms_and_rows(tmp_path):
     study = load_study(write(tmp_path / "s.yaml", STUDY))
     assert [c.name for c in study.cells] == [f"{a}-s{s}" for s in (1, 2, 3) for a in ("dense", "emoe", "random")]
-    assert study.rows() == ["dense", "emoe", "emoe@dense", "random", "random@dense"]
+    assert study.rows() == ["dense", "emoe", "emoe@masked", "random", "random@masked"]
     random = study.cell("random-s2")
     assert random.overrides == ["train.max_steps=4", "model.mode=emoe", "emoe.method=random", "seed=2"]
     assert random.config.seed == 2 and random.config.emoe.method == "random" and random.config.train.max_steps == 4
-    assert random.eval_modes() == ["emoe", "dense"] and study.cell("dense-s1").eval_modes() == ["dense"]
+    assert random.eval_modes() == ["dense", "emoe"] and study.cell("dense-s1").eval_modes() == ["dense"]
+    assert random.row("dense") == "random" and random.row("emoe") == "random@masked"
     assert [e.args() for e in study.evals] == [["--tasks", "emoe_nll_alpaca_heldout,emoe_mmlu", "--limit", "8"]]
 
 
@@ -140,6 +194,17 @@ def test_baseline_must_be_an_arm(tmp_path):
         load_study(write(tmp_path / "s.yaml", STUDY.replace("limit: 8", "limit: -1")))
 
 
+def test_the_primary_metric_is_named_before_the_study_runs(tmp_path):
+    with pytest.raises(StudyError, match=r"'primary' is missing"):
+        load_study(write(tmp_path / "s.yaml", STUDY.replace("primary: emoe_nll_alpaca_heldout/nll_per_token\n", "")))
+    with pytest.raises(StudyError, match=r"primary: expected one metric as <task>/<metric>"):
+        load_study(write(tmp_path / "s.yaml", STUDY.replace("emoe_nll_alpaca_heldout/nll_per_token", "nll_per_token")))
+    with pytest.raises(StudyError, match=r"names task emoe_arc_easy, which the eval does not run"):
+        load_study(write(tmp_path / "s.yaml", STUDY.replace("primary: emoe_nll_alpaca_heldout/nll_per_token",
+                                                            "primary: emoe_arc_easy/acc")))
+    assert load_study(write(tmp_path / "s.yaml", STUDY)).primary == "emoe_nll_alpaca_heldout/nll_per_token"
+
+
 def test_a_changed_study_is_refused_unless_its_cells_are_named(tmp_path, capsys):
     path = write(tmp_path / "s.yaml", STUDY)
     out = tmp_path / "out"
@@ -163,34 +228,57 @@ def test_a_changed_study_is_refused_unless_its_cells_are_named(tmp_path, capsys)
 # ------------------------------------------------------------------------------------------------ the report
 
 
-def eval_json(path: Path, results: dict, mode: str) -> None:
-    """An eval JSON in `emoe-llm eval`'s format: lm-eval's results dict unchanged, plus the mode."""
+def eval_json(path: Path, results: dict, mode: str, samples: list[dict] | None = None,
+              group_subtasks: dict | None = None) -> None:
+    """An eval JSON in `emoe-llm eval`'s format (lm-eval's results dict unchanged, plus the mode) and, when given,
+    its per-document records beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"results": {task: {"alias": task, **{f"{k},none": v for k, v in vals.items()},
                               **{f"{k}_stderr,none": 0.01 for k in vals}, "sample_len": 8}
                        for task, vals in results.items()},
-           "higher_is_better": {"emoe_nll_alpaca_heldout": {"nll_per_token": False}}, "mode": mode}
+           "higher_is_better": {"emoe_nll_alpaca_heldout": {"nll_per_token": False}}, "mode": mode,
+           "group_subtasks": group_subtasks or {}}
+    if samples is not None:
+        path.with_name(path.stem + ".samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
     path.write_text(json.dumps(doc))
 
 
-NLL = {  # seed -> row -> nll_per_token
-    1: {"dense": 2.00, "emoe": 2.10, "emoe@dense": 1.98, "random": 2.30, "random@dense": 2.01},
-    2: {"dense": 2.10, "emoe": 2.30, "emoe@dense": 2.07, "random": 2.35, "random@dense": 2.12},
-    3: {"dense": 1.90, "emoe": 2.05, "emoe@dense": 1.89, "random": 2.20, "random@dense": 1.93},
-}
+TOKENS = [10, 20, 30, 40]  # target tokens of the 4 held-out documents
+LEVEL = {"dense": 2.0, "emoe": 2.1, "emoe@masked": 2.3, "random": 2.05, "random@masked": 2.4}
+ACC = {  # row -> answers on anatomy (3 questions) + astronomy (2), the same in every seed
+    "dense": [1, 0, 1, 0, 1], "emoe": [1, 1, 1, 0, 1], "emoe@masked": [0, 0, 1, 0, 1],
+    "random": [1, 0, 0, 1, 1], "random@masked": [1, 0, 1, 0, 1]}
 
 
-def test_report_from_eval_jsons_and_metrics(tmp_path):
-    study = load_study(write(tmp_path / "s.yaml", STUDY))
-    out = tmp_path / "out"
-    record_study(study, out, [])
+def nll_sums(seed: int, row: str) -> list[float]:
+    """Summed NLL of each document: the row's level per token, a seed effect on odd documents, an arm effect."""
+    return [LEVEL[row] * w + 0.1 * seed * (d % 2) + (0.3 * d if row != "dense" else 0) for d, w in enumerate(TOKENS)]
+
+
+def write_cell_evals(out: Path, study, seeds_with_samples=None) -> None:
     for cell in study.cells:
         for mode in cell.eval_modes():
             row = cell.row(mode)
-            acc = 0.25 + 0.01 * cell.seed + (0.02 if row == "emoe" else 0)
+            sums, acc = nll_sums(cell.seed, row), ACC[row]
+            samples = [{"task": "emoe_nll_alpaca_heldout", "doc_id": d, "nll_per_token": n / w,
+                        "nll_per_token_weight": w, "nll_per_row": n} for d, (n, w) in enumerate(zip(sums, TOKENS))]
+            samples += [{"task": t, "doc_id": i, "acc": float(a)} for t, i, a in
+                        zip(["emoe_mmlu_anatomy"] * 3 + ["emoe_mmlu_astronomy"] * 2, [0, 1, 2, 0, 1], acc)]
             eval_json(out / "cells" / cell.name / "eval" / f"{mode}.json",
-                      {"emoe_nll_alpaca_heldout": {"nll_per_token": NLL[cell.seed][row]}, "emoe_mmlu": {"acc": acc},
-                       "emoe_mmlu_anatomy": {"acc": 0.9}}, mode)  # a subtask not asked for: left out
+                      {"emoe_nll_alpaca_heldout": {"nll_per_token": sum(sums) / sum(TOKENS)},
+                       "emoe_mmlu": {"acc": sum(acc) / 5}}, mode,
+                      samples=samples if seeds_with_samples is None or cell.seed in seeds_with_samples else None,
+                      group_subtasks={"emoe_mmlu": ["emoe_mmlu_anatomy", "emoe_mmlu_astronomy"]})
+
+
+def test_report_from_per_document_records(tmp_path):
+    import numpy as np
+
+    study = load_study(write(tmp_path / "s.yaml", STUDY))
+    out = tmp_path / "out"
+    record_study(study, out, [])
+    write_cell_evals(out, study)
+    for cell in study.cells:
         metrics = [{"step": s, "loss": 3.0 - 0.1 * s, "tokens_seen": 2048 * s, "step_time_s": 0.5,
                     **({"expert_load_max_over_mean": {"2": 1.2 + 0.01 * s, "3": 1.5}} if cell.trains_emoe else {})}
                    for s in range(1, 5)]
@@ -202,23 +290,31 @@ def test_report_from_eval_jsons_and_metrics(tmp_path):
     assert [p.name for p in paths] == ["report.json", "report.md", "report.png"]
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
     report = json.loads((out / "report.json").read_text())
-    assert report["rows"] == ["dense", "emoe", "emoe@dense", "random", "random@dense"]
+    assert report["rows"] == ["dense", "emoe", "emoe@masked", "random", "random@masked"]
     assert set(report["metrics"]) == {"emoe_nll_alpaca_heldout/nll_per_token", "emoe_mmlu/acc"}
-    assert report["direction"] == {"emoe_nll_alpaca_heldout/nll_per_token": "lower", "emoe_mmlu/acc": "higher"}
+    assert report["primary"] == "emoe_nll_alpaca_heldout/nll_per_token"
+    assert report["comparisons"] == {"primary": 4, "secondary": 4}
 
+    # nll_per_token is token-weighted: sum of NLL / sum of tokens, per seed, then over seeds
     nll = report["metrics"]["emoe_nll_alpaca_heldout/nll_per_token"]
-    assert nll["dense"]["values"] == [2.00, 2.10, 1.90] and nll["dense"]["seeds"] == [1, 2, 3]
-    assert nll["dense"]["mean"] == pytest.approx(2.0)
-    half = 4.302653 * 0.1 / math.sqrt(3)  # sd 0.1
-    assert nll["dense"]["ci95"] == pytest.approx([2.0 - half, 2.0 + half], abs=1e-6)
-    # emoe - dense per seed: 0.10, 0.20, 0.15 -> mean 0.15, sd 0.05
+    per_seed = [sum(nll_sums(s, "emoe")) / sum(TOKENS) for s in (1, 2, 3)]
+    assert nll["emoe"]["values"] == pytest.approx(per_seed) and nll["emoe"]["mean"] == pytest.approx(np.mean(per_seed))
+    assert (nll["emoe"]["n_seeds"], nll["emoe"]["n_docs"]) == (3, 4) and nll["emoe"]["ci95"] is not None
+    # the paired entry is the two-way analysis of the token-weighted differences (same seed, same document)
     pair = report["paired"]["emoe_nll_alpaca_heldout/nll_per_token"]["emoe"]
-    half = 4.302653 * 0.05 / math.sqrt(3)
-    assert pair["baseline"] == "dense" and pair["n"] == 3 and pair["diffs"] == pytest.approx([0.10, 0.20, 0.15])
-    assert pair["mean_diff"] == pytest.approx(0.15) and pair["ci95"] == pytest.approx([0.15 - half, 0.15 + half])
-    # acc: emoe is 0.02 above dense at every seed -> a zero-width interval at 0.02
-    assert report["paired"]["emoe_mmlu/acc"]["emoe"]["ci95"] == pytest.approx([0.02, 0.02])
-    assert "dense" not in report["paired"]["emoe_mmlu/acc"]
+    delta = [[(a - b) * 4 / sum(TOKENS) for a, b in zip(nll_sums(s, "emoe"), nll_sums(s, "dense"))] for s in (1, 2, 3)]
+    expected = stats.two_way(delta)
+    assert pair["mean_diff"] == pytest.approx(expected["mean"]) and pair["ci95"] == pytest.approx(expected["ci95"])
+    assert (pair["n_docs"], pair["n_seeds"], pair["primary"]) == (4, 3, True) and pair["baseline"] == "dense"
+    assert pair["mde80"] == pytest.approx(stats.mde80(expected["se"], expected["df"]))
+    assert pair["method"] == stats.METHOD and pair["verdict"] == stats.verdict(expected)
+    assert {"p", "p_holm", "share_seed", "share_doc", "var_seed", "var_doc", "var_resid"} <= set(pair)
+
+    # a group metric pools its tasks' documents; identical answers in every seed are 'no variation observed'
+    acc = report["paired"]["emoe_mmlu/acc"]
+    assert acc["emoe"]["n_docs"] == 5 and acc["emoe"]["mean_diff"] == pytest.approx(0.2) and not acc["emoe"]["primary"]
+    assert acc["random@masked"]["verdict"] == "no variation observed" and acc["random@masked"]["ci95"] == [0.0, 0.0]
+    assert "dense" not in acc
 
     # training figures: the last record of each step wins (a resumed run re-logs steps)
     t = report["training"]["emoe-s2"]
@@ -228,27 +324,44 @@ def test_report_from_eval_jsons_and_metrics(tmp_path):
     assert report["training"]["dense-s1"]["expert_load_max_over_mean"] is None
 
     md = (out / "report.md").read_text()
-    assert "| metric | better | dense | emoe | emoe@dense | random | random@dense |" in md
-    assert ("- emoe_nll_alpaca_heldout/nll_per_token (lower is better): emoe - dense = 0.15 "
-            f"[{0.15 - half:.5g}, {0.15 + half:.5g}], n=3: the interval excludes 0, emoe is worse than dense") in md
-    assert "emoe@dense - dense" in md and "the interval includes 0, no difference shown" in md
+    assert "| metric | better | dense | emoe | emoe@masked | random | random@masked |" in md
+    assert "| emoe_nll_alpaca_heldout/nll_per_token (primary) | lower |" in md
+    assert "**emoe_nll_alpaca_heldout/nll_per_token** (lower is better) [primary]: emoe - dense = " in md
+    line = next(x for x in md.splitlines() if "**emoe_mmlu/acc**" in x and "random@masked - dense" in x)
+    assert "[secondary]" in line and "no variation observed" in line and "excludes 0" not in line
+    assert "3 seed(s) x 4 document(s)" in md and "MDE80" in md
 
 
-def test_report_with_one_seed_says_there_is_no_interval(tmp_path):
+def test_report_without_per_document_records_is_over_seeds_and_says_so(tmp_path):
+    study = load_study(write(tmp_path / "s.yaml", STUDY))
+    out = tmp_path / "out"
+    record_study(study, out, [])
+    write_cell_evals(out, study, seeds_with_samples={1, 2})  # seed 3 evaluated before records existed
+    write_report(out, plot=False)
+    report = json.loads((out / "report.json").read_text())
+    pair = report["paired"]["emoe_nll_alpaca_heldout/nll_per_token"]["emoe"]
+    assert pair["method"].startswith("seeds only") and pair["n_docs"] == 1 and pair["n_seeds"] == 3
+    assert pair["diffs"] == pytest.approx([(sum(nll_sums(s, "emoe")) - sum(nll_sums(s, "dense"))) / sum(TOKENS)
+                                           for s in (1, 2, 3)])
+
+
+def test_report_with_one_seed_counts_documents_only(tmp_path):
     study = load_study(write(tmp_path / "s.yaml", STUDY.replace("seeds: [1, 2, 3]", "seeds: [1]")))
     out = tmp_path / "out"
     record_study(study, out, [])
-    for cell in study.cells:
-        for mode in cell.eval_modes():
-            eval_json(out / "cells" / cell.name / "eval" / f"{mode}.json",
-                      {"emoe_nll_alpaca_heldout": {"nll_per_token": NLL[1][cell.row(mode)]}}, mode)
+    write_cell_evals(out, study)
     write_report(out, plot=False)
     report = json.loads((out / "report.json").read_text())
-    assert report["metrics"]["emoe_nll_alpaca_heldout/nll_per_token"]["emoe"]["ci95"] is None
-    assert report["paired"]["emoe_nll_alpaca_heldout/nll_per_token"]["emoe"]["ci95"] is None
-    md = (out / "report.md").read_text()
-    assert "2.1 (n=1)" in md and "no interval with a single paired seed" in md
+    pair = report["paired"]["emoe_nll_alpaca_heldout/nll_per_token"]["emoe"]
+    assert pair["method"].startswith("documents only") and pair["n_seeds"] == 1 and pair["ci95"] is not None
     assert report["training"]["dense-s1"] is None  # no metrics.jsonl: the cell never trained
+    # no per-document records and one seed: a single value, no interval
+    for path in out.glob("cells/*/eval/*.samples.jsonl"):
+        path.unlink()
+    write_report(out, plot=False)
+    report = json.loads((out / "report.json").read_text())
+    assert report["paired"]["emoe_nll_alpaca_heldout/nll_per_token"]["emoe"]["ci95"] is None
+    assert "no interval (one seed and one document" in (out / "report.md").read_text()
 
 
 def test_report_of_a_dir_that_is_no_study(tmp_path, capsys):
@@ -313,19 +426,31 @@ def test_tiny_study_end_to_end_rerun_and_resume(tmp_path):
     elapsed = time.time() - t0
     assert "[study] 0/6 cells already done; 6 to run" in proc.stdout and "[study] 6/6 cells done; ETA 0 s" in proc.stdout
 
-    # the three report files, an emoe@dense row beside each EMoE arm, intervals over the 2 seeds
+    # the three report files, an emoe@masked row beside each EMoE arm, intervals over 2 seeds x 16 documents
     for name in ("report.json", "report.md", "report.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = json.loads((out / "report.json").read_text())
-    assert report["rows"] == ["dense", "emoe", "emoe@dense", "random", "random@dense"]
+    assert report["rows"] == ["dense", "emoe", "emoe@masked", "random", "random@masked"]
     nll = report["metrics"]["emoe_nll_alpaca_heldout/nll_per_token"]
     assert report["direction"]["emoe_nll_alpaca_heldout/nll_per_token"] == "lower"
-    assert all(nll[row]["n"] == 2 and nll[row]["ci95"] is not None for row in report["rows"])
-    paired = report["paired"]["emoe_nll_alpaca_heldout/nll_per_token"]
-    assert set(paired) == {"emoe", "emoe@dense", "random", "random@dense"}
-    assert all(p["n"] == 2 and p["seeds"] == [1, 2] for p in paired.values())
+    assert all(nll[row]["n_seeds"] == 2 and nll[row]["n_docs"] == 16 and nll[row]["ci95"] is not None
+               for row in report["rows"])
+    for metric, by_row in report["paired"].items():
+        assert set(by_row) == {"emoe", "emoe@masked", "random", "random@masked"}, metric
+        for p in by_row.values():
+            assert {"mean_diff", "ci95", "n_docs", "n_seeds", "mde80", "method"} <= set(p)
+            assert (p["n_seeds"], p["n_docs"], p["seeds"]) == (2, 16, [1, 2]) and p["method"] == stats.METHOD
     md = (out / "report.md").read_text()
-    assert "| dense | emoe | emoe@dense | random | random@dense |" in md and "emoe@dense - dense = " in md
+    assert "| dense | emoe | emoe@masked | random | random@masked |" in md and "emoe@masked - dense = " in md
+    # every eval JSON has its per-document records beside it: one per document, the same documents in every cell
+    evals = sorted(out.glob("cells/*/eval/*.json"))
+    assert len(evals) == 9
+    doc_ids = set()
+    for path in evals:
+        records = [json.loads(x) for x in path.with_name(path.stem + ".samples.jsonl").read_text().splitlines()]
+        assert len(records) == 16 and all(r["nll_per_token_weight"] > 0 for r in records), path
+        doc_ids.add(tuple(r["doc_id"] for r in records))
+    assert len(doc_ids) == 1
     for cell in ("emoe-s1", "random-s2"):
         masked = json.loads((out / "cells" / cell / "eval" / "emoe.json").read_text())
         dense = json.loads((out / "cells" / cell / "eval" / "dense.json").read_text())

@@ -1,15 +1,26 @@
 """``emoe-llm report DIR``: a study dir's results as report.json, report.md and report.png.
 
-    report.json  metrics[metric][row] = {mean, ci95: [lo, hi] | null, n, values, seeds}   (Student t over seeds)
-                 paired[metric][row]  = {baseline, mean_diff, ci95, n, seeds, diffs}      (row - baseline, per seed)
-                 direction[metric]    = "higher" | "lower"  (which way is better, from the metric's name)
+    report.json  metrics[metric][row] = {mean, ci95, se, df, n_seeds, n_docs, share_seed, share_doc, method,
+                                         values (per-seed means), seeds}
+                 paired[metric][row]  = {baseline, mean_diff, ci95, se, df, n_docs, n_seeds, mde80, p, p_holm,
+                                         share_seed, share_doc, var_seed, var_doc, var_resid, method, verdict, primary,
+                                         seeds, diffs (per-seed mean differences)}
+                 primary              = the study's primary metric; comparisons = {primary: m, secondary: m}
+                 direction[metric]    = "higher" | "lower"  (which way is better)
                  training[cell]       = {final_loss, tokens, train_seconds, steps, expert_load_max_over_mean}
-    report.md    the table a paper prints + a line per metric: does the interval of the difference exclude 0?
+    report.md    the table a paper prints + a line per comparison: estimate, interval, MDE, verdict
     report.png   dot plots of the seeds per metric (mean and interval), training-loss curves of every cell
 
-Rows are arms; an EMoE-trained arm also has the row ``<arm>@dense`` (the same weights scored without the mask).
-A metric is ``<task>/<name>`` from lm-eval's results dict (``acc,none`` -> ``acc``; another filter is kept:
-``exact_match[strict-match]``). Cells without eval JSONs yet are left out (n says how many seeds each row has).
+Every number comes from the per-document records beside each eval JSON (``<mode>.samples.jsonl``): a metric is a
+seeds x documents table per row, a comparison the table of paired differences (same seed, same document) against the
+baseline, and its interval counts seed *and* document sampling (stats.two_way; docs/study.md). A ratio metric
+(nll_per_token: summed NLL / summed target tokens) weights documents by their tokens. Without per-document records
+(an older study dir) the interval is over seeds only, and says so in ``method``.
+
+Rows are arms, scored dense (as the paper's evaluation and a plain load see an export); an EMoE-trained arm also has
+the row ``<arm>@masked`` (the same weights scored with the expert mask). A metric is ``<task>/<name>`` from lm-eval's
+results dict (``acc,none`` -> ``acc``; another filter is kept: ``exact_match[strict-match]``); a group's metric
+(emoe_mmlu/acc) pools the documents of its tasks. Cells without eval JSONs yet are left out.
 """
 
 from __future__ import annotations
@@ -20,9 +31,11 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from ..fileio import atomic_write_text
-from .spec import DENSE_SUFFIX, eval_file
-from .stats import excludes_zero, paired, t_interval
+from .spec import MASKED_SUFFIX, eval_file
+from .stats import holm, mde80, p_value, two_way, verdict
 
 LOWER_IS_BETTER = ("nll", "perplexity", "ppl", "loss", "bits_per_byte", "bpb")
 
@@ -97,6 +110,87 @@ def training_figures(run_dir: Path) -> dict | None:
             "loss_curve": [[r["step"], r["loss"]] for r in steps if "loss" in r]}
 
 
+def samples_path(eval_json: Path) -> Path:
+    return eval_json.with_name(eval_json.name.removesuffix(".json") + ".samples.jsonl")
+
+
+def read_samples(eval_json: Path, metrics: list[str]) -> dict[str, dict[tuple[str, int], tuple[float, float | None]]]:
+    """metric -> {(task, doc_id): (value, weight)} from the per-document records beside ``eval_json``, for the
+    ``metrics`` (``<task>/<name>``) its results hold; a group's metric pools its tasks' documents (the JSON's
+    group_subtasks). {} when there are no records (an eval JSON written before they existed)."""
+    path = samples_path(eval_json)
+    if not path.is_file():
+        return {}
+    by_task: dict[str, list[dict]] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rec = json.loads(line)
+            by_task.setdefault(rec["task"], []).append(rec)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}:{n}: expected a JSON object with 'task' and 'doc_id' (emoe-llm eval's "
+                             "per-document records)") from None
+    subtasks = json.loads(eval_json.read_text()).get("group_subtasks") or {}
+
+    def tasks_of(name: str) -> list[str]:
+        if name in by_task:
+            return [name]
+        return [t for sub in subtasks.get(name, []) for t in tasks_of(sub)]
+
+    out = {}
+    for metric in metrics:
+        task, name = metric.split("/", 1)
+        docs = {(t, rec["doc_id"]): (rec[name], rec.get(f"{name}_weight"))
+                for t in tasks_of(task) for rec in by_task[t] if rec.get(name) is not None}
+        if docs:
+            out[metric] = docs
+    return out
+
+
+def doc_table(per_seed: dict[int, dict], seeds: list[int], docs: list) -> np.ndarray:
+    """seeds x documents table of one row; a weighted metric (a ratio) becomes value * weight * D / sum(weights),
+    whose mean is sum(value * weight) / sum(weight): nll_per_token over all tokens."""
+    table = np.array([[per_seed[s][d][0] for d in docs] for s in seeds], dtype=float)
+    weights = [per_seed[seeds[0]][d][1] for d in docs]
+    if all(w is not None for w in weights):
+        w = np.array(weights, dtype=float)
+        table = table * w[None, :] * len(docs) / w.sum()
+    return table
+
+
+def _common_docs(tables: list[dict]) -> list:
+    keys = set.intersection(*(set(t) for t in tables)) if tables else set()
+    return sorted(keys)
+
+
+def row_stats(by_seed_docs: dict[int, dict], by_seed_value: dict[int, float]) -> dict:
+    """Mean and interval of one row over its seeds and documents (seeds only without per-document records)."""
+    seeds = sorted(by_seed_docs) if by_seed_docs else sorted(by_seed_value)
+    docs = _common_docs([by_seed_docs[s] for s in seeds]) if by_seed_docs else []
+    table = doc_table(by_seed_docs, seeds, docs) if docs else np.array([[by_seed_value[s]] for s in seeds])
+    stats = two_way(table)
+    return {**stats, "n": len(seeds), "seeds": seeds, "values": [float(v) for v in table.mean(axis=1)]}
+
+
+def paired_stats(arm_docs: dict, base_docs: dict, arm_value: dict, base_value: dict) -> dict | None:
+    """Paired differences arm - baseline over the seeds both have and the documents every one of them scored."""
+    if arm_docs and base_docs:
+        seeds = sorted(set(arm_docs) & set(base_docs))
+        docs = _common_docs([arm_docs[s] for s in seeds] + [base_docs[s] for s in seeds])
+    else:
+        seeds, docs = sorted(set(arm_value) & set(base_value)), []
+    if not seeds:
+        return None
+    if docs:
+        table = doc_table(arm_docs, seeds, docs) - doc_table(base_docs, seeds, docs)
+    else:
+        table = np.array([[arm_value[s] - base_value[s]] for s in seeds])
+    stats = two_way(table)
+    mean = stats.pop("mean")
+    return {"mean_diff": mean, **stats, "mde80": mde80(stats["se"], stats["df"]),
+            "p": p_value(mean, stats["se"], stats["df"]), "verdict": verdict(stats), "seeds": seeds,
+            "n": len(seeds), "diffs": [float(v) for v in table.mean(axis=1)]}
+
+
 def build_report(out: Path) -> dict:
     stored_path = out / "study.json"
     if not stored_path.is_file():
@@ -106,7 +200,8 @@ def build_report(out: Path) -> dict:
     order = [n for n in stored["order"] if n in cells]
     baseline = study["baseline"]
     rows: list[str] = []
-    values: dict[str, dict[str, dict[int, float]]] = {}
+    values: dict[str, dict[str, dict[int, float]]] = {}     # metric -> row -> seed -> the eval JSON's value
+    per_doc: dict[str, dict[str, dict[int, dict]]] = {}     # metric -> row -> seed -> {doc: (value, weight)}
     evaluated, directions = {}, {}
     for name in order:
         cell = cells[name]
@@ -122,21 +217,46 @@ def build_report(out: Path) -> dict:
                 directions.update(found_directions)
                 for metric, value in found.items():
                     values.setdefault(metric, {}).setdefault(row, {})[cell["seed"]] = value
-    rows.sort(key=lambda r: (list(study["arms"]).index(r.removesuffix(DENSE_SUFFIX)), r.endswith(DENSE_SUFFIX)))
+                for metric, docs in read_samples(path, list(found)).items():
+                    per_doc.setdefault(metric, {}).setdefault(row, {})[cell["seed"]] = docs
+    arms = list(study["arms"])
+    rows.sort(key=lambda r: (arms.index(r.removesuffix(MASKED_SUFFIX)), r.endswith(MASKED_SUFFIX)))
     metrics, pairs = {}, {}
     for metric in sorted(values):
-        by_row = values[metric]
-        metrics[metric] = {row: {**t_interval([by_row[row][s] for s in sorted(by_row[row])]),
-                                 "seeds": sorted(by_row[row])} for row in rows if row in by_row}
+        by_row, docs_by_row = values[metric], per_doc.get(metric, {})
+        # per-document records only when every evaluated (row, seed) has them: else seeds only, for all rows
+        complete = all(set(docs_by_row.get(r, {})) == set(by_row[r]) for r in by_row)
+        docs_by_row = docs_by_row if complete else {}
+        metrics[metric] = {row: row_stats(docs_by_row.get(row, {}), by_row[row]) for row in rows if row in by_row}
         if baseline in by_row:
-            pairs[metric] = {row: {"baseline": baseline, **paired(by_row[row], by_row[baseline])}
-                             for row in rows if row != baseline and row in by_row}
+            pairs[metric] = {}
+            for row in rows:
+                if row == baseline or row not in by_row:
+                    continue
+                p = paired_stats(docs_by_row.get(row, {}), docs_by_row.get(baseline, {}), by_row[row],
+                                 by_row[baseline])
+                if p is not None:
+                    pairs[metric][row] = {"baseline": baseline, **p, "primary": metric == study.get("primary")}
+    counts = adjust_for_multiplicity(pairs)
     training = {name: training_figures(out / "cells" / name) for name in order}
     return {"study": study, "rows": rows, "baseline": baseline, "seeds": study["seeds"],
+            "primary": study.get("primary"), "comparisons": counts,
             "cells": {name: {"arm": cells[name]["arm"], "seed": cells[name]["seed"],
                              "evaluated": evaluated.get(name, [])} for name in order},
             "direction": {m: directions[m] for m in metrics}, "metrics": metrics, "paired": pairs,
             "training": training}
+
+
+def adjust_for_multiplicity(pairs: dict) -> dict:
+    """Holm-adjust the p-values of the primary metric's comparisons (one per row) and, apart, of all the secondary
+    ones; returns how many each family holds."""
+    counts = {}
+    for family in (True, False):
+        entries = [p for by_row in pairs.values() for p in by_row.values() if p["primary"] is family]
+        for entry, adjusted in zip(entries, holm([e["p"] for e in entries])):
+            entry["p_holm"] = adjusted
+        counts["primary" if family else "secondary"] = len(entries)
+    return counts
 
 
 def write_report(out: Path, *, plot: bool = True) -> list[Path]:
@@ -169,40 +289,63 @@ def _cell_text(stats: dict | None) -> str:
     if stats["ci95"] is None:
         return f"{_num(stats['mean'])} (n={stats['n']})"
     lo, hi = stats["ci95"]
-    return f"{_num(stats['mean'])} [{_num(lo)}, {_num(hi)}] (n={stats['n']})"
+    return f"{_num(stats['mean'])} [{_num(lo)}, {_num(hi)}]"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def comparison_line(metric: str, row: str, p: dict, better: str) -> str:
+    """One comparison in words: estimate, interval, design, variance shares, MDE and what it shows."""
+    base = p["baseline"]
+    size = f"{p['n_seeds']} seed(s) x {p['n_docs']} document(s)"
+    head = f"- **{metric}** ({better} is better) [{'primary' if p['primary'] else 'secondary'}]: {row} - {base} = " \
+           f"{_num(p['mean_diff'])}"
+    v = p["verdict"]
+    if v == "no interval":
+        return f"{head} over {size}: no interval (one seed and one document say nothing about either noise)"
+    if v == "no variation observed":
+        return (f"{head} over {size}: no variation observed (every paired difference is the same), so no "
+                "interval can be given; this shows nothing either way")
+    lo, hi = p["ci95"]
+    shares = f"seeds {_pct(p['share_seed'])}, documents {_pct(p['share_doc'])} of the variance" \
+        if p["share_seed"] is not None else p["method"]
+    line = f"{head} [{_num(lo)}, {_num(hi)}] over {size} ({shares}); MDE80 {_num(p['mde80'])}"
+    if v == "excludes 0":
+        side = "better" if (p["mean_diff"] > 0) == (better == "higher") else "worse"
+        if p.get("p_holm") is not None and p["p_holm"] >= 0.05:
+            return (f"{line}: excludes 0 before adjustment only (Holm p = {_num(p['p_holm'])}): not shown once "
+                    "the family's comparisons are counted")
+        return f"{line}: excludes 0 (Holm p = {_num(p.get('p_holm'))}), {row} is {side} than {base}"
+    return f"{line}: includes 0, no difference shown; one smaller than {_num(p['mde80'])} would likely go unseen"
 
 
 def format_markdown(report: dict) -> str:
     rows, baseline = report["rows"], report["baseline"]
     lines = [f"# Study report: {', '.join(rows)} over seeds {report['seeds']}", "",
-             "Mean over seeds [95% Student t interval] (n seeds). An arm trained in EMoE mode is scored twice: "
-             f"`<arm>` with the expert mask (its training mode) and `<arm>{DENSE_SUFFIX}` without it (as a plain "
-             "`AutoModelForCausalLM` load sees the export).", ""]
+             "Mean [95% interval over seeds and documents]. Every row is scored dense, as the paper's evaluation and "
+             f"a plain `AutoModelForCausalLM` load see the export; `<arm>{MASKED_SUFFIX}` is the same EMoE-trained "
+             "weights scored with the expert mask. Intervals: per-document paired differences, seed x document "
+             "variance components (docs/study.md).", ""]
     if not report["metrics"]:
         lines += ["No eval results yet.", ""]
     else:
         lines += ["| metric | better | " + " | ".join(rows) + " |", "|---|---|" + "---|" * len(rows)]
         for metric, by_row in report["metrics"].items():
-            lines.append(f"| {metric} | {report['direction'][metric]} | "
+            mark = " (primary)" if metric == report.get("primary") else ""
+            lines.append(f"| {metric}{mark} | {report['direction'][metric]} | "
                          + " | ".join(_cell_text(by_row.get(r)) for r in rows) + " |")
-        lines += ["", f"## Paired differences against `{baseline}` (same seed = same data order)", ""]
-        for metric, by_row in report["paired"].items():
-            better = report["direction"][metric]
+        counts = report["comparisons"]
+        primary = report.get("primary") or "none named"
+        lines += ["", f"## Paired differences against `{baseline}` (same seed = same data order, same documents)", "",
+                  f"Primary metric: `{primary}` ({counts['primary']} comparison(s)); the other "
+                  f"{counts['secondary']} comparisons are secondary. Each family's p-values are Holm-adjusted; "
+                  "MDE80 is the true difference this design detects 80% of the time (two-sided 0.05).", ""]
+        ordered = sorted(report["paired"].items(), key=lambda kv: kv[0] != report.get("primary"))
+        for metric, by_row in ordered:
             for row, p in by_row.items():
-                head = f"- {metric} ({better} is better): {row} - {baseline} = {_num(p['mean_diff'])}"
-                verdict = excludes_zero(p["ci95"])
-                if verdict is None:
-                    lines.append(f"{head} over {p['n']} seed(s): no interval with a single paired seed; it says "
-                                 "nothing about seed noise")
-                    continue
-                lo, hi = p["ci95"]
-                if verdict:
-                    side = "better" if (p["mean_diff"] > 0) == (better == "higher") else "worse"
-                    lines.append(f"{head} [{_num(lo)}, {_num(hi)}], n={p['n']}: the interval excludes 0, "
-                                 f"{row} is {side} than {baseline}")
-                else:
-                    lines.append(f"{head} [{_num(lo)}, {_num(hi)}], n={p['n']}: the interval includes 0, no "
-                                 "difference shown")
+                lines.append(comparison_line(metric, row, p, report["direction"][metric]))
     lines += ["", "## Training (per cell)", "", "| cell | steps | final train loss | tokens | train s | "
               "expert load max/mean |", "|---|---|---|---|---|---|"]
     for name, t in report["training"].items():

@@ -8,6 +8,7 @@
       emoe:   {model.mode: emoe}
       random: {model.mode: emoe, emoe.method: random}
     baseline: dense                            # paired differences are taken against this arm
+    primary: emoe_mmlu/acc                     # the one metric the study is for (named before it runs)
     eval: {tasks: [emoe_mmlu], include_path: null, limit: 20, num_fewshot: null, batch_size: 8}
     # or a list of such mappings, one `emoe-llm eval` run each (e.g. another --limit for MMLU's 57 subjects)
 
@@ -28,10 +29,11 @@ import yaml
 
 from ..train.config import ConfigError, RecipeConfig, load_config
 
-STUDY_KEYS = ("base", "overrides", "seeds", "arms", "baseline", "eval", "ds_config", "nproc", "slurm")
+STUDY_KEYS = ("base", "overrides", "seeds", "arms", "baseline", "primary", "eval", "ds_config", "nproc", "slurm")
 EVAL_KEYS = ("tasks", "include_path", "limit", "num_fewshot", "batch_size")
 SLURM_KEYS = ("sbatch_args", "nproc_per_node")
-DENSE_SUFFIX = "@dense"  # the row of an EMoE-trained arm scored with the mask dropped
+MASKED_SUFFIX = "@masked"  # the row of an EMoE-trained arm scored with the expert mask (the arm's own row is dense)
+METRIC = re.compile(r"^[^/\s]+/[^/\s]+$")  # <task or group>/<metric>[<filter>]
 NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
@@ -77,11 +79,12 @@ class Cell:
         return f"{self.arm}-s{self.seed}"
 
     def eval_modes(self) -> list[str]:
-        """An EMoE-trained cell is scored masked (its training mode) and dense (as a plain HF load sees it)."""
-        return ["emoe", "dense"] if self.trains_emoe else ["dense"]
+        """An EMoE-trained cell is scored dense (as the paper's evaluation and a plain HF load see the export) and
+        masked (its training mode)."""
+        return ["dense", "emoe"] if self.trains_emoe else ["dense"]
 
     def row(self, mode: str) -> str:
-        return self.arm + (DENSE_SUFFIX if self.trains_emoe and mode == "dense" else "")
+        return self.arm + (MASKED_SUFFIX if self.trains_emoe and mode == "emoe" else "")
 
 
 @dataclass
@@ -93,6 +96,7 @@ class Study:
     arms: dict[str, list[str]]
     baseline: str
     evals: list[EvalSpec]
+    primary: str | None = None
     ds_config: str | None = None
     nproc: int | None = None
     slurm: dict = field(default_factory=dict)
@@ -101,7 +105,8 @@ class Study:
     def to_dict(self) -> dict:
         """The study as written to the study dir (arms as key=value lists, the command line's overrides folded in)."""
         return {"base": self.base, "overrides": self.overrides, "seeds": self.seeds, "arms": self.arms,
-                "baseline": self.baseline, "eval": [dataclasses.asdict(e) for e in self.evals], "ds_config": self.ds_config,
+                "baseline": self.baseline, "primary": self.primary,
+                "eval": [dataclasses.asdict(e) for e in self.evals], "ds_config": self.ds_config,
                 "nproc": self.nproc, "slurm": self.slurm}
 
     def tasks(self) -> list[str]:
@@ -114,7 +119,7 @@ class Study:
         raise StudyError(f"no cell '{name}' in {self.path}; cells: {', '.join(c.name for c in self.cells)}")
 
     def rows(self) -> list[str]:
-        """Report rows in arm order: each arm, then its @dense row when it trains EMoE."""
+        """Report rows in arm order: each arm, then its @masked row when it trains EMoE."""
         out = []
         for arm in self.arms:
             cell = next(c for c in self.cells if c.arm == arm)
@@ -166,7 +171,7 @@ def study_from_dict(doc: Any, *, source: str, extra_overrides: list[str] = ()) -
     unknown = sorted(set(doc) - set(STUDY_KEYS))
     if unknown:
         raise StudyError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(STUDY_KEYS)}")
-    for key in ("base", "seeds", "arms", "baseline", "eval"):
+    for key in ("base", "seeds", "arms", "baseline", "primary", "eval"):
         if doc.get(key) in (None, "", [], {}):
             raise StudyError(f"{source}: '{key}' is missing (see docs/study.md for the format)")
     base = str(doc["base"])
@@ -184,7 +189,7 @@ def study_from_dict(doc: Any, *, source: str, extra_overrides: list[str] = ()) -
     arms = {}
     for name, value in arms_doc.items():
         name = str(name)
-        if not NAME.match(name) or DENSE_SUFFIX in name:
+        if not NAME.match(name) or MASKED_SUFFIX in name:
             raise StudyError(f"{source}: arm '{name}': names use letters, digits and _ . + - only")
         arms[name] = _as_overrides(value, f"{source}: arm '{name}'")
     baseline = str(doc["baseline"])
@@ -201,8 +206,21 @@ def study_from_dict(doc: Any, *, source: str, extra_overrides: list[str] = ()) -
                   nproc=_positive(doc.get("nproc"), f"{source}: nproc"), slurm=_slurm(doc.get("slurm"), source))
     if study.ds_config is not None and not Path(study.ds_config).is_file():
         raise StudyError(f"{source}: ds_config: {study.ds_config} not found")
+    study.primary = _primary(doc["primary"], study, source)
     study.cells = [_cell(study, arm, seed) for seed in seeds for arm in arms]
     return study
+
+
+def _primary(value: Any, study: Study, source: str) -> str:
+    """The primary metric: '<task>/<metric>' of a task the study evaluates (a group counts: emoe_mmlu/acc)."""
+    if not isinstance(value, str) or not METRIC.match(value):
+        raise StudyError(f"{source}: primary: expected one metric as <task>/<metric> (e.g. "
+                         f"{study.tasks()[0]}/acc), got {value!r}")
+    task = value.split("/")[0]
+    if task not in study.tasks():
+        raise StudyError(f"{source}: primary: {value} names task {task}, which the eval does not run; eval tasks: "
+                         f"{', '.join(study.tasks())}")
+    return value
 
 
 def _cell(study: Study, arm: str, seed: int) -> Cell:
