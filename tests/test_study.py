@@ -251,8 +251,10 @@ ACC = {  # row -> answers on anatomy (3 questions) + astronomy (2), the same in 
 
 
 def nll_sums(seed: int, row: str) -> list[float]:
-    """Summed NLL of each document: the row's level per token, a seed effect on odd documents, an arm effect."""
-    return [LEVEL[row] * w + 0.1 * seed * (d % 2) + (0.3 * d if row != "dense" else 0) for d, w in enumerate(TOKENS)]
+    """Summed NLL of each document: the row's level per token, a seed effect on odd documents, an arm effect that
+    differs by document, and an arm x seed x document wobble."""
+    return [LEVEL[row] * w + 0.1 * seed * (d % 2) + (0.3 * d + 0.2 * ((7 * seed + 3 * d + len(row)) % 5)
+                                                     if row != "dense" else 0) for d, w in enumerate(TOKENS)]
 
 
 def write_cell_evals(out: Path, study, seeds_with_samples=None) -> None:
@@ -495,3 +497,42 @@ def test_tiny_study_end_to_end_rerun_and_resume(tmp_path):
     assert new_eval["emoe_nll_alpaca_heldout"]["nll_per_token,none"] == pytest.approx(
         old_eval["emoe_nll_alpaca_heldout"]["nll_per_token,none"], rel=1e-4)
     print(f"tiny study (3 arms x 2 seeds, 6 steps, 9 evals) in {elapsed:.0f} s on this machine")
+
+
+def test_dry_run_with_a_pilot_prints_the_planned_mde(tmp_path, capsys):
+    """A finished (here: written) pilot of 3 seeds x 4 documents sizes a study with more seeds or documents: the
+    planned MDE equals stats.planned on the pilot's components, and more of either gives a smaller one."""
+    pilot = tmp_path / "pilot"
+    study = load_study(write(tmp_path / "s.yaml", STUDY))
+    record_study(study, pilot, [])
+    write_cell_evals(pilot, study)
+    for path in pilot.glob("cells/*/eval/*.json"):  # lm-eval's n-samples: the full task sizes
+        doc = json.loads(path.read_text())
+        doc["n-samples"] = {"emoe_nll_alpaca_heldout": {"original": 99, "effective": 4},
+                            "emoe_mmlu_anatomy": {"original": 14, "effective": 3},
+                            "emoe_mmlu_astronomy": {"original": 16, "effective": 2}}
+        path.write_text(json.dumps(doc))
+    from emoe_llm.study.power import plan_from_pilot
+
+    planned = {}
+    for seeds, limit in (("[1, 2, 3]", 8), ("[1, 2, 3]", 64), ("[1, 2, 3, 4, 5, 6]", 8)):
+        bigger = load_study(write(tmp_path / "b.yaml", STUDY.replace("seeds: [1, 2, 3]", f"seeds: {seeds}")
+                                  .replace("limit: 8", f"limit: {limit}")))
+        plan = {(e["metric"], e["row"]): e for e in plan_from_pilot(bigger, pilot)}
+        planned[(seeds, limit)] = plan[("emoe_nll_alpaca_heldout/nll_per_token", "emoe")]
+        assert plan[("emoe_mmlu/acc", "emoe")]["docs"] == min(14, limit) + min(16, limit)  # a group pools its tasks
+    base, more_docs, more_seeds = planned.values()
+    assert base["docs"] == 8 and more_docs["docs"] == 64 and more_seeds["seeds"] == 6 and base["primary"]
+    assert more_docs["mde80"] < base["mde80"] and more_seeds["mde80"] < base["mde80"]
+    pair = json.loads(json.dumps(__import__("emoe_llm.study.report", fromlist=["build_report"]).build_report(pilot)))
+    p = pair["paired"]["emoe_nll_alpaca_heldout/nll_per_token"]["emoe"]
+    se, df = stats.planned({k: p[k] for k in ("var_seed", "var_doc", "var_resid")}, 3, 8)
+    assert base["mde80"] == pytest.approx(stats.mde80(se, df))
+
+    assert main(["study", str(tmp_path / "b.yaml"), "--out", str(tmp_path / "new"), "--dry-run",
+                 "--pilot", str(pilot)]) == 0
+    printed = capsys.readouterr().out
+    assert "minimum detectable effect (80% power, two-sided 0.05) from the pilot" in printed
+    assert "emoe_nll_alpaca_heldout/nll_per_token *" in printed and not (tmp_path / "new").exists()
+    assert main(["study", str(tmp_path / "b.yaml"), "--out", str(tmp_path / "new"), "--pilot", str(pilot)]) == 2
+    assert "use it with --dry-run" in capsys.readouterr().err

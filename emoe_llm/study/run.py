@@ -3,6 +3,7 @@
     emoe-llm study configs/study_tiny.yaml --out runs/study_tiny                  # local: one cell after another
     emoe-llm study configs/study_tiny.yaml --out runs/study_tiny --launcher slurm --dry-run   # the sbatch lines
     emoe-llm study configs/study_smollm2.yaml --out runs/s model.path=$(scripts/get_smollm2.sh)  # + every cell
+    emoe-llm study configs/study_tiny.yaml --out runs/bigger --dry-run --pilot runs/study_tiny   # its MDE, planned
 
 DIR holds the study it ran with (study.yaml, study.json), the shared conversions (converted/), and per cell
 cells/<arm>-s<seed>/ (the training output_dir: checkpoints, metrics.jsonl, final/, eval/<mode>.json). Rerunning skips
@@ -38,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "array (a task per cell) and a report job after it")
     parser.add_argument("--dry-run", action="store_true",
                         help="print what would run (local: the commands; slurm: the sbatch lines, scripts written)")
+    parser.add_argument("--pilot", default=None, metavar="DIR",
+                        help="with --dry-run: a finished study dir whose variance predicts this study's minimum "
+                             "detectable effect (more documents or seeds -> smaller)")
     parser.add_argument("--force", action="store_true",
                         help="accept a changed study file: cells whose recipe or eval changed are run again")
     parser.add_argument("--cells", default=None,
@@ -59,6 +63,12 @@ def run(args: argparse.Namespace) -> int:
         selected = select_cells(study, args.cells)
         out = Path(args.out)
         changed = check_changes(study, out, named=selected if args.cells else [], force=args.force)
+        if args.pilot:
+            if not args.dry_run:
+                raise StudyError("--pilot sizes a planned study: use it with --dry-run")
+            from .power import format_plan, plan_from_pilot
+
+            print(format_plan(plan_from_pilot(study, Path(args.pilot)), Path(args.pilot)))
         if args.launcher == "slurm":
             from .slurm import submit
 
