@@ -22,7 +22,7 @@ SUBCOMMANDS = {
     "plot": ("emoe_llm.eval.plot_run", "PNGs of a training run from its metrics.jsonl (loss, lr, tokens/s, expert load)"),
     "plan": ("emoe_llm.plan", "per-GPU memory, fit, largest micro batch and step time of a job before you sbatch it"),
     "study": ("emoe_llm.study.run", "dense vs EMoE vs random split over seeds (local or a Slurm job array), then the report"),
-    "report": ("emoe_llm.study.report", "a study dir's results: t intervals over seeds, paired differences, plots"),
+    "report": ("emoe_llm.study.report", "a study dir's results: per-document paired differences over seeds and documents, MDE, plots"),
     "demo": ("emoe_llm.demo", "the whole pipeline on a tiny embedded Llama on CPU: convert, ZeRO-3 train, export, eval"),
 }
 
@@ -42,6 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command(name: str, rest: list[str]):
+    """(module, args) of ``emoe-llm NAME REST...`` as ``main`` parses it, without running anything; a bad command line
+    exits as argparse does (SystemExit 2). A pass-through subcommand (train) gets its argv, checked by the module's
+    ``check_args`` when it has one."""
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    sub_parser = argparse.ArgumentParser(prog=f"emoe-llm {name}", description=SUBCOMMANDS[name][1])
+    module.add_arguments(sub_parser)
+    if getattr(module, "PASSTHROUGH", False):
+        return module, rest
+    if getattr(module, "INTERMIXED", False):  # trailing key=value overrides may follow the options
+        return module, sub_parser.parse_intermixed_args(rest)
+    return module, sub_parser.parse_args(rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -50,16 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
         return 0 if not argv or argv[0] in ("-h", "--help", "--version") else 2
-    name, rest = argv[0], argv[1:]
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    sub_parser = argparse.ArgumentParser(prog=f"emoe-llm {name}", description=SUBCOMMANDS[name][1])
-    module.add_arguments(sub_parser)
-    if getattr(module, "PASSTHROUGH", False):
-        args = rest
-    elif getattr(module, "INTERMIXED", False):  # trailing key=value overrides may follow the options
-        args = sub_parser.parse_intermixed_args(rest)
-    else:
-        args = sub_parser.parse_args(rest)
+    module, args = parse_command(argv[0], argv[1:])
     return int(module.run(args) or 0)
 
 

@@ -124,6 +124,16 @@ def build_command(argv: list[str]) -> list[str]:
     return [exe, "--nproc_per_node", str(nproc), "--master_port", str(port), "-m", "emoe_llm.train", *rest]
 
 
+def check_args(argv: list[str]) -> None:
+    """Parse a whole `emoe-llm train` command line without running it: the launcher options here, the rest with the
+    recipe's own parser (SystemExit on an error, as a real run)."""
+    from .recipe import parse_args
+
+    cmd = build_command([a for a in argv if a != "--dry-run"])
+    module = cmd.index("emoe_llm.train")
+    parse_args(cmd[module + 1:])
+
+
 def run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_LAUNCH_HELP)
