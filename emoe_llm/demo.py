@@ -6,7 +6,7 @@
        (``deepspeed --num_gpus 2 -m emoe_llm.train --ds_config ds_configs/z3.json --config configs/tiny_cpu.yaml``)
     4. check the exported final/ with plain transformers against the ZeRO-3 model's logits
     5. ``emoe-llm eval`` (lm-evaluation-harness): MMLU 5-shot on a few subjects of the shipped val split and the
-       held-out alpaca NLL, a few documents each
+       held-out alpaca NLL, a few documents each, scored dense (the paper's protocol; --mode emoe for masked)
 
 The model is random and tiny, so MMLU is at chance level: the demo shows the machinery, not the method's gains.
 """
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     d_dense = (dense_logits - probe["dense_logits"]).abs().max().item()
     d_mode = (mode_logits - probe["logits"]).abs().max().item()
 
-    # 5. the eval command: lm-evaluation-harness on the export, in the mode it was trained
+    # 5. the eval command: lm-evaluation-harness on the export, scored dense as the paper's evaluation scores it
     from emoe_llm.cli import main as cli_main
 
     subjects = [x.strip() for x in args.subjects.split(",") if x.strip()]
@@ -157,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
           f"({len(mmlu_n)} subjects; random tiny model => chance level)")
     print(f"  held-out NLL    {nll:.3f} nats/token (emoe_nll_alpaca_heldout, "
           f"{evaluation['n-samples']['emoe_nll_alpaca_heldout']['effective']} rows)")
-    print(f"  eval            {eval_json}  (emoe-llm eval, lm-evaluation-harness {evaluation['lm_eval_version']})")
+    print(f"  eval            {eval_json}  (emoe-llm eval, mode {evaluation['mode']}: the paper's protocol; "
+          f"--mode emoe scores it masked; lm-evaluation-harness {evaluation['lm_eval_version']})")
     print(f"  run dir         {train_dir}  (metrics.jsonl, tb/, run/, checkpoints/, final/)")
     try:
         from emoe_llm.eval.plot_run import plot_run

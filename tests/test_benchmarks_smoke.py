@@ -76,3 +76,21 @@ def test_clustering_real_weights_case_runs(tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert lines[-1].startswith("ours (fast) / ours (exact assignment), real weights: mean ")
     assert sum(" exact " in line for line in lines) == 2
+
+
+@pytest.mark.slow
+def test_emoe_protocol_runs_on_a_tiny_model(tmp_path):
+    """benchmarks/emoe_protocol.py (routing precision, clustering effort) end to end on the tiny Llama."""
+    from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny", tokenizer_dir=DATA_DIR / "tokenizers" / "tiny_llama3_style", seed=0)
+    out = tmp_path / "protocol.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "emoe_protocol.py"), "--model", str(ckpt), "--layers", "2,3",
+                           "--tokens", "256", "--model-tokens", "256", "--cluster-experts", "16", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("routing_model_bf16 layer 3: ")
+    data = json.loads(out.read_text())
+    assert [r["layer"] for r in data["clustering"]] == [2, 3] and all(r["ratio"] > 0 for r in data["clustering"])
+    for kind in ("routing_scores_bf16", "routing_model_bf16"):
+        assert set(data[kind]) == {"2", "3"} and all(0 <= r["share"] <= 1 for r in data[kind].values())

@@ -27,6 +27,6 @@ def test_demo_end_to_end(tmp_path):
     assert (out / "train" / "COMPLETED").is_file() and (final / "model.safetensors").is_file()
     assert json.loads((final / "config.json").read_text())["emoe"]["top_k"] == 4
     res = json.loads((out / "eval.json").read_text())
-    assert res["mode"] == "emoe" and set(res["results"]) == {"emoe_mmlu_abstract_algebra", "emoe_mmlu_marketing",
+    assert res["mode"] == "dense" and set(res["results"]) == {"emoe_mmlu_abstract_algebra", "emoe_mmlu_marketing",
                                                              "emoe_nll_alpaca_heldout"}
     assert 0 < res["results"]["emoe_nll_alpaca_heldout"]["nll_per_token,none"] < 10
