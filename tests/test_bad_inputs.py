@@ -1014,10 +1014,10 @@ def _(w):
     return _eval(w, w.shared["dense"], w.shared["mmlu"], "--mode", "emoe")
 
 
-@case("eval", "mode-twice", "--mode auto,emoe on a converted checkpoint: auto is emoe there",
-      r"--mode auto,emoe names the same mode twice \(emoe, emoe for .*config\.json\)")
+@case("eval", "mode-twice", "--mode auto,dense: auto is dense for every checkpoint",
+      r"--mode auto,dense names the same mode twice \(dense, dense for .*config\.json\)")
 def _(w):
-    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--mode", "auto,emoe")
+    return _eval(w, w.shared["emoe"], w.shared["mmlu"], "--mode", "auto,dense")
 
 
 @case("eval", "modes-one-output", "--mode emoe,dense with an --output without {mode}",
