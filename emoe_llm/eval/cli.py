@@ -98,7 +98,7 @@ def _modes(text: str) -> list[str]:
 
 
 def resolve_modes(path: str, requested: list[str]) -> list[tuple[str, str]]:
-    """(mode, why) of each mode to score, resolved (auto -> the checkpoint's) and checked before anything loads:
+    """(mode, why) of each mode to score, resolved (auto -> dense) and checked before anything loads:
     distinct, and emoe only on a checkpoint with an 'emoe' block."""
     cfg_path = Path(path) / "config.json"
     config = json.loads(cfg_path.read_text())
