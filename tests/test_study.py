@@ -117,6 +117,7 @@ def test_mde_power_and_planning():
     assert stats.mde80(0.01, 1e7) == pytest.approx(0.028016, abs=1e-5)
     # few df need more: with 2 df the noncentral t puts it far above 2.8 se
     assert stats.mde80(0.01, 2) > 0.05
+    assert stats.mde80(0.01, 1.0) == pytest.approx(0.16334, rel=1e-3)  # 1 df: scipy's nct gives NaN there
     components = {"var_seed": 0.0004, "var_doc": 0.04, "var_resid": 0.01}
     se_small, _ = stats.planned(components, 3, 100)
     se_docs, _ = stats.planned(components, 3, 400)

@@ -140,18 +140,22 @@ def mde80(se: float | None, df: float | None, *, power: float = POWER, confidenc
     if df is None or math.isinf(df) or df > 1e6:
         return (t_quantile(0.5 + confidence / 2, math.inf) + t_quantile(power, math.inf)) * se
     from scipy.optimize import brentq
-    from scipy.stats import nct
 
     df = max(float(df), 1.0)
     crit = t_quantile(0.5 + confidence / 2, df)
-
-    def shortfall(nc: float) -> float:
-        return float(nct.sf(crit, df, nc) + nct.cdf(-crit, df, nc)) - power
-
     hi = crit + t_quantile(power, df) + 1.0
-    while shortfall(hi) < 0:
+    while _power(hi, df, crit) < power:
         hi *= 2
-    return brentq(shortfall, 0.0, hi, xtol=1e-6) * se
+    return brentq(lambda nc: _power(nc, df, crit) - power, 0.0, hi, xtol=1e-6) * se
+
+
+def _power(nc: float, df: float, crit: float, points: int = 4000) -> float:
+    """P(|T| > crit) for a noncentral t with ``df`` and noncentrality ``nc``: the normal probability averaged over
+    the chi-square quantiles of the variance estimate (scipy's nct returns NaN for small df and large nc)."""
+    from scipy.stats import chi2, norm
+
+    scale = np.sqrt(chi2.ppf((np.arange(points) + 0.5) / points, df) / df)
+    return float(np.mean(norm.sf(crit * scale - nc) + norm.cdf(-crit * scale - nc)))
 
 
 def p_value(mean: float, se: float | None, df: float | None) -> float | None:
