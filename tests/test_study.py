@@ -447,7 +447,7 @@ def test_tiny_study_end_to_end_rerun_and_resume(tmp_path):
     assert "| dense | emoe | emoe@masked | random | random@masked |" in md and "emoe@masked - dense = " in md
     # every eval JSON has its per-document records beside it: one per document, the same documents in every cell
     evals = sorted(out.glob("cells/*/eval/*.json"))
-    assert len(evals) == 9
+    assert len(evals) == 10  # 2 dense cells once, 4 EMoE-trained cells twice
     doc_ids = set()
     for path in evals:
         records = [json.loads(x) for x in path.with_name(path.stem + ".samples.jsonl").read_text().splitlines()]
