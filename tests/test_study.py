@@ -305,8 +305,15 @@ def test_report_from_per_document_records(tmp_path):
     assert (nll["emoe"]["n_seeds"], nll["emoe"]["n_docs"]) == (3, 4) and nll["emoe"]["ci95"] is not None
     # the paired entry is the two-way analysis of the token-weighted differences (same seed, same document)
     pair = report["paired"]["emoe_nll_alpaca_heldout/nll_per_token"]["emoe"]
-    delta = [[(a - b) * 4 / sum(TOKENS) for a, b in zip(nll_sums(s, "emoe"), nll_sums(s, "dense"))] for s in (1, 2, 3)]
+    # linearised ratio: R_s + (num - R_s w) / mean(w), num the summed-NLL difference of the document
+    delta = []
+    for s in (1, 2, 3):
+        num = [a - b for a, b in zip(nll_sums(s, "emoe"), nll_sums(s, "dense"))]
+        ratio = sum(num) / sum(TOKENS)
+        delta.append([ratio + (n - ratio * w) / (sum(TOKENS) / 4) for n, w in zip(num, TOKENS)])
     expected = stats.two_way(delta)
+    assert expected["mean"] == pytest.approx(np.mean([sum(nll_sums(s, "emoe")) - sum(nll_sums(s, "dense"))
+                                                      for s in (1, 2, 3)]) / sum(TOKENS))
     assert pair["mean_diff"] == pytest.approx(expected["mean"]) and pair["ci95"] == pytest.approx(expected["ci95"])
     assert (pair["n_docs"], pair["n_seeds"], pair["primary"]) == (4, 3, True) and pair["baseline"] == "dense"
     assert pair["mde80"] == pytest.approx(stats.mde80(expected["se"], expected["df"]))
@@ -537,3 +544,16 @@ def test_dry_run_with_a_pilot_prints_the_planned_mde(tmp_path, capsys):
     assert "emoe_nll_alpaca_heldout/nll_per_token *" in printed and not (tmp_path / "new").exists()
     assert main(["study", str(tmp_path / "b.yaml"), "--out", str(tmp_path / "new"), "--pilot", str(pilot)]) == 2
     assert "use it with --dry-run" in capsys.readouterr().err
+
+
+def test_a_ratio_metric_does_not_count_document_length_as_noise():
+    """Every document at 2.0 nats per token, lengths 5..200 tokens: the token-weighted mean is 2.0 and, linearised,
+    the documents add no spread (the plain num x D / sum(w) weighting would make length look like variance)."""
+    from emoe_llm.study.report import doc_table
+
+    lengths = [5, 40, 200, 12]
+    per_seed = {s: {d: (2.0 + 0.01 * s, w) for d, w in enumerate(lengths)} for s in (1, 2, 3)}
+    table = doc_table(per_seed, [1, 2, 3], list(range(4)))
+    assert table.mean(axis=1) == pytest.approx([2.01, 2.02, 2.03])
+    assert table.std(axis=1) == pytest.approx([0, 0, 0], abs=1e-12)
+    assert stats.two_way(table)["share_doc"] == pytest.approx(0.0, abs=1e-9)

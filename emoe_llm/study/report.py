@@ -147,13 +147,18 @@ def read_samples(eval_json: Path, metrics: list[str]) -> dict[str, dict[tuple[st
 
 
 def doc_table(per_seed: dict[int, dict], seeds: list[int], docs: list) -> np.ndarray:
-    """seeds x documents table of one row; a weighted metric (a ratio) becomes value * weight * D / sum(weights),
-    whose mean is sum(value * weight) / sum(weight): nll_per_token over all tokens."""
+    """seeds x documents table of one row. A weighted metric (a ratio: nll_per_token = summed NLL / summed tokens)
+    becomes its linearisation R_s + (num[s, d] - R_s w_d) / mean(w), with num = value x weight and R_s the seed's
+    ratio over the documents: each seed's mean is exactly its ratio (what the eval JSON reports), and the document
+    spread is that of the ratio estimator (a long document does not count as a large value), so a difference of two
+    such tables is the token-weighted per-document difference of docs/study.md."""
     table = np.array([[per_seed[s][d][0] for d in docs] for s in seeds], dtype=float)
     weights = [per_seed[seeds[0]][d][1] for d in docs]
     if all(w is not None for w in weights):
         w = np.array(weights, dtype=float)
-        table = table * w[None, :] * len(docs) / w.sum()
+        num = table * w[None, :]
+        ratio = num.sum(axis=1, keepdims=True) / w.sum()
+        table = ratio + (num - ratio * w[None, :]) / w.mean()
     return table
 
 
