@@ -70,6 +70,7 @@ from .config import (
     load_config,
     load_ds_config,
     resolve_batch,
+    resolve_hub_ids,
     resolve_precision,
 )
 from .loss import count_sequences, sequence_ce_sum
@@ -923,6 +924,7 @@ def load_recipe(args: argparse.Namespace) -> tuple[RecipeConfig, dict]:
     cfg = load_config(args.config, args.overrides)
     if any(o.partition("=")[0].strip() == "model.path" for o in args.overrides):
         cfg.model.build_tiny_if_missing = False  # a model.path typed on the command line must exist, not be built
+    resolve_hub_ids(cfg)
     check_runnable(cfg)
     ds_config = load_ds_config(args.ds_config)
     fill_ds_config(ds_config, cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
