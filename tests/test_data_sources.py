@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from hubcache import make_hub_cache
 
 from emoe_llm.data import read_source
 from emoe_llm.data.config import data_config_from_dict, resolve_hub_source
@@ -120,28 +121,6 @@ def make_dataset_repo(root, rows=ROWS):
     (root / "data" / "train-00000-of-00001.jsonl").write_bytes(_jsonl(rows))
     (root / "data" / "test-00000-of-00001.jsonl").write_bytes(_jsonl(rows[:1]))
     return root
-
-
-def make_hub_cache(cache, repo_id: str, files: dict, *, repo_type: str = "model", commit: str = "a" * 40):
-    """The huggingface_hub cache layout for repo_id: blobs/, snapshots/<commit>/ (symlinks to the blobs) and
-    refs/main, as `snapshot_download` leaves it; files is {relative path: bytes or a source file}."""
-    import hashlib
-    import os
-    from pathlib import Path
-
-    repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
-    snap = repo / "snapshots" / commit
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    for rel, content in files.items():
-        data = Path(content).read_bytes() if not isinstance(content, bytes) else content
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        target = snap / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(os.path.relpath(blob, target.parent), target)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    return snap
 
 
 def test_hub_source_from_a_local_dataset_repo_picks_the_split(tmp_path, reference):

@@ -180,8 +180,6 @@ def _source_from(item, where: str) -> DataSource:
     if not isinstance(item, dict):
         raise ValueError(f"{where}: expected a path or a mapping with `path`, got {type(item).__name__}")
     _check_keys(item, DataSource, where, required="hub" if "hub" in item else "path")
-    if "hub_commit" in item:
-        raise ValueError(f"{where}.hub_commit is set by the run (the commit `hub` resolved to); pin one with revision")
     return DataSource(**item)
 
 

@@ -140,7 +140,7 @@ def tokenize_source(src: DataSource, cfg: DataConfig, tokenizer, *, get_template
             fn_kwargs=dict(tokenizer=tokenizer, template=template, is_text=is_text,
                            train_on_prompt=cfg.train_on_prompt, max_seq_len=cfg.max_seq_len,
                            truncation=cfg.truncation),
-            desc=f"tokenizing {Path(src.path).name}", cache_file_name=str(Path(work) / "encoded.arrow"),
+            desc=f"tokenizing {src.hub or Path(src.path).name}", cache_file_name=str(Path(work) / "encoded.arrow"),
             features=_token_features("input_ids", "labels", extra={"length": "int64", "status": "int64"}),
         )
         stats, enc = _encode_stats(src, fmt, report, raw, enc, cfg, t0)

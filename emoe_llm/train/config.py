@@ -161,9 +161,28 @@ class LoraConfig:
     (final/ is a plain AutoModelForCausalLM, 4-bit weights dequantized); the adapter alone goes to final/adapter/."""
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases as a second tracker (pip install 'emoe-llm[wandb]'): rank 0 only, the run's resolved config,
+    the same scalars as metrics.jsonl (per-expert load included). The run dir is output_dir/wandb; a resumed run
+    continues the same wandb run (its id is kept in output_dir/run/wandb_id)."""
+
+    project: str = "emoe-llm"
+    name: str | None = None
+    """the run's display name (default: output_dir's name)"""
+    mode: str = "online"
+    """online | offline (written under output_dir/wandb; upload later with `wandb sync`) | disabled"""
+    entity: str | None = None
+
+
 @dataclass
 class LoggingConfig:
     tensorboard: bool = True
+    wandb: WandbConfig | None = None
+    """set (e.g. logging.wandb.mode=offline) to log to wandb too"""
     progress_bar: bool = True
     """tqdm on rank 0 when stderr is a terminal; otherwise (and when false) one log line per logged step"""
     expert_load: bool = True
@@ -443,6 +462,8 @@ def validate_config(cfg: RecipeConfig, *, source: str = "config") -> None:
             errors.append(f"{key} {error}")
     if cfg.lora.quantize not in ("none", "4bit"):
         errors.append(f"lora.quantize must be 'none' or '4bit', got '{cfg.lora.quantize}'")
+    if cfg.logging.wandb is not None and cfg.logging.wandb.mode not in WANDB_MODES:
+        errors.append(f"logging.wandb.mode must be one of {', '.join(WANDB_MODES)}, got {cfg.logging.wandb.mode!r}")
     if cfg.lora.quantize != "none" and not cfg.lora.enabled:
         errors.append("lora.quantize=4bit (QLoRA) needs lora.enabled=true")
     resume = cfg.resume

@@ -63,6 +63,7 @@ from .config import (
     ConfigError,
     RecipeConfig,
     check_runnable,
+    config_to_dict,
     dump_config,
     ds_precision,
     ds_zero_stage,
@@ -698,7 +699,8 @@ def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) 
     if rank == 0:
         write_run_dir(output_dir, config_yaml=config_yaml, ds_config=ds_config, hosts=hosts, resumed_from=resumed_from)
         atomic_write_text(output_dir / "run" / "data_stats.json", json.dumps(data_stats, indent=2, default=str))
-    metrics = MetricsLogger(output_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard, resume_step=state.step)
+    metrics = MetricsLogger(output_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard, resume_step=state.step,
+                            wandb=cfg.logging.wandb, config=config_to_dict(cfg))
     if resumed_from is not None:
         metrics.log({"event": "resume", "step": state.step, "checkpoint": str(resumed_from)})
     run = Run(cfg=cfg, rank=rank, world=world, device=device, output_dir=output_dir, dtype=DTYPES[precision],
