@@ -74,8 +74,9 @@ def resolve(value: str, *, revision: str | None = None, repo_type: str = "model"
                                  token=os.environ.get("HF_TOKEN") or None)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         why = "HF_HUB_OFFLINE=1 and it is not in the cache" if offline() else f"not in the cache and not reachable ({e})"
+        flag = " --repo-type dataset" if repo_type == "dataset" else ""
         raise HubError(f"{value}{at} is not a local directory, and as a Hub {repo_type} id: {why} (searched "
-                       f"{cache}; download it with `hf download {value}{' --repo-type dataset' if repo_type == 'dataset' else ''}` or set "
+                       f"{cache}; download it with `hf download {value}{flag}` or set "
                        "HF_HOME/HF_HUB_CACHE to the cache that holds it)") from None
     except HfHubHTTPError as e:  # 401/404: a private or misspelt repo, an unknown revision
         raise HubError(f"{value}{at} is not a local directory, and as a Hub {repo_type} id: "

@@ -49,7 +49,8 @@ def test_prompts_file_to_jsonl_with_sampling_seed_and_emoe_mode(tiny_eval_checkp
                        json.dumps({"instruction": "Add", "input": "2 and 3"}) + "\n")
     outs = {}
     seed1 = ["--temperature", "1.0", "--seed", "1"]
-    for name, extra in (("s1", seed1), ("s1b", seed1), ("dense", []), ("emoe", ["--mode", "emoe", "--top-k", "1", *seed1])):
+    emoe = ["--mode", "emoe", "--top-k", "1", *seed1]
+    for name, extra in (("s1", seed1), ("s1b", seed1), ("dense", []), ("emoe", emoe)):
         path = tmp_path / f"{name}.jsonl"
         assert "wrote 2 completions" in _gen(capsys, ckpt, "--prompts", prompts, "--output", path,
                                              "--max-new-tokens", 16, *extra)

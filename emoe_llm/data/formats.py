@@ -125,7 +125,8 @@ def _lines(path: str, f):
 
 def iter_dataset_rows(path: str, load_args: dict, *, max_rows: int | None = None):
     """Rows of a dataset repo (a Hub snapshot dir or a local repo dir) through ``datasets.load_dataset``: it reads the
-    repo's README configs and data-file layout, so ``name`` (the subset) and ``split`` mean what they mean on the Hub."""
+    repo's README configs and data-file layout, so ``name`` (the subset) and ``split`` mean what they mean on the
+    Hub."""
     import datasets
 
     try:

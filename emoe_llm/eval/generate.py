@@ -37,7 +37,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="a system turn before each prompt")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="default 256")
     parser.add_argument("--temperature", type=arg_number(ge=0), default=0.0, help="0 (default) = greedy")
-    parser.add_argument("--top-p", type=arg_number(gt=0, le=1), default=1.0, help="nucleus sampling (with --temperature)")
+    parser.add_argument("--top-p", type=arg_number(gt=0, le=1), default=1.0,
+                        help="nucleus sampling (with --temperature)")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:1")
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
