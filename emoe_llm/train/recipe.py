@@ -240,17 +240,40 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
 
 
+@contextlib.contextmanager
+def without_bitsandbytes():
+    """peft imports bitsandbytes whenever it is installed (peft.helpers at import, LoRA's layer dispatch in
+    get_peft_model), and importing bitsandbytes >= 0.49 on a CPU with AVX512-BF16 fetches a 4-bit kernel from the Hub
+    (kernels-community/quantization-bitsandbytes; "Failed to load CPU gemm_4bit_forward" where that is refused or
+    offline). A LoRA run without QLoRA quantizes nothing: here bitsandbytes reads as not installed (a None entry in
+    sys.modules: find_spec says None, import raises ImportError). Afterwards peft's cached answer is cleared, so a
+    later QLoRA model in the same process still finds it."""
+    if "bitsandbytes" in sys.modules:  # already imported: nothing left to avoid
+        yield
+        return
+    sys.modules["bitsandbytes"] = None
+    try:
+        yield
+    finally:
+        del sys.modules["bitsandbytes"]
+        from peft.import_utils import is_bnb_4bit_available, is_bnb_available
+
+        is_bnb_available.cache_clear()
+        is_bnb_4bit_available.cache_clear()
+
+
 def add_lora(model, cfg: RecipeConfig):
     """peft LoRA on ``lora.target_modules``, named as on Llama and mapped onto the family's modules by the
     architecture table (Phi-3: q/k/v -> qkv_proj, gate/up -> gate_up_proj). EMoEMLP keeps the MLP's projections as
     submodules, so LoRA on them wraps the same Linears and the router (mean of the gate rows' outputs) sees the
     adapted gate."""
-    from peft import LoraConfig, get_peft_model
+    with contextlib.nullcontext() if cfg.lora.quantize == "4bit" else without_bitsandbytes():
+        from peft import LoraConfig, get_peft_model
 
-    targets = layout_of(model).lora_targets(cfg.lora.target_modules)
-    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lcfg)
+        targets = layout_of(model).lora_targets(cfg.lora.target_modules)
+        lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=targets, bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lcfg)
     if cfg.model.gradient_checkpointing:
         model.enable_input_require_grads()
     return model

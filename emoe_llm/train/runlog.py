@@ -71,10 +71,15 @@ def write_run_dir(output_dir: Path, *, config_yaml: str, ds_config: dict, hosts:
         "hosts_by_rank": hosts,
         "env": {k: os.environ[k] for k in LAUNCH_ENV_KEYS if k in os.environ},
     }
-    for mod in ("peft", "flash_attn", "bitsandbytes", "datasets", "accelerate"):
+    # versions from the installed metadata, never by importing: importing bitsandbytes (or peft, which imports it)
+    # runs its CPU backend's set-up, which fetches a kernel from the Hub -- in every run, QLoRA or not
+    from importlib.metadata import PackageNotFoundError, version
+
+    for mod, dist_name in (("peft", "peft"), ("flash_attn", "flash-attn"), ("bitsandbytes", "bitsandbytes"),
+                           ("datasets", "datasets"), ("accelerate", "accelerate"), ("wandb", "wandb")):
         try:
-            env[mod] = __import__(mod).__version__
-        except Exception:
+            env[mod] = version(dist_name)
+        except PackageNotFoundError:
             pass
     atomic_write_text(run / "environment.json", json.dumps(env, indent=2))
     try:
