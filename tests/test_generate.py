@@ -9,8 +9,6 @@ import argparse
 import io
 import json
 
-import pytest
-
 from emoe_llm.cli import main
 from emoe_llm.eval import chat, generate
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from hubcache import cache_checkpoint, make_hub_cache
+from test_train_recipe import single_rank  # noqa: F401 - the fixture: one gloo rank for the run below
 
 from emoe_llm.cli import main
 from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint
@@ -80,11 +81,8 @@ def test_a_local_dir_wins_over_a_hub_id_of_the_same_spelling(tmp_path, offline_h
 
 
 @pytest.fixture
-def env(single_rank):
+def env(single_rank):  # noqa: F811 - test_train_recipe's one gloo rank, shared by the module
     return single_rank
-
-
-from test_train_recipe import single_rank  # noqa: E402,F401 - the module's one gloo rank
 
 
 def test_train_from_a_hub_model_and_dataset_with_wandb_offline(tmp_path, offline_hub, env, monkeypatch):
