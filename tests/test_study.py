@@ -284,7 +284,7 @@ def test_slurm_dry_run_prints_the_array_and_writes_the_scripts(tmp_path, capsys)
         root.mkdir()
         (root / "slurm").symlink_to(REPO / "slurm")
         proc = subprocess.run([str(shellcheck), "-x", "-P", str(root), str(cell_sh), str(report_sh)],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, cwd=root)  # relative sources resolve against the cwd
         assert proc.returncode == 0, proc.stdout
 
 
