@@ -73,7 +73,9 @@ def resolve(value: str, *, revision: str | None = None, repo_type: str = "model"
                                  local_files_only=offline(), allow_patterns=patterns,
                                  token=os.environ.get("HF_TOKEN") or None)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        why = "HF_HUB_OFFLINE=1 and it is not in the cache" if offline() else f"not in the cache and not reachable ({e})"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        why = ("HF_HUB_OFFLINE=1 and it is not in the cache" if offline()
+               else f"not in the cache and not reachable ({reason})")
         flag = " --repo-type dataset" if repo_type == "dataset" else ""
         raise HubError(f"{value}{at} is not a local directory, and as a Hub {repo_type} id: {why} (searched "
                        f"{cache}; download it with `hf download {value}{flag}` or set "
