@@ -39,8 +39,9 @@ class Resolved:
 
 
 def is_hub_id(value: str) -> bool:
-    """``org/name`` that is not an existing path (``./org/name`` or an absolute path is always local)."""
-    return isinstance(value, str) and bool(HUB_ID.match(value)) and not Path(value).exists()
+    """``org/name`` that is not a local path: neither it nor its first part exists (``./org/name``, an absolute path
+    or ``runs/missing`` beside an existing ``runs/`` is always local: a typo there must not become a Hub request)."""
+    return isinstance(value, str) and bool(HUB_ID.match(value)) and not Path(value.split("/")[0]).exists()
 
 
 def hub_cache() -> Path:

@@ -76,8 +76,11 @@ def test_a_local_dir_wins_over_a_hub_id_of_the_same_spelling(tmp_path, offline_h
     from emoe_llm import hub
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "org").mkdir()
+    assert not hub.is_hub_id("org/tiny")  # a missing dir under an existing one: a local typo, not a Hub request
     shutil.copytree(offline_hub["dense"], tmp_path / "org" / "tiny")
     assert hub.resolve("org/tiny") == hub.Resolved(Path("org/tiny"))
+    assert hub.is_hub_id("other/tiny")
 
 
 @pytest.fixture
