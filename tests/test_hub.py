@@ -136,3 +136,16 @@ def test_train_from_a_hub_model_and_dataset_with_wandb_offline(tmp_path, offline
     # the run's resolved config: the Hub commit it trained, the wandb section that asked for it
     config = next(r["run"]["config"]["update"] for r in records if r["type"] == "run")
     assert config["model"]["hub_commit"] == A and config["logging"]["wandb"]["mode"] == "offline"
+
+
+def test_verify_and_generate_take_the_hub_id_too(tmp_path, offline_hub, capsys):
+    dst = tmp_path / "emoe"
+    assert main(["convert", "org/tiny", str(dst), "--experts", "16", "--top-k", "4", "--layers", "2,3",
+                 "--quiet"]) == 0
+    assert main(["verify", "org/tiny", str(dst), "--revision", A]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    args = ["generate", "org/tiny", "--prompt", "Hi", "--max-new-tokens", "6"]
+    assert main(args) == 0
+    by_id = capsys.readouterr().out
+    assert main([*args[:1], str(offline_hub["dense"]), *args[2:]]) == 0
+    assert capsys.readouterr().out == by_id  # the snapshot is the same model as the dir it was cached from
