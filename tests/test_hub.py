@@ -149,3 +149,11 @@ def test_verify_and_generate_take_the_hub_id_too(tmp_path, offline_hub, capsys):
     by_id = capsys.readouterr().out
     assert main([*args[:1], str(offline_hub["dense"]), *args[2:]]) == 0
     assert capsys.readouterr().out == by_id  # the snapshot is the same model as the dir it was cached from
+
+
+def test_plan_reads_a_hub_ids_config(offline_hub, capsys):
+    from emoe_llm.plan import load_shape
+
+    shape = load_shape("org/tiny")
+    config = json.loads((offline_hub["dense"] / "config.json").read_text())
+    assert (shape.layers, shape.ffn) == (config["num_hidden_layers"], config["intermediate_size"])
