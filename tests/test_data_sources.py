@@ -154,3 +154,8 @@ def test_hub_source_from_the_hub_cache_offline(tmp_path, monkeypatch, reference)
 def test_split_without_hub_is_refused():
     with pytest.raises(ValueError, match="split/name/revision go with `hub:`"):
         data_config_from_dict({"sources": [{"path": "x.json", "split": "test"}]})
+
+
+def test_path_and_hub_together_are_refused():
+    with pytest.raises(ValueError, match="set `path` .* or `hub` .*, not both"):
+        data_config_from_dict({"sources": [{"path": "x.json", "hub": "org/name"}]})

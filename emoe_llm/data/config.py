@@ -45,6 +45,9 @@ class DataSource:
         if self.hub is not None:
             if not isinstance(self.hub, str) or not self.hub.strip():
                 raise ValueError(f"data source hub must be a dataset repo id or directory, got {self.hub!r}")
+            if self.path and self.hub_commit is None and self.path != self.hub:
+                raise ValueError(f"data source: set `path` (a file or directory) or `hub` (a dataset repo), not both "
+                                 f"(path {self.path!r}, hub {self.hub!r})")
             if not self.path:
                 self.path = self.hub  # until resolve_hub_source: what errors and logs name
         elif self.revision is not None or self.name is not None or self.split != "train":
