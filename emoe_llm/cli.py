@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "data": ("emoe_llm.data.inspect", "validate instruction data and show tokenized examples with the masked parts"),
     "train": ("emoe_llm.train.launch", "fine-tune (dense or EMoE) with DeepSpeed ZeRO-3 (wraps the deepspeed launcher)"),
     "eval": ("emoe_llm.eval.cli", "evaluate an HF checkpoint with lm-evaluation-harness (shipped MMLU, GSM8K, held-out NLL tasks or your own YAMLs)"),
+    "generate": ("emoe_llm.eval.generate", "completions of prompts (--prompt TEXT or --prompts FILE.jsonl), dense or --mode emoe"),
+    "chat": ("emoe_llm.eval.chat", "chat with a checkpoint in the terminal (its chat template, streamed tokens, /reset, /exit)"),
     "probe": ("emoe_llm.eval.probe", "forward-only: dNLL of masking each layer at each k, expert load, clustering quality"),
     "plot": ("emoe_llm.eval.plot_run", "PNGs of a training run from its metrics.jsonl (loss, lr, tokens/s, expert load)"),
     "plan": ("emoe_llm.plan", "per-GPU memory, fit, largest micro batch and step time of a job before you sbatch it"),

@@ -210,7 +210,7 @@ def apply_emoe_block(shape: ModelShape, block: dict, *, name: str) -> None:
 
 
 def load_shape(model: str, *, emoe_override: dict | None = None) -> ModelShape:
-    """A preset name, a config.json, or a checkpoint dir holding one."""
+    """A preset name, a config.json, a checkpoint dir holding one, or a Hub id (only its config.json is read)."""
     if model in PRESETS:
         shape = ModelShape(name=model, **PRESETS[model])
         if isinstance(emoe_override, dict):  # the recipe's emoe: section, not the preset's paper default
@@ -218,6 +218,13 @@ def load_shape(model: str, *, emoe_override: dict | None = None) -> ModelShape:
         elif emoe_override is not False:
             shape.n_experts, shape.emoe_layers = PRESET_EMOE.get(model, (64, 2))
         return shape
+    from . import hub
+
+    if hub.is_hub_id(model):  # a Hub id: its config.json is all a plan needs (no weights are fetched)
+        try:
+            model = str(hub.resolve(model, allow_patterns=["config.json"]).path)
+        except hub.HubError as e:
+            raise PlanError(f"--model {e}") from None
     path = Path(model)
     if path.is_dir():
         path = path / "config.json"

@@ -2,7 +2,8 @@
 # Create/refresh the project virtualenv: torch first (CPU wheel by default), then the package with its
 # dev extras, then DeepSpeed with --no-build-isolation (it must build against the torch already installed).
 #   TORCH_SPEC   default "torch==2.13.0" (the CPU wheel); on a GPU box e.g. "torch==2.13.0 --index-url <cuda index>"
-#   EXTRAS       default "dev"; add "gpu" for flash-attn on CUDA machines (bitsandbytes is a regular dependency)
+#   EXTRAS       default "dev" (the test tools, plus wandb for logging.wandb's offline test); add "gpu" for flash-attn
+#                on CUDA machines (bitsandbytes and zstandard are regular dependencies)
 set -euo pipefail
 VENV=${1:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}

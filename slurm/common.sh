@@ -203,7 +203,12 @@ emoe_convert() {
     emoe_log "MODEL not set: training $dst as it is (not verified)"
     return 0
   fi
-  [ -f "$src/config.json" ] || emoe_die "MODEL=$src is not an HF checkpoint dir (no config.json)"
+  # MODEL may be a Hub id (org/name; MODEL_REVISION pins a commit): `emoe-llm convert` fetches it into the HF cache
+  # ($HF_HOME; with HF_HUB_OFFLINE=1 a compute node without internet reads only that cache)
+  if [ ! -f "$src/config.json" ] && [[ ! "$src" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$ ]]; then
+    emoe_die "MODEL=$src is neither an HF checkpoint dir (no config.json) nor a Hub id (org/name)"
+  fi
+  [ -n "${MODEL_REVISION:-}" ] && convert_args+=(--revision "$MODEL_REVISION")
   local mode=--resume   # picks up a conversion an earlier attempt left half done
   [ -f "$dst/config.json" ] && mode=--overwrite   # replaced only when it is another (or a broken) conversion
   emoe-llm convert "$src" "$dst" "$@" --config "$RECIPE" --verify --quiet "$mode" "${convert_args[@]}" ||

@@ -265,11 +265,21 @@ def _(w):
     return run
 
 
-@case("convert", "hub-id", "SRC is a Hub id, not a local dir", r"download it first: huggingface-cli download")
+@case("convert", "hub-id-offline", "SRC is a Hub id that is not in the HF cache, with HF_HUB_OFFLINE=1",
+      r"meta-llama/Llama-2-7b-hf is not a local directory, and as a Hub model id: HF_HUB_OFFLINE=1 and it is not in "
+      r"the cache \(searched .*hf/hub; download it with `hf download meta-llama/Llama-2-7b-hf`")
 def _(w):
     run = _convert(w, Path("meta-llama/Llama-2-7b-hf"))
     run.sources = []
+    run.env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(w.tmp / "hf"), "HF_HUB_CACHE": ""}
     return run
+
+
+@case("convert", "hub-revision-local", "--revision given with a local SRC dir",
+      r"--revision/revision pins a Hub commit, but .*src is a local path")
+def _(w):
+    src = w.src()
+    return _convert(w, src, "--revision", "main")
 
 
 @case("convert", "no-config", "SRC has no config.json", r"config.json is missing")
@@ -776,9 +786,54 @@ def _(w):
     return _data(w.file("empty.jsonl", ""))
 
 
-@case("data", "unsupported-type", "a .csv data file", r"unsupported file type '\.csv'")
+@case("data", "unsupported-type", "a .xlsx data file", r"unsupported file type '\.xlsx'; expected \.json")
 def _(w):
-    return _data(w.file("data.csv", "a,b\n"))
+    return _data(w.file("data.xlsx", b"PK\x03\x04"))
+
+
+@case("data", "gzip-truncated", "a .jsonl.gz cut short (an interrupted download)", r"cut\.jsonl\.gz: cannot decompress")
+def _(w):
+    import gzip
+
+    return _data(w.file("cut.jsonl.gz", gzip.compress((ALPACA * 400).encode())[:80]))
+
+
+@case("data", "csv-extra-cells", "a .csv row with more cells than the header names",
+      r"data\.csv: row 1: 4 cells, the header names 3")
+def _(w):
+    return _data(w.file("data.csv", "instruction,input,output\nhi,,there\na,b,c,d\n"))
+
+
+@case("data", "dir-mixed-kinds", "a directory mixing JSON lines and CSV files",
+      r"b\.csv: a CSV file in a directory of JSON files \(first: a\.jsonl\.gz\)")
+def _(w):
+    import gzip
+
+    w.file("mixed/a.jsonl.gz", gzip.compress(ALPACA.encode()))
+    w.file("mixed/b.csv", "instruction,input,output\nhi,,there\n")
+    return _data(w.tmp / "mixed")
+
+
+@case("data", "hub-dataset-offline", "a hub: data source not in the HF cache, with HF_HUB_OFFLINE=1",
+      r"data source hub: org/absent is not a local directory, and as a Hub dataset id: HF_HUB_OFFLINE=1 and it is "
+      r"not in the cache")
+def _(w):
+    cfg = w.file("recipe.yaml", "data:\n  sources: [{hub: org/absent, split: train}]\n")
+    return Run(["data", "--config", str(cfg), "--validate-only"], sources=[cfg],
+               env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(w.tmp / "hf"), "HF_HUB_CACHE": ""})
+
+
+@case("generate", "prompts-bad-line", "a --prompts line without a prompt field",
+      r"prompts\.jsonl: line 2: field 'prompt' \(a string\) is missing")
+def _(w):
+    p = w.file("prompts.jsonl", '{"prompt": "hi"}\n{"text": "no prompt"}\n')
+    return Run(["generate", str(w.shared["dense"]), "--prompts", str(p)], sources=[p])
+
+
+@case("generate", "emoe-on-dense", "--mode emoe on a dense checkpoint",
+      r"--mode emoe: .*config\.json has no 'emoe' block")
+def _(w):
+    return Run(["generate", str(w.shared["dense"]), "--prompt", "hi", "--mode", "emoe"])
 
 
 @case("data", "source-missing", "the data file does not exist", r"missing\.jsonl: file not found")
@@ -1654,7 +1709,8 @@ def _(w):
     return run
 
 
-@case("slurm", "model-not-hf", "MODEL is not an HF checkpoint dir", r"MODEL=.*empty-dir is not an HF checkpoint dir")
+@case("slurm", "model-not-hf", "MODEL is neither an HF checkpoint dir nor a Hub id",
+      r"MODEL=.*empty-dir is neither an HF checkpoint dir \(no config\.json\) nor a Hub id")
 def _(w):
     (w.tmp / "empty-dir").mkdir()
     run = _slurm(w, "llama7b.sh", MODEL=str(w.tmp / "empty-dir"), EMOE_MODEL=str(w.tmp / "emoe"))

@@ -209,3 +209,21 @@ def test_get_script_passes_shellcheck():
     script = REPO / "scripts" / "get_smollm2.sh"
     proc = subprocess.run([str(shellcheck), str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.slow
+def test_generate_and_chat_on_smollm2(smollm2, tmp_path):
+    """`emoe-llm generate` with the real chat template (ChatML): the same greedy answer twice, an answer that is text
+    (not the prompt echoed, no special tokens); `emoe-llm chat` driven from stdin streams a reply and keeps history."""
+    cmd = [sys.executable, "-m", "emoe_llm.cli", "generate", str(smollm2), "--prompt", "What is the capital of France?",
+           "--max-new-tokens", "24"]
+    first, second = (subprocess.run(cmd, capture_output=True, text=True, timeout=600) for _ in range(2))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout == second.stdout
+    assert "Paris" in first.stdout and "<|im_" not in first.stdout
+    chat = subprocess.run([sys.executable, "-m", "emoe_llm.cli", "chat", str(smollm2), "--max-new-tokens", "16"],
+                          input="What is the capital of France?\n/reset\nWhat is the capital of France?\n/exit\n",
+                          capture_output=True, text=True, timeout=600)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    lines = chat.stdout.split("\n")
+    assert lines[1] == "(new conversation)" and lines[0] == lines[2] and "Paris" in lines[0]

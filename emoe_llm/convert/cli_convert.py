@@ -25,7 +25,10 @@ SPEC_FLAGS = ("experts", "top_k", "layers", "permute_layers", "seed", "method")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("src", metavar="SRC", help="local HF checkpoint dir (sharded or single-file safetensors)")
+    parser.add_argument("src", metavar="SRC", help="HF checkpoint dir (sharded or single-file safetensors) or a Hub "
+                        "id like meta-llama/Llama-2-7b-hf (fetched safetensors-only into the HF cache)")
+    parser.add_argument("--revision", metavar="REV", help="with a Hub id: the branch, tag or commit to convert "
+                        "(default main); the commit it resolves to is recorded in DST/emoe_conversion.json")
     parser.add_argument("dst", metavar="DST", help="output dir (created; must be empty unless --overwrite)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (with --config)")
     parser.add_argument("--config", metavar="RECIPE", help="take N, k, layers, seed and method from this recipe's "
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             args.src, args.dst, **settings, n_init=args.n_init, max_iter=args.max_iter, device=args.device,
             dtype=args.dtype, overwrite=args.overwrite, resume=args.resume, allow_pickle=args.allow_pickle,
             progress=not args.quiet, verify={"check_copied": not args.skip_copied} if args.verify else None,
-            log=lambda msg: print(f"emoe-llm convert: {msg}", flush=True),
+            log=lambda msg: print(f"emoe-llm convert: {msg}", flush=True), revision=args.revision,
         )
     except ConversionError as e:
         print(f"emoe-llm convert: error: {e}", file=sys.stderr)

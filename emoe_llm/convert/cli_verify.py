@@ -14,7 +14,8 @@ import sys
 from ..checks import arg_number, positive_int
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="the dense source checkpoint dir")
+    parser.add_argument("src", metavar="SRC", help="the dense source checkpoint dir or Hub id")
+    parser.add_argument("--revision", metavar="REV", help="with a Hub id SRC: the branch, tag or commit (default main)")
     parser.add_argument("dst", metavar="DST", help="the converted checkpoint dir")
     parser.add_argument("--experts", type=positive_int, metavar="N", help="also require DST to have N experts")
     parser.add_argument("--layers", help="also require these layers to be permuted in DST, i.e. usable as EMoE layers "
@@ -32,17 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import hub
     from .errors import ConversionError
     from .verify import format_report, verify_checkpoint
 
     try:
+        src = hub.resolve(args.src, revision=args.revision).path
         report = verify_checkpoint(
-            args.src, args.dst, n_experts=args.experts, layers=args.layers,
+            src, args.dst, n_experts=args.experts, layers=args.layers,
             check_copied=not args.skip_copied, check_logits=not args.no_logits,
             max_logits_bytes=int(args.max_logits_gib * 2**30), n_tokens=args.tokens, atol=args.atol,
             allow_pickle=args.allow_pickle,
         )
-    except ConversionError as e:
+    except (ConversionError, hub.HubError) as e:
         print(f"emoe-llm verify: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2) if args.json else format_report(report))

@@ -59,6 +59,7 @@ def convert_checkpoint(
     allow_pickle: bool = False,
     progress: bool = True,
     on_step: Callable[[str, dict], None] | None = None,
+    source_record: dict | None = None,
 ) -> dict:
     """Convert the dense checkpoint SRC into the EMoE checkpoint DST (see module docstring).
 
@@ -73,6 +74,8 @@ def convert_checkpoint(
         resume: continue the partial conversion an interrupted run left beside DST.
         allow_pickle: accept ``pytorch_model*.bin`` (loaded with ``torch.load(weights_only=True)``).
         on_step: called as ``on_step("layer"|"shard", info)`` after each layer/shard is safely recorded.
+        source_record: where SRC came from (``hub.Resolved.record()``: the Hub id and commit), kept in the summary
+            and in the resume key, so a partial conversion of one commit is never finished from another.
 
     Returns:
         The summary dict, also written to ``DST/emoe_conversion.json``.
@@ -101,7 +104,7 @@ def convert_checkpoint(
     key = {
         "src": str(src), "src_files": source.files_signature(), "n_experts": n_experts, "seed": seed,
         "method": method, "n_init": n_init, "max_iter": max_iter, "permuted_layers": settings.permuted_layers,
-        "dtype": dtype, "device": str(device),
+        "dtype": dtype, "device": str(device), "source": source_record or {"path": str(src)},
     }
     try:
         ws = Workspace.open(dst, key, resume=resume, log=log)
@@ -123,6 +126,7 @@ def convert_checkpoint(
         counters["write_seconds"] = time.perf_counter() - start - counters["cluster_seconds"]
         _write_metadata_files(source, ws, settings, out_dtype, out_bytes)
         summary = _summary(source, dst, settings, dtype, counters, out_bytes, start)
+        summary["source"] = source_record or {"path": str(src)}
         (ws.path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         ws.finalize(dst, overwrite=overwrite)
     except ConversionError:

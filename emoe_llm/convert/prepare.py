@@ -13,8 +13,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import emoe
-from .convert import convert_checkpoint
+from .. import emoe, hub
+from .convert import SUMMARY_FILE, convert_checkpoint
 from .errors import ConversionError
 from .source import load_config, open_source
 from .verify import format_report, verify_checkpoint
@@ -62,20 +62,34 @@ def key_differences(have: dict, want: dict, *, permute_layers_given: bool) -> li
 
 def prepare_emoe_checkpoint(src, dst, *, n_experts: int, top_k: int, layers, permute_layers=None, seed: int = 0,
                             method: str = "kmeans", verify: dict | None = None, overwrite: bool = False,
-                            resume: bool = False, log: Callable[[str], None] = print, **convert_options) -> dict:
+                            resume: bool = False, log: Callable[[str], None] = print, revision: str | None = None,
+                            **convert_options) -> dict:
     """Make DST the EMoE conversion of SRC for these settings, doing as little as possible.
 
     DST is reused when its ``emoe`` block has the same N, permuted layers, seed and method (and, with ``verify`` --
     ``verify_checkpoint`` keyword arguments -- when it verifies against SRC). Otherwise SRC is converted into DST:
     an existing other DST is replaced only with ``overwrite``; ``resume`` continues an interrupted conversion.
 
+    SRC may be a Hub id (``org/name``, pinned with ``revision``): it is resolved to its cached snapshot first, and the
+    commit it resolved to keys the conversion too (recorded as ``source`` in DST/emoe_conversion.json), so a new
+    upstream commit converts again instead of reusing a conversion of other weights.
+
     Returns {"action": "reused" | "converted", "key": ..., "verify": report or None, "summary": the conversion
     summary (``convert_checkpoint``'s) or None}.
     """
+    try:
+        resolved = hub.resolve(str(src), revision=revision)
+    except hub.HubError as e:
+        raise ConversionError(str(e)) from None
+    if resolved.repo_id:
+        log(f"{resolved.repo_id}: commit {resolved.commit} ({resolved.path})")
+    src = resolved.path
     want = conversion_key(src, n_experts=n_experts, layers=layers, permute_layers=permute_layers, seed=seed,
                           method=method)
     have = existing_key(dst)
     changed = key_differences(have, want, permute_layers_given=permute_layers is not None) if have else None
+    if have is not None and resolved.repo_id:
+        changed += source_differences(dst, resolved)
     if have is not None:
         if not changed:
             report = _verify(src, dst, n_experts, layers, verify)
@@ -92,12 +106,22 @@ def prepare_emoe_checkpoint(src, dst, *, n_experts: int, top_k: int, layers, per
     log(f"converting {src} -> {dst} ({_describe(want)}, top_k {top_k})")
     summary = convert_checkpoint(src, dst, n_experts=n_experts, top_k=top_k, layers=layers,
                                  permute_layers=permute_layers, seed=seed, method=method, overwrite=overwrite,
-                                 resume=resume, **convert_options)
+                                 resume=resume, source_record=resolved.record(), **convert_options)
     report = _verify(src, dst, n_experts, layers, verify)
     if report is not None and not report["ok"]:
         raise ConversionError(f"the fresh conversion {dst} does not verify against {src}:\n" + format_report(report))
     log(f"converted{' and verified' if report else ''}: {dst}")
     return {"action": "converted", "key": want, "verify": report, "summary": summary}
+
+
+def source_differences(dst, resolved: hub.Resolved) -> list[str]:
+    """A conversion of a Hub id is keyed on the commit it was made from (DST/emoe_conversion.json ``source``)."""
+    try:
+        recorded = json.loads((Path(dst) / SUMMARY_FILE).read_text()).get("source") or {}
+    except (OSError, ValueError):
+        recorded = {}
+    have = recorded.get("commit")
+    return [] if have == resolved.commit else [f"source commit {have} -> {resolved.commit}"]
 
 
 def _verify(src, dst, n_experts, layers, options: dict | None) -> dict | None:

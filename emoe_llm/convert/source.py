@@ -109,7 +109,7 @@ def open_source(path: str | os.PathLike, *, allow_pickle: bool = False) -> Sourc
     """Locate and validate a local HF checkpoint directory (see module docstring)."""
     root = Path(path)
     if not root.is_dir():
-        hint = (" (to use a Hub model, download it first: huggingface-cli download ID --local-dir DIR)"
+        hint = (" (a Hub id? emoe-llm convert and verify fetch one; or download it: hf download ID --local-dir DIR)"
                 if not root.exists() and str(path).count("/") == 1 else "")
         raise ConversionError(f"SRC {root} is not a directory (expected a local HF checkpoint dir){hint}")
     config = load_config(root)

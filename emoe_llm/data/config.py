@@ -14,11 +14,24 @@ TRUNCATION = ("truncate", "drop")
 
 @dataclass
 class DataSource:
-    """One input file or `load_from_disk` directory; `weight` only matters when mixing several."""
+    """One input file or `load_from_disk` directory, or a dataset repo (`hub:`); `weight` only matters when mixing
+    several."""
 
-    path: str
-    """File (.json/.jsonl/.parquet/.txt), a `datasets.save_to_disk` dir, or a dir of data files (read in sorted
-    order); relative paths resolve against the cwd."""
+    path: str = ""
+    """File (.json/.jsonl/.csv/.parquet/.arrow/.txt; JSON, CSV and text also .gz/.bz2/.xz/.zst), a
+    `datasets.save_to_disk` dir, or a dir of data files of one kind (read in sorted order); relative paths resolve
+    against the cwd. With `hub:` the run sets it to the repo's snapshot dir."""
+    hub: str | None = None
+    """a dataset repo read with datasets.load_dataset: a Hub id (org/name, fetched into the HF cache; HF_HUB_OFFLINE=1
+    reads only the cache) or a local dataset repo dir"""
+    split: str = "train"
+    """with `hub:`: the split to read"""
+    name: str | None = None
+    """with `hub:`: the subset (load_dataset's `name`, the repo's README config)"""
+    revision: str | None = None
+    """with `hub:` as a Hub id: the branch, tag or commit (default main)"""
+    hub_commit: str | None = None
+    """set by the run, not in a recipe: the commit the Hub id resolved to"""
     format: str = "auto"
     """auto | alpaca | sharegpt | messages | text (auto: from the file suffix and the first row's keys)."""
     weight: float | None = None
@@ -29,6 +42,16 @@ class DataSource:
     """Read at most this many rows (the first ones; useful for smoke tests)."""
 
     def __post_init__(self):
+        if self.hub is not None:
+            if not isinstance(self.hub, str) or not self.hub.strip():
+                raise ValueError(f"data source hub must be a dataset repo id or directory, got {self.hub!r}")
+            if self.path and self.hub_commit is None and self.path != self.hub:
+                raise ValueError(f"data source: set `path` (a file or directory) or `hub` (a dataset repo), not both "
+                                 f"(path {self.path!r}, hub {self.hub!r})")
+            if not self.path:
+                self.path = self.hub  # until resolve_hub_source: what errors and logs name
+        elif self.revision is not None or self.name is not None or self.split != "train":
+            raise ValueError(f"data source {self.path!r}: split/name/revision go with `hub:` (a dataset repo)")
         if not isinstance(self.path, str) or not self.path.strip():  # Path("") is the cwd: it always "exists"
             raise ValueError(f"data source path must be a file or directory, got {self.path!r}")
         if self.format not in FORMATS:
@@ -37,6 +60,24 @@ class DataSource:
             raise ValueError(f"data source {self.path!r}: weight must be > 0, got {self.weight!r}")
         if self.max_rows is not None and self.max_rows <= 0:
             raise ValueError(f"data source {self.path!r}: max_rows must be a positive integer, got {self.max_rows!r}")
+
+
+    def load_args(self) -> dict | None:
+        """load_dataset's keywords for a `hub:` source (None: a file or directory read by emoe_llm's own reader)."""
+        return None if self.hub is None else {"split": self.split, "name": self.name}
+
+
+def resolve_hub_source(src: DataSource) -> None:
+    """A `hub:` Hub id -> its dataset snapshot dir in the HF cache (fetched unless HF_HUB_OFFLINE=1), in `path`."""
+    from .. import hub
+
+    if src.hub is None or src.hub_commit is not None:
+        return
+    try:
+        resolved = hub.resolve(src.hub, revision=src.revision, repo_type="dataset")
+    except hub.HubError as e:
+        raise ValueError(f"data source hub: {e}") from None
+    src.path, src.hub_commit = str(resolved.path), resolved.commit
 
 
 @dataclass
@@ -100,7 +141,8 @@ class DataConfig:
 _INT_FIELDS = {"max_seq_len", "seed", "num_proc", "max_rows"}
 _BOOL_FIELDS = {"packing", "train_on_prompt", "skip_bad_rows"}
 _FLOAT_FIELDS = {"eval_fraction", "weight"}
-_STR_FIELDS = {"path", "format", "template", "truncation", "cache_dir", "system_prompt", "empty_response"}
+_STR_FIELDS = {"path", "format", "template", "truncation", "cache_dir", "system_prompt", "empty_response", "hub",
+               "split", "name", "revision"}
 
 
 def _check_types(d: dict, where: str) -> None:
@@ -140,14 +182,15 @@ def _source_from(item, where: str) -> DataSource:
         return DataSource(path=item)
     if not isinstance(item, dict):
         raise ValueError(f"{where}: expected a path or a mapping with `path`, got {type(item).__name__}")
-    _check_keys(item, DataSource, where, required="path")
+    _check_keys(item, DataSource, where, required="hub" if "hub" in item else "path")
     return DataSource(**item)
 
 
 def data_config_from_dict(d: dict) -> DataConfig:
     """Build a DataConfig from the recipe's `data:` mapping; unknown keys raise (typos must not pass silently).
 
-    A source may be a bare path string or a mapping ``{path, format, weight, max_rows}``.
+    A source may be a bare path string or a mapping ``{path, format, weight, max_rows}`` or
+    ``{hub, split, name, revision, format, weight, max_rows}``.
     """
     if not isinstance(d, dict):
         raise ValueError(f"data: expected a mapping, got {type(d).__name__}")

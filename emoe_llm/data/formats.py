@@ -39,22 +39,104 @@ def _where(path: str, row: int, line_based: bool) -> str:
 # --------------------------------------------------------------------------------------------------- raw reading
 
 
-DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".txt")
+DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet", ".arrow", ".txt")
+# Compressed JSON / CSV / text, as datasets reads them: decompressed as a stream, never whole into memory.
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+KINDS = {".json": "JSON", ".jsonl": "JSON", ".ndjson": "JSON", ".csv": "CSV", ".parquet": "Parquet",
+         ".arrow": "Arrow", ".txt": "text"}
 SAVE_TO_DISK_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what datasets.save_to_disk writes
+
+
+def data_suffix(path: str | Path) -> tuple[str, str | None]:
+    """(data suffix, compression or None): ``x.jsonl.gz`` -> (".jsonl", ".gz"); ``x.csv`` -> (".csv", None)."""
+    suffixes = [x.lower() for x in Path(path).suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] in COMPRESSIONS:
+        return suffixes[-2], suffixes[-1]
+    return (suffixes[-1] if suffixes else ""), None
+
+
+def is_data_file(path: Path) -> bool:
+    suffix, compression = data_suffix(path)
+    return suffix in DATA_SUFFIXES and (compression is None or suffix not in (".parquet", ".arrow"))
 
 
 def source_files(path: str) -> list[str]:
     """The files one source reads: a data file or a ``save_to_disk`` dir is itself; any other directory is read as
-    all its data files (``DATA_SUFFIXES``, not recursive, hidden files left out), in sorted order."""
+    all its data files (``DATA_SUFFIXES``, optionally compressed; not recursive, hidden files left out), in sorted
+    order. One directory holds one kind of file (JSON, CSV, Parquet, Arrow or text): a mix is an error naming the
+    odd file, since every file of a directory is one dataset with one set of columns."""
     p = Path(path)
     if not p.is_dir() or any((p / name).is_file() for name in SAVE_TO_DISK_FILES):
         return [path]
-    files = sorted(str(f) for f in p.iterdir()
-                   if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in DATA_SUFFIXES)
+    files = sorted(str(f) for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and is_data_file(f))
     if not files:
-        raise DataError(f"{path}: a directory without data files ({', '.join(DATA_SUFFIXES)}) that is not a "
-                        "datasets.save_to_disk directory either", path=path)
+        raise DataError(f"{path}: a directory without data files ({', '.join(DATA_SUFFIXES)}, optionally "
+                        f"{'/'.join(COMPRESSIONS)}) that is not a datasets.save_to_disk directory either", path=path)
+    kinds = [KINDS[data_suffix(f)[0]] for f in files]
+    for f, kind in zip(files, kinds):
+        if kind != kinds[0]:
+            raise DataError(f"{f}: a {kind} file in a directory of {kinds[0]} files (first: {Path(files[0]).name}); "
+                            "one directory is one dataset: move it out or give it as its own source", path=f)
     return files
+
+
+def open_binary(path: str):
+    """The file as a binary stream, decompressed by its last suffix (.gz, .bz2, .xz, .zst) when it has one."""
+    compression = data_suffix(path)[1]
+    if compression == ".gz":
+        import gzip
+
+        return gzip.open(path, "rb")
+    if compression == ".bz2":
+        import bz2
+
+        return bz2.open(path, "rb")
+    if compression == ".xz":
+        import lzma
+
+        return lzma.open(path, "rb")
+    if compression == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)",
+                            path=path) from None
+        import io
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _read_all(path: str) -> bytes:
+    try:
+        with open_binary(path) as f:
+            return f.read()
+    except (OSError, EOFError, ValueError) as e:  # gzip/bz2/lzma/zstd raise these for a corrupt or truncated file
+        raise DataError(f"{path}: cannot decompress ({e})", path=path) from None
+
+
+def _lines(path: str, f):
+    """Byte lines of an open (maybe decompressing) file; a corrupt compressed stream is one error naming the file."""
+    try:
+        yield from f
+    except (OSError, EOFError, ValueError) as e:
+        raise DataError(f"{path}: cannot decompress ({e})", path=path) from None
+
+
+def iter_dataset_rows(path: str, load_args: dict, *, max_rows: int | None = None):
+    """Rows of a dataset repo (a Hub snapshot dir or a local repo dir) through ``datasets.load_dataset``: it reads the
+    repo's README configs and data-file layout, so ``name`` (the subset) and ``split`` mean what they mean on the
+    Hub."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(path, **{k: v for k, v in load_args.items() if v is not None})
+    except Exception as e:  # noqa: BLE001 - re-raised with the repo and the split asked for
+        what = ", ".join(f"{k} {v!r}" for k, v in load_args.items() if v is not None)
+        raise DataError(f"{path}: datasets.load_dataset({what}) failed: {str(e).splitlines()[0]}", path=path) from e
+    n = len(ds) if max_rows is None else min(len(ds), max_rows)
+    for i in range(n):
+        yield i, ds[i], False
 
 
 def iter_raw_rows(path: str, *, max_rows: int | None = None) -> Iterator[tuple[int, object, bool]]:
@@ -82,12 +164,15 @@ def iter_raw_rows(path: str, *, max_rows: int | None = None) -> Iterator[tuple[i
         for i in range(n):
             yield i, ds[i], False
         return
-    suffix = p.suffix.lower()
+    suffix, compression = data_suffix(p)
+    if compression and suffix in (".parquet", ".arrow"):
+        raise DataError(f"{path}: a compressed {suffix} file; {suffix} compresses its own columns, give it "
+                        "uncompressed", path=path)
     if suffix in (".jsonl", ".ndjson"):
-        with open(p, "rb") as f:
-            yield from iter_jsonl_lines(path, decode_lines(path, f), max_rows)
+        with open_binary(path) as f:
+            yield from iter_jsonl_lines(path, decode_lines(path, _lines(path, f)), max_rows)
     elif suffix == ".json":
-        raw = p.read_bytes()
+        raw = _read_all(path)
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as e:
@@ -115,23 +200,13 @@ def iter_raw_rows(path: str, *, max_rows: int | None = None) -> Iterator[tuple[i
             raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}", path=path)
         for i, rec in enumerate(data[:max_rows] if max_rows is not None else data):
             yield i, rec, False
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(p)
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"{path}: not a readable parquet file ({e})", path=path) from e
-        i = 0
-        for batch in pf.iter_batches(batch_size=1024):
-            for rec in batch.to_pylist():
-                if max_rows is not None and i >= max_rows:
-                    return
-                yield i, rec, False
-                i += 1
+    elif suffix == ".csv":
+        yield from _iter_csv(path, max_rows)
+    elif suffix in (".parquet", ".arrow"):
+        yield from _iter_arrow_table(path, suffix, max_rows)
     elif suffix in TEXT_SUFFIXES:
-        with open(p, "rb") as f:
-            for i, line in enumerate(decode_lines(path, f)):
+        with open_binary(path) as f:
+            for i, line in enumerate(decode_lines(path, _lines(path, f))):
                 if max_rows is not None and count >= max_rows:
                     return
                 if isinstance(line, DataError):
@@ -144,8 +219,61 @@ def iter_raw_rows(path: str, *, max_rows: int | None = None) -> Iterator[tuple[i
                 count += 1
                 yield i, {"text": line}, True
     else:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; expected .json, .jsonl, .parquet, .txt "
-                        "or a datasets.save_to_disk directory", path=path)
+        raise DataError(f"{path}: unsupported file type {''.join(Path(path).suffixes[-2:]) or '(none)'!r}; expected "
+                        f"{', '.join(DATA_SUFFIXES)} (JSON, CSV and text also {'/'.join(COMPRESSIONS)}-compressed) or "
+                        "a datasets.save_to_disk directory", path=path)
+
+
+def _iter_csv(path: str, max_rows: int | None):
+    """CSV with a header row; every value is a string (an empty `input` cell is ""), as the alpaca columns expect.
+    Rows are numbered like the other non-line formats: row 0 is the first record after the header."""
+    import csv
+    import io
+
+    with open_binary(path) as f:
+        text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
+        try:
+            reader = csv.DictReader(text)
+            for i, rec in enumerate(reader):
+                if max_rows is not None and i >= max_rows:
+                    return
+                if None in rec:  # more cells than the header names
+                    yield i, DataError(f"{path}: row {i}: {len(rec) - 1 + len(rec[None])} cells, the header names "
+                                       f"{len(reader.fieldnames)}", path=path, row=i), False
+                    continue
+                yield i, rec, False
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason}); re-save the file as UTF-8", path=path) from None
+        except (csv.Error, OSError, EOFError) as e:
+            raise DataError(f"{path}: not a readable CSV file ({e})", path=path) from None
+
+
+def _iter_arrow_table(path: str, suffix: str, max_rows: int | None):
+    """Parquet, or an Arrow IPC file (datasets' own .arrow cache files are IPC streams), in record batches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if suffix == ".parquet":
+            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        else:
+            source = pa.memory_map(path)
+            try:
+                batches = iter(pa.ipc.open_stream(source))
+            except pa.ArrowInvalid:
+                source.seek(0)
+                reader = pa.ipc.open_file(source)
+                batches = (reader.get_batch(k) for k in range(reader.num_record_batches))
+    except Exception as e:  # noqa: BLE001
+        kind = "parquet" if suffix == ".parquet" else "Arrow IPC"
+        raise DataError(f"{path}: not a readable {kind} file ({e})", path=path) from e
+    i = 0
+    for batch in batches:
+        for rec in batch.to_pylist():
+            if max_rows is not None and i >= max_rows:
+                return
+            yield i, rec, False
+            i += 1
 
 
 def decode_lines(path: str, lines) -> Iterator[str | DataError]:
@@ -191,7 +319,7 @@ def iter_jsonl_lines(path: str, lines, max_rows: int | None):
 
 
 def detect_format(path: str, first_record) -> str:
-    if Path(path).suffix.lower() in TEXT_SUFFIXES:
+    if data_suffix(path)[0] in TEXT_SUFFIXES:
         return "text"
     if not isinstance(first_record, dict):
         raise DataError(f"{path}: cannot detect the format: first row is {type(first_record).__name__}, not an object",
@@ -371,18 +499,20 @@ def _vary_prompt(messages: list[dict], variation, seed: int, where: str) -> None
 
 def iter_records(path: str, fmt: str = "auto", *, report: dict, max_rows: int | None = None,
                  skip_bad_rows: bool = False, system_prompt: str | None = None, empty_response: str = "error",
-                 variation_seed: int | None = None, variation: bool | str = True) -> Iterator[dict]:
+                 variation_seed: int | None = None, variation: bool | str = True,
+                 load_args: dict | None = None) -> Iterator[dict]:
     """Read and validate one source row by row: yields normalised records (plus ``where``: "file: row N") and fills
     ``report`` (``rows_read``, ``skipped_bad_rows``, ``filtered_label_false``, ``empty_responses``,
     ``bad_row_examples``, ``format``). ``empty_responses`` counts rows with an empty response (trained EOS-only with
     ``empty_response="eos"``, left out with "skip").
 
     Nothing is kept in memory, so this feeds ``datasets.Dataset.from_generator`` for files larger than RAM.
+    ``load_args`` (``{split, name}``) reads ``path`` as a dataset repo through ``datasets.load_dataset`` instead.
     """
     report.update({"rows_read": 0, "skipped_bad_rows": 0, "filtered_label_false": 0, "empty_responses": 0,
                    "empty_response": empty_response, "bad_row_examples": [], "format": fmt})
     kept, requested, last_file = 0, fmt, None
-    for i, rec, line_based, file in _iter_source_rows(path, max_rows):
+    for i, rec, line_based, file in _iter_source_rows(path, max_rows, load_args):
         if file != last_file:  # each file of a directory source is detected on its own
             fmt, last_file = requested, file
         where = _where(file, i, line_based)
@@ -426,8 +556,12 @@ def iter_records(path: str, fmt: str = "auto", *, report: dict, max_rows: int | 
         report["format"] = "text"
 
 
-def _iter_source_rows(path: str, max_rows: int | None):
+def _iter_source_rows(path: str, max_rows: int | None, load_args: dict | None = None):
     """(row index, record, line_based, file) over every file of the source (``source_files``), ``max_rows`` in all."""
+    if load_args is not None:
+        for i, rec, line_based in iter_dataset_rows(path, load_args, max_rows=max_rows):
+            yield i, rec, line_based, path
+        return
     left = max_rows
     for file in source_files(path):
         for i, rec, line_based in iter_raw_rows(file, max_rows=left):

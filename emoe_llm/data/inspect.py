@@ -72,7 +72,7 @@ def render_masked(tokenizer, input_ids: list[int], labels: list[int]) -> str:
 
 
 def run(args) -> int:
-    from .config import data_config_from_dict
+    from .config import data_config_from_dict, resolve_hub_source
     from .formats import iter_records
 
     import yaml
@@ -87,11 +87,13 @@ def run(args) -> int:
         print(f"emoe-llm data: error: {e}", file=sys.stderr)
         return 2
     try:
+        for src in cfg.sources + cfg.eval_sources:
+            resolve_hub_source(src)
         if args.validate_only:
             for src in cfg.sources + cfg.eval_sources:
                 report: dict = {}
                 usable = sum(1 for _ in iter_records(src.path, src.format, report=report, max_rows=src.max_rows,
-                                                     skip_bad_rows=cfg.skip_bad_rows,
+                                                     skip_bad_rows=cfg.skip_bad_rows, load_args=src.load_args(),
                                                      empty_response=cfg.empty_response))  # streamed: any file size
                 print(f"{src.path}: format={report['format']} usable={usable} read={report['rows_read']} "
                       f"skipped_bad_rows={report['skipped_bad_rows']} filtered_label_false="

@@ -29,6 +29,7 @@ import numpy as np
 
 from .config import DataConfig, DataSource
 from .encode import DROPPED_NO_TARGET, DROPPED_TOO_LONG, IGNORE_INDEX, KEPT, TRUNCATED, encode_batch
+from .config import resolve_hub_source
 from .formats import DataError, iter_records
 from .packing import best_fit_bins, pack_arrays
 from .templates import BUILTIN, resolve_template
@@ -88,6 +89,7 @@ def _template_identity(cfg: DataConfig, tokenizer) -> dict:
 def _cache_key(src: DataSource, cfg: DataConfig, tok_fp: str, template: dict) -> str:
     payload = {
         "v": PIPELINE_VERSION, "source": _source_identity(src.path), "format": src.format, "max_rows": src.max_rows,
+        "load_args": src.load_args(),
         "tokenizer": tok_fp, "template": template, "max_seq_len": cfg.max_seq_len, "truncation": cfg.truncation,
         "train_on_prompt": cfg.train_on_prompt, "system_prompt": cfg.system_prompt, "skip_bad_rows": cfg.skip_bad_rows,
         "empty_response": cfg.empty_response,
@@ -138,7 +140,7 @@ def tokenize_source(src: DataSource, cfg: DataConfig, tokenizer, *, get_template
             fn_kwargs=dict(tokenizer=tokenizer, template=template, is_text=is_text,
                            train_on_prompt=cfg.train_on_prompt, max_seq_len=cfg.max_seq_len,
                            truncation=cfg.truncation),
-            desc=f"tokenizing {Path(src.path).name}", cache_file_name=str(Path(work) / "encoded.arrow"),
+            desc=f"tokenizing {src.hub or Path(src.path).name}", cache_file_name=str(Path(work) / "encoded.arrow"),
             features=_token_features("input_ids", "labels", extra={"length": "int64", "status": "int64"}),
         )
         stats, enc = _encode_stats(src, fmt, report, raw, enc, cfg, t0)
@@ -168,7 +170,7 @@ def stream_source(src: DataSource, cfg: DataConfig, work: Path):
                             skip_bad_rows=cfg.skip_bad_rows, system_prompt=cfg.system_prompt,
                             empty_response=cfg.empty_response,
                             variation_seed=cfg.seed if cfg.template_variation else None,
-                            variation=cfg.template_variation))
+                            variation=cfg.template_variation, load_args=src.load_args()))
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__
         while cause is not None and not isinstance(cause, DataError):
@@ -385,6 +387,8 @@ def build_sft_datasets(cfg: DataConfig, tokenizer):
     """
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; load it with emoe_llm.data.load_tokenizer")
+    for src in cfg.sources + cfg.eval_sources:
+        resolve_hub_source(src)  # a no-op once the run resolved them (train: resolve_hub_ids)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     tok_fp = tokenizer_fingerprint(tokenizer)
     template_cache: dict = {}

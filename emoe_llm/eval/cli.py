@@ -51,7 +51,8 @@ DEFAULT_TASKS = "emoe_mmlu"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", nargs="?", help="HF checkpoint dir (e.g. runs/x/final)")
+    parser.add_argument("checkpoint", nargs="?", help="HF checkpoint dir (e.g. runs/x/final) or a Hub id")
+    parser.add_argument("--revision", metavar="REV", help="with a Hub id: the branch, tag or commit (default main)")
     parser.add_argument("--tasks", default=DEFAULT_TASKS,
                         help=f"comma-separated lm-eval task or group names (default {DEFAULT_TASKS}; see --list-tasks)")
     parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
@@ -293,6 +294,13 @@ def run(args: argparse.Namespace) -> int:
         if not Path(d).is_dir():
             print(f"emoe-llm eval: error: --include-path {d} is not a directory", file=sys.stderr)
             return 2
+    from emoe_llm import hub
+
+    try:
+        args.checkpoint = str(hub.resolve(args.checkpoint, revision=getattr(args, "revision", None)).path)
+    except hub.HubError as e:
+        print(f"emoe-llm eval: error: {e}", file=sys.stderr)
+        return 2
     ckpt = Path(args.checkpoint).resolve()
     metadata = {"tokenizer": str(ckpt), "mmlu_split": args.mmlu_split}
     try:

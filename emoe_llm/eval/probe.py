@@ -38,7 +38,9 @@ EXAMPLES = """examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("checkpoint", metavar="CKPT", help="HF checkpoint dir: converted (has an 'emoe' block) or dense")
+    parser.add_argument("checkpoint", metavar="CKPT", help="HF checkpoint dir or Hub id: converted (has an 'emoe' "
+                        "block) or dense")
+    parser.add_argument("--revision", metavar="REV", help="with a Hub id: the branch, tag or commit (default main)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output dir for probe.json and probe.png")
     parser.add_argument("--experts", type=positive_int, default=None, metavar="N",
                         help="experts per layer (required for a dense checkpoint; default: the converted one's)")
@@ -66,7 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from emoe_llm import hub
+
     try:
+        args.checkpoint = str(hub.resolve(args.checkpoint, revision=getattr(args, "revision", None)).path)
         result = probe(args)
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"emoe-llm probe: error: {e}", file=sys.stderr)

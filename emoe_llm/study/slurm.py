@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ..fileio import atomic_write_text
-from .run import cell_done, check_models, planned_model, prepare_models, record_study
+from .cells import cell_done, check_models, planned_model, prepare_models, record_study
 from .spec import Cell, Study, StudyError
 
 HEADER = """#!/bin/bash
@@ -60,7 +60,10 @@ REPORT = """#!/bin/bash
 #SBATCH --output={logs}/report-%j.out
 set -euo pipefail
 cd {root}
-if [ -z "${{VIRTUAL_ENV:-}}" ] && [ -f .venv/bin/activate ]; then source .venv/bin/activate; fi
+if [ -z "${{VIRTUAL_ENV:-}}" ] && [ -f .venv/bin/activate ]; then
+  # shellcheck disable=SC1091  # the environment's own script (absent where the venv lives elsewhere)
+  source .venv/bin/activate
+fi
 "${{PYTHON:-python}}" -m emoe_llm.cli report {out}
 """
 

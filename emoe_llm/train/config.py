@@ -40,8 +40,14 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = ""
-    """HF checkpoint dir: a converted checkpoint (config.json has an 'emoe' block matching the emoe: section), or a
-    dense one, which the run converts into output_dir/converted first (emoe: section set; small models)."""
+    """HF checkpoint dir or Hub id (org/name, fetched safetensors-only into the HF cache): a converted checkpoint
+    (config.json has an 'emoe' block matching the emoe: section), or a dense one, which the run converts into
+    output_dir/converted first (emoe: section set; small models)."""
+    revision: str | None = None
+    """with a Hub id: the branch, tag or commit sha to fetch (default main)"""
+    hub_commit: str | None = None
+    """set by the run, not in a recipe: the commit a Hub id resolved to (run/config.yaml records it; `path` is then
+    the snapshot dir in the HF cache)"""
     mode: str = "emoe"
     """dense | emoe: the same loop either way, so baselines are apples to apples."""
     tokenizer: str | None = None
@@ -155,9 +161,28 @@ class LoraConfig:
     (final/ is a plain AutoModelForCausalLM, 4-bit weights dequantized); the adapter alone goes to final/adapter/."""
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases as a second tracker (pip install 'emoe-llm[wandb]'): rank 0 only, the run's resolved config,
+    the same scalars as metrics.jsonl (per-expert load included). The run dir is output_dir/wandb; a resumed run
+    continues the same wandb run (its id is kept in output_dir/run/wandb_id)."""
+
+    project: str = "emoe-llm"
+    name: str | None = None
+    """the run's display name (default: output_dir's name)"""
+    mode: str = "online"
+    """online | offline (written under output_dir/wandb; upload later with `wandb sync`) | disabled"""
+    entity: str | None = None
+
+
 @dataclass
 class LoggingConfig:
     tensorboard: bool = True
+    wandb: WandbConfig | None = None
+    """set (e.g. logging.wandb.mode=offline) to log to wandb too"""
     progress_bar: bool = True
     """tqdm on rank 0 when stderr is a terminal; otherwise (and when false) one log line per logged step"""
     expert_load: bool = True
@@ -437,6 +462,8 @@ def validate_config(cfg: RecipeConfig, *, source: str = "config") -> None:
             errors.append(f"{key} {error}")
     if cfg.lora.quantize not in ("none", "4bit"):
         errors.append(f"lora.quantize must be 'none' or '4bit', got '{cfg.lora.quantize}'")
+    if cfg.logging.wandb is not None and cfg.logging.wandb.mode not in WANDB_MODES:
+        errors.append(f"logging.wandb.mode must be one of {', '.join(WANDB_MODES)}, got {cfg.logging.wandb.mode!r}")
     if cfg.lora.quantize != "none" and not cfg.lora.enabled:
         errors.append("lora.quantize=4bit (QLoRA) needs lora.enabled=true")
     resume = cfg.resume
@@ -444,6 +471,35 @@ def validate_config(cfg: RecipeConfig, *, source: str = "config") -> None:
         errors.append("resume must be 'auto', 'none' or a checkpoint path")
     if errors:
         raise ConfigError(f"{source}: " + "; ".join(errors))
+
+
+def resolve_hub_ids(cfg: RecipeConfig) -> None:
+    """model.path / model.tokenizer given as Hub ids become their snapshot dirs in the HF cache (fetched first unless
+    HF_HUB_OFFLINE=1); model.hub_commit records the commit. Every rank resolves on its own before any process group:
+    huggingface_hub locks each file it downloads, and a cached snapshot costs one lookup, no download."""
+    from .. import hub
+
+    if cfg.model.build_tiny_if_missing and not Path(cfg.model.path).exists():
+        return  # the demo recipes' own path: built by the run, never a Hub id
+    try:
+        if hub.is_hub_id(cfg.model.path):
+            resolved = hub.resolve(cfg.model.path, revision=cfg.model.revision)
+            cfg.model.path, cfg.model.hub_commit = str(resolved.path), resolved.commit
+        elif cfg.model.revision:
+            raise hub.HubError(f"model.revision pins a Hub commit, but model.path {cfg.model.path} is a local path")
+        if cfg.model.tokenizer and hub.is_hub_id(cfg.model.tokenizer):
+            cfg.model.tokenizer = str(hub.resolve(cfg.model.tokenizer, allow_patterns=hub.TOKENIZER_FILES).path)
+    except hub.HubError as e:
+        raise ConfigError(f"model.path: {e}") from None
+    if cfg.data is not None:
+        from ..data.config import resolve_hub_source
+
+        for key, sources in (("data.sources", cfg.data.sources), ("data.eval_sources", cfg.data.eval_sources)):
+            for i, src in enumerate(sources):
+                try:
+                    resolve_hub_source(src)
+                except ValueError as e:
+                    raise ConfigError(f"{key}[{i}]: {e}") from None
 
 
 def check_runnable(cfg: RecipeConfig) -> None:

@@ -63,6 +63,7 @@ from .config import (
     ConfigError,
     RecipeConfig,
     check_runnable,
+    config_to_dict,
     dump_config,
     ds_precision,
     ds_zero_stage,
@@ -70,6 +71,7 @@ from .config import (
     load_config,
     load_ds_config,
     resolve_batch,
+    resolve_hub_ids,
     resolve_precision,
 )
 from .loss import count_sequences, sequence_ce_sum
@@ -238,17 +240,40 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
 
 
+@contextlib.contextmanager
+def without_bitsandbytes():
+    """peft imports bitsandbytes whenever it is installed (peft.helpers at import, LoRA's layer dispatch in
+    get_peft_model), and importing bitsandbytes >= 0.49 on a CPU with AVX512-BF16 fetches a 4-bit kernel from the Hub
+    (kernels-community/quantization-bitsandbytes; "Failed to load CPU gemm_4bit_forward" where that is refused or
+    offline). A LoRA run without QLoRA quantizes nothing: here bitsandbytes reads as not installed (a None entry in
+    sys.modules: find_spec says None, import raises ImportError). Afterwards peft's cached answer is cleared, so a
+    later QLoRA model in the same process still finds it."""
+    if "bitsandbytes" in sys.modules:  # already imported: nothing left to avoid
+        yield
+        return
+    sys.modules["bitsandbytes"] = None
+    try:
+        yield
+    finally:
+        del sys.modules["bitsandbytes"]
+        from peft.import_utils import is_bnb_4bit_available, is_bnb_available
+
+        is_bnb_available.cache_clear()
+        is_bnb_4bit_available.cache_clear()
+
+
 def add_lora(model, cfg: RecipeConfig):
     """peft LoRA on ``lora.target_modules``, named as on Llama and mapped onto the family's modules by the
     architecture table (Phi-3: q/k/v -> qkv_proj, gate/up -> gate_up_proj). EMoEMLP keeps the MLP's projections as
     submodules, so LoRA on them wraps the same Linears and the router (mean of the gate rows' outputs) sees the
     adapted gate."""
-    from peft import LoraConfig, get_peft_model
+    with contextlib.nullcontext() if cfg.lora.quantize == "4bit" else without_bitsandbytes():
+        from peft import LoraConfig, get_peft_model
 
-    targets = layout_of(model).lora_targets(cfg.lora.target_modules)
-    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lcfg)
+        targets = layout_of(model).lora_targets(cfg.lora.target_modules)
+        lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=targets, bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lcfg)
     if cfg.model.gradient_checkpointing:
         model.enable_input_require_grads()
     return model
@@ -697,7 +722,8 @@ def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) 
     if rank == 0:
         write_run_dir(output_dir, config_yaml=config_yaml, ds_config=ds_config, hosts=hosts, resumed_from=resumed_from)
         atomic_write_text(output_dir / "run" / "data_stats.json", json.dumps(data_stats, indent=2, default=str))
-    metrics = MetricsLogger(output_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard, resume_step=state.step)
+    metrics = MetricsLogger(output_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard, resume_step=state.step,
+                            wandb=cfg.logging.wandb, config=config_to_dict(cfg))
     if resumed_from is not None:
         metrics.log({"event": "resume", "step": state.step, "checkpoint": str(resumed_from)})
     run = Run(cfg=cfg, rank=rank, world=world, device=device, output_dir=output_dir, dtype=DTYPES[precision],
@@ -923,6 +949,7 @@ def load_recipe(args: argparse.Namespace) -> tuple[RecipeConfig, dict]:
     cfg = load_config(args.config, args.overrides)
     if any(o.partition("=")[0].strip() == "model.path" for o in args.overrides):
         cfg.model.build_tiny_if_missing = False  # a model.path typed on the command line must exist, not be built
+    resolve_hub_ids(cfg)
     check_runnable(cfg)
     ds_config = load_ds_config(args.ds_config)
     fill_ds_config(ds_config, cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import secrets
 import subprocess
 import sys
 import time
@@ -70,10 +71,15 @@ def write_run_dir(output_dir: Path, *, config_yaml: str, ds_config: dict, hosts:
         "hosts_by_rank": hosts,
         "env": {k: os.environ[k] for k in LAUNCH_ENV_KEYS if k in os.environ},
     }
-    for mod in ("peft", "flash_attn", "bitsandbytes", "datasets", "accelerate"):
+    # versions from the installed metadata, never by importing: importing bitsandbytes (or peft, which imports it)
+    # runs its CPU backend's set-up, which fetches a kernel from the Hub -- in every run, QLoRA or not
+    from importlib.metadata import PackageNotFoundError, version
+
+    for mod, dist_name in (("peft", "peft"), ("flash_attn", "flash-attn"), ("bitsandbytes", "bitsandbytes"),
+                           ("datasets", "datasets"), ("accelerate", "accelerate"), ("wandb", "wandb")):
         try:
-            env[mod] = __import__(mod).__version__
-        except Exception:
+            env[mod] = version(dist_name)
+        except PackageNotFoundError:
             pass
     atomic_write_text(run / "environment.json", json.dumps(env, indent=2))
     try:
@@ -95,12 +101,16 @@ def write_run_dir(output_dir: Path, *, config_yaml: str, ds_config: dict, hosts:
 class MetricsLogger:
     """Rank 0 sink for metrics.jsonl + TensorBoard. On other ranks every method is a no-op."""
 
-    def __init__(self, output_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: int = 0):
+    def __init__(self, output_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: int = 0,
+                 wandb=None, config: dict | None = None):
         self.enabled = enabled
         self.tb = None
         self.f = None
+        self.wandb = None
         if not enabled:
             return
+        if wandb is not None and wandb.mode != "disabled":
+            self.wandb = open_wandb(output_dir, wandb, config or {})
         path = output_dir / "metrics.jsonl"
         self.f = open(path, "a", buffering=1)
         if tensorboard:
@@ -123,13 +133,56 @@ class MetricsLogger:
                 if isinstance(value, float) and not math.isfinite(value):
                     continue
                 self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            scalars = dict(wandb_scalars(record))
+            if scalars:
+                # the optimizer step is wandb's step too, so its charts line up with metrics.jsonl and TensorBoard
+                self.wandb.log(scalars, step=record.get("step", 0))
 
     def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
         if self.f:
             self.f.close()
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
+
+
+def open_wandb(output_dir: Path, cfg, config: dict):
+    """The wandb run of this output_dir: a new one, or (resume) the one whose id output_dir/run/wandb_id keeps."""
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError("logging.wandb is set but the wandb package is not installed: pip install "
+                           "'emoe-llm[wandb]' (or remove logging.wandb)") from None
+    id_file = output_dir / "run" / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)  # wandb-style 8 chars
+    if not id_file.is_file():
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(id_file, run_id + "\n")
+    (output_dir / "wandb").mkdir(exist_ok=True)
+    return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or output_dir.name, mode=cfg.mode,
+                      dir=str(output_dir), id=run_id, resume="allow", config=config)
+
+
+def wandb_scalars(record: dict):
+    """The numeric values of a metrics.jsonl record as wandb keys: nested dicts as a/b, per-expert load lists as
+    expert_load/layer_28/03 (one chart per layer), non-finite values left out (as for TensorBoard)."""
+    for key, value in _flatten(record):
+        if key in ("step", "time"):
+            continue
+        if isinstance(value, list) and key.startswith("expert_load/"):
+            width = len(str(len(value) - 1))
+            for i, v in enumerate(value):
+                yield f"{key}/{i:0{width}d}", v
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            continue
+        yield key, value
 
 
 def _flatten(d: dict, prefix: str = ""):
