@@ -58,7 +58,7 @@ from ..data import SFTCollator, build_sft_datasets, load_tokenizer
 from ..emoe import TRAINED_KEY, enable_emoe, pop_expert_load, trained_record
 from ..fileio import atomic_write_text
 from ..tiny import build_demo_model
-from . import checkpoint, compat
+from . import checkpoint, chunked_loss, compat
 from .config import (
     ConfigError,
     RecipeConfig,
@@ -201,6 +201,14 @@ def load_model(cfg: RecipeConfig, path: Path, *, dtype: torch.dtype):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = add_lora(model, cfg)
+    try:
+        plain_logits = layout_of(model).plain_logits
+    except ValueError:  # a family outside the table (dense runs): keep the plain loss
+        plain_logits = False
+    if chunked_loss.install(model, plain_logits=plain_logits):
+        log0("loss: chunked LM-head cross-entropy (no (tokens, vocab) logits in training steps)")
+    else:
+        log0("loss: plain cross-entropy on the logits (this family transforms them after the LM head)")
     return model
 
 
@@ -290,7 +298,10 @@ def build_scheduler(optimizer, cfg: RecipeConfig, total_steps: int):
 
 
 def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy: logits[:, t] predicts labels[:, t+1]. (B, T, V), (B, T) -> ()."""
+    """Summed next-token cross-entropy: logits[:, t] predicts labels[:, t+1]. (B, T, V) logits, or the (B, T)
+    per-token losses of the chunked LM head (training), and (B, T) labels -> ()."""
+    if logits.dim() == 2:
+        return logits.sum()
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -331,9 +342,12 @@ def train_step(engine, micro_batches: list[dict], *, device, world: int, loss_no
     denom = n_targets if loss_norm == "token" else max(1.0, counts[2].item())
     info = {"targets": n_targets, "inputs": counts[1].item(), "sequences": counts[2].item()}
     loss_sum = 0.0
+    chunked = chunked_loss.installed(engine.module)
     for batch in micro_batches:
-        out = engine(**model_inputs(batch, device), use_cache=False)
         labels = batch["labels"].to(device)
+        # chunked: the model returns per-token losses, never the (tokens, vocab) logits (chunked_loss.py)
+        with chunked_loss.targets(engine.module, labels) if chunked else contextlib.nullcontext():
+            out = engine(**model_inputs(batch, device), use_cache=False)
         if loss_norm == "token":
             ce = token_ce_sum(out.logits, labels)
         else:
