@@ -106,3 +106,50 @@ def test_nonfinite_loss_stops_with_the_last_good_checkpoint(single_rank, monkeyp
     events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "nonfinite_loss" and "Last good checkpoint" in events[-1]["message"]
     assert not (out / "final").exists() and not (out / "COMPLETED").exists()
+
+
+def test_step_verdict_tells_a_skipped_fp16_step_from_a_diverged_one():
+    v = recipe.step_verdict
+    assert v(applied=True, grad_norm=0.7, max_grad_norm=1.0) == "applied"
+    assert v(applied=False, grad_norm=float("inf"), max_grad_norm=1.0) == "skipped"  # fp16 overflow: not applied
+    assert v(applied=True, grad_norm=float("nan"), max_grad_norm=1.0) == "nonfinite"  # applied with a bad norm
+    assert v(applied=True, grad_norm=float("nan"), max_grad_norm=0.0) == "applied"  # no clipping: norm not computed
+
+
+def _skip_steps(monkeypatch, skipped: set[int]):
+    """DeepSpeed's engine reports the given optimizer steps (1-based, this run) as not applied, as it does for an
+    fp16 loss-scale overflow (the CPU accelerator has no fp16 training to overflow for real)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    calls = []
+    real = DeepSpeedEngine.was_step_applied
+
+    def was_step_applied(self):
+        calls.append(1)
+        return False if len(calls) in skipped else real(self)
+
+    monkeypatch.setattr(DeepSpeedEngine, "was_step_applied", was_step_applied)
+
+
+def test_skipped_fp16_steps_are_counted_not_fatal(single_rank, monkeypatch):
+    env = single_rank
+    out = env["root"] / "skips"
+    _skip_steps(monkeypatch, {2, 3})
+    outcome, state = train(env, out, "train.export=false", "train.max_skipped_steps=3")
+    assert outcome == "done" and state.step == STEPS and state.skipped_steps == 2
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    skips = [e for e in events if e.get("event") == "skipped_step"]
+    assert [(e["step"], e["in_a_row"]) for e in skips] == [(2, 1), (3, 2)]
+    assert json.loads((checkpoint_path(out, STEPS) / "trainer_state.json").read_text())["skipped_steps"] == 2
+
+
+def test_too_many_skipped_steps_in_a_row_stop_the_run(single_rank, monkeypatch, capsys):
+    env = single_rank
+    out = env["root"] / "skips_stop"
+    _skip_steps(monkeypatch, {2, 3})
+    outcome, state = train(env, out, "train.export=false", "train.max_skipped_steps=2")
+    assert outcome == "nonfinite" and state.step == 3
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "skipped_steps_stop"
+    errors = [line for line in capsys.readouterr().out.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "2 optimizer steps in a row skipped by the loss scaler" in errors[0]

@@ -423,6 +423,7 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0
     tokens_seen: int = 0
+    skipped_steps: int = 0  # fp16: optimizer steps the loss scaler skipped (overflow), counted in ``step``
     steps_per_epoch: int = 0
     total_steps: int = 0
     world_size: int = 1
@@ -654,7 +655,7 @@ def resume(engine, ckpt: Path | None, state: TrainState, *, elastic: bool, rank:
         checkpoint.universal_checkpoint(ckpt, rank=rank)
     saved = TrainState.from_dict(checkpoint.load_checkpoint(engine, ckpt, universal=elastic))
     state.step, state.epoch, state.step_in_epoch = saved.step, saved.epoch, saved.step_in_epoch
-    state.tokens_seen = saved.tokens_seen
+    state.tokens_seen, state.skipped_steps = saved.tokens_seen, saved.skipped_steps
     log0(f"resumed from {ckpt}: step {state.step}, epoch {state.epoch}, step-in-epoch {state.step_in_epoch}"
          + (f" (universal checkpoint, {saved.world_size} -> {state.world_size} ranks)" if elastic else ""))
     return ckpt
@@ -731,6 +732,7 @@ def fit(run: Run, state: TrainState) -> str:
     t = run.cfg.train
     meter = Throughput()
     batches = None  # this epoch's remaining micro-batches
+    skipped_in_a_row = 0  # fp16 steps the loss scaler skipped since the last applied one
     run.engine.train()
     with progress_bar(run, state) as bar:
         while state.step < state.total_steps:
@@ -744,10 +746,18 @@ def fit(run: Run, state: TrainState) -> str:
                                 world=run.world)
             grad_norm = run.engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            if result["nonfinite"] or (t.max_grad_norm > 0 and not math.isfinite(grad_norm)):
+            verdict = "nonfinite" if result["nonfinite"] else step_verdict(
+                applied=run.engine.was_step_applied(), grad_norm=grad_norm, max_grad_norm=t.max_grad_norm)
+            if verdict == "nonfinite":
                 return stop_on_nonfinite(run, state, "loss" if result["nonfinite"] else "grad")
             state.step += 1
             state.step_in_epoch += 1
+            if verdict == "skipped":
+                skipped_in_a_row += 1
+                if note_skipped_step(run, state, skipped_in_a_row):
+                    return "nonfinite"
+            else:
+                skipped_in_a_row = 0
             state.tokens_seen += int(result["inputs"])
             meter.add(result["inputs"])
 
@@ -870,6 +880,38 @@ def preempt(run: Run, state: TrainState, why: str) -> str:
     log0(f"preempted at step {state.step}, checkpoint saved ({why}); resume with resume=auto")
     run.metrics.log({"event": "preempted", "step": state.step, "reason": why})
     return "preempted"
+
+
+def step_verdict(*, applied: bool, grad_norm: float, max_grad_norm: float) -> str:
+    """What the optimizer step just taken means: "applied"; "skipped" (the engine did not apply it: with fp16 dynamic
+    loss scaling an overflowing step is skipped, its gradient norm reported as inf and the scale lowered -- routine,
+    not a diverged run); or "nonfinite" (a non-finite gradient norm of a step that *was* applied: the weights are
+    now bad)."""
+    if not applied:
+        return "skipped"
+    if max_grad_norm > 0 and not math.isfinite(grad_norm):
+        return "nonfinite"
+    return "applied"
+
+
+def note_skipped_step(run: Run, state: TrainState, in_a_row: int) -> bool:
+    """Log and count a step the loss scaler skipped (``state.step`` is the step just consumed). True when it is the
+    ``train.max_skipped_steps``-th in a row: the scale is not recovering, and the run stops (exit 3)."""
+    state.skipped_steps += 1
+    scale = getattr(getattr(run.engine, "optimizer", None), "loss_scale", None)
+    run.metrics.log({"event": "skipped_step", "step": state.step, "in_a_row": in_a_row,
+                     "skipped_steps": state.skipped_steps, "loss_scale": float(scale) if scale is not None else None})
+    limit = run.cfg.train.max_skipped_steps
+    if limit and in_a_row >= limit:
+        msg = (f"fp16: {in_a_row} optimizer steps in a row skipped by the loss scaler (overflow), the last at step "
+               f"{state.step}; the loss scale is not recovering. Use bf16 (train.precision=bf16), lower train.lr, or "
+               f"raise train.max_skipped_steps")
+        log0("ERROR: " + msg)
+        run.metrics.log({"event": "skipped_steps_stop", "step": state.step, "message": msg})
+        return True
+    log0(f"step {state.step}: skipped by the fp16 loss scaler (overflow; {in_a_row} in a row, "
+         f"{state.skipped_steps} in total)")
+    return False
 
 
 def stop_on_nonfinite(run: Run, state: TrainState, what: str) -> str:
