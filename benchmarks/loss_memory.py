@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_json import add_json_args, print_config_and_exit, write_json
+
 GiB = 2**30
 
 
@@ -69,8 +71,10 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--variant", choices=("full", "chunked"), help=argparse.SUPPRESS)  # the subprocess
-    p.add_argument("--json", help="also write the figures here")
+    add_json_args(p)
     args = p.parse_args(argv)
+    if args.print_config:
+        print_config_and_exit(args)
     shape = dict(tokens=args.tokens, vocab=args.vocab, hidden=args.hidden, dtype=args.dtype)
     if args.variant:
         print(json.dumps(run_variant(args.variant, **shape)))
@@ -86,10 +90,7 @@ def main(argv=None) -> int:
               f"({r['baseline_rss'] / GiB:.2f} GiB: weight, hidden states, weight gradient), {r['seconds']:.1f} s, "
               f"loss {r['loss']:.4f}", flush=True)
     ratio = results["chunked"]["peak_above_baseline"] / results["full"]["peak_above_baseline"]
-    if args.json:
-        from emoe_llm.fileio import atomic_write_text
-
-        atomic_write_text(Path(args.json), json.dumps({"shape": shape, **results, "ratio": ratio}, indent=2))
+    write_json(args.json, {"benchmark": "loss_memory", "shape": shape, "results": results, "ratio": ratio})
     print(f"{args.tokens} tokens x {args.vocab} vocab, hidden {args.hidden}, {args.dtype}, CPU")
     print(f"chunked/full peak memory: {ratio:.3f}")
     return 0

@@ -10,7 +10,9 @@ Per GPU it adds up:
     ``estimate_zero2_model_states_mem_needs``); fp32 (CPU) and LoRA runs, which those do not cover, use the same
     byte counts with fp32 or frozen-base terms;
   * activations for micro batch x seq len, with or without gradient checkpointing (one decoder layer's activations
-    are live during its recomputation), plus the logits and the fp32 cross-entropy on them;
+    are live during its recomputation), plus the loss: the chunked LM-head cross-entropy (one token chunk / one
+    vocabulary block at a time, train/chunked_loss.py), or, for families that transform the logits after the head,
+    the logits and the fp32 cross-entropy on them;
   * the EMoE mask's extra: a saved (tokens, N) 0/1 mask per EMoE layer and, in 16-bit runs, one transient fp32 copy of
     the (tokens, d_ff) gate output for the expert scores (emoe_llm/emoe/mlp.py); nothing of size (tokens, d_ff) is kept;
   * ZeRO-3 communication buckets and a fixed runtime overhead (CUDA context, NCCL buffers, allocator slack);
@@ -306,12 +308,32 @@ def activation_bytes(shape: ModelShape, s: Setup, micro: int) -> dict:
         layers = shape.layers * tok * a * h + layer  # layer inputs kept, one layer recomputed at a time
     else:
         layers = shape.layers * layer
-    # logits (model dtype), the fp32 shifted copy for the loss, log-softmax saved, and its gradient
-    logits = tok * shape.vocab * (a + 12)
-    out = {"activations (decoder layers)": layers, "logits + cross-entropy": logits}
+    if chunked_loss_used(shape):
+        out = {"activations (decoder layers)": layers, "chunked LM-head loss": chunked_loss_bytes(shape, tok, a)}
+    else:
+        # logits (model dtype), the fp32 shifted copy for the loss, log-softmax saved, and its gradient
+        out = {"activations (decoder layers)": layers, "logits + cross-entropy": tok * shape.vocab * (a + 12)}
     if shape.emoe_layers and shape.n_experts:
         out["EMoE mask"] = shape.emoe_layers * tok * shape.n_experts * a + (tok * f * 4 if a < 4 else 0)
     return {k: int(v) for k, v in out.items()}
+
+
+def chunked_loss_used(shape: ModelShape) -> bool:
+    """The recipe fuses the LM head with the loss (train/chunked_loss.py) unless the family transforms the logits."""
+    return (mlp_layout(shape.model_type) if shape.model_type else LLAMA).plain_logits
+
+
+def chunked_loss_bytes(shape: ModelShape, tok: int, a: int) -> int:
+    """The chunked LM-head loss of ``tok`` tokens (``a``: bytes of the compute dtype). Forward, one token chunk at a
+    time: its logits in the compute dtype, their fp32 copy and logsumexp's fp32 temporary; backward, one vocabulary
+    block at a time over all tokens: the block's logits (compute dtype) and fp32 softmax, the gradient's cast, plus
+    the fp32 hidden-state gradient. The two phases do not overlap; per-token losses, logsumexps and targets (17 bytes
+    a token) live throughout. Measured against the full loss: benchmarks/loss_memory.py (BENCHMARKS.md)."""
+    from .train.chunked_loss import TOKEN_CHUNK, VOCAB_BLOCK
+
+    forward = min(TOKEN_CHUNK, tok) * shape.vocab * (a + 8)
+    backward = tok * min(VOCAB_BLOCK, shape.vocab) * (2 * a + 4) + tok * shape.hidden * 4
+    return int(max(forward, backward) + 17 * tok)
 
 
 def comm_buffers(shape: ModelShape, s: Setup) -> int:
@@ -330,7 +352,8 @@ def step_bytes(shape: ModelShape, s: Setup, trainable: int, micro: int) -> dict:
       partitions into a new tensor and converts it to fp32: ``flatten(grads).to(fp32)``, so 16-bit runs briefly hold
       the 16-bit and the fp32 copy (2 + 4 bytes per element), fp32 runs one copy (4 bytes). A sub-group is at most
       ``sub_group_size`` elements of this rank's partition (trainable / world). Freed after that sub-group's update.
-    * The training loop's ``out`` (train_step) holds the micro batch's logits (model dtype) through backward and step.
+    * The training loop's ``out`` (train_step) holds the micro batch's logits (model dtype) through backward and step
+      when the family keeps the plain loss (with the chunked loss it holds per-token losses only).
     * CPU only: torch's single-tensor AdamW (the recipe asks for ``fused=True`` on CUDA only) computes
       ``denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)``: two sub-group-sized fp32 temporaries.
     With optimizer offload the step runs in DeepSpeedCPUAdam on CPU buffers (counted in the CPU figure), so none of
@@ -339,8 +362,9 @@ def step_bytes(shape: ModelShape, s: Setup, trainable: int, micro: int) -> dict:
         return {}
     a = 2 if s.precision in ("bf16", "fp16") else 4
     n_sg = sub_group_elements(s, trainable)
-    out = {"optimizer step: flat fp32 gradient": (a + 4 if a < 4 else 4) * n_sg,
-           "optimizer step: logits held by the loop": a * micro * s.seq_len * shape.vocab}
+    out = {"optimizer step: flat fp32 gradient": (a + 4 if a < 4 else 4) * n_sg}
+    if not chunked_loss_used(shape):  # the chunked loss hands the loop per-token losses, not logits
+        out["optimizer step: logits held by the loop"] = a * micro * s.seq_len * shape.vocab
     if s.device == "cpu":
         out["optimizer step: AdamW temporaries (CPU)"] = 2 * 4 * n_sg
     return {k: int(v) for k, v in out.items()}
