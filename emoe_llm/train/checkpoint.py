@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -119,20 +120,40 @@ def universal_checkpoint(ckpt: Path, *, rank: int, workers: int = 1) -> Path:
 
 
 def rng_state() -> dict:
+    """python / numpy / torch RNG, every visible GPU's (``cuda``) and this rank's own device's (``cuda_own``: the one
+    that matters, restored onto this rank's device wherever it is numbered on the next node)."""
+    cuda = torch.cuda.is_available()
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state_all() if cuda else None,
+        "cuda_own": torch.cuda.get_rng_state() if cuda else None,
     }
+
+
+def cuda_states_to_restore(saved: list, device_count: int) -> tuple[list[tuple[int, torch.Tensor]], int]:
+    """The (device index, state) pairs of a checkpoint's per-GPU RNG states that exist on this node, and how many
+    saved states have no device here (a node whose processes see fewer GPUs, e.g. one per task under Slurm)."""
+    kept = [(i, state) for i, state in enumerate(saved[:device_count])]
+    return kept, max(0, len(saved) - device_count)
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") is None or not torch.cuda.is_available():
+        return
+    kept, missing = cuda_states_to_restore(state["cuda"], torch.cuda.device_count())
+    for device, device_state in kept:
+        torch.cuda.set_rng_state(device_state, device)
+    if state.get("cuda_own") is not None:  # this rank's device (torch.cuda.set_device(LOCAL_RANK) ran at start)
+        torch.cuda.set_rng_state(state["cuda_own"])
+    if missing:
+        warnings.warn(f"the checkpoint holds the RNG state of {len(state['cuda'])} GPUs, this process sees "
+                      f"{torch.cuda.device_count()}: restored {len(kept)} (and this rank's own device's), "
+                      f"{missing} have no device here and were skipped", RuntimeWarning, stacklevel=2)
 
 
 def save_checkpoint(engine, output_dir, *, step: int, trainer_state: dict, config_yaml: str, rank: int) -> Path:

@@ -521,9 +521,15 @@ def nothing_to_do(cfg: RecipeConfig) -> bool:
 def init_distributed(cfg: RecipeConfig, local_rank: int | None) -> tuple[int, int, torch.device]:
     """deepspeed launcher, torchrun, or srun + torchrun all set RANK/WORLD_SIZE/...; nccl on GPUs, gloo on CPU. The
     timeout also bounds how long ranks wait for rank 0 to tokenize the data."""
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank or 0))
+    if torch.cuda.is_available():
+        # before the process group: NCCL's communicator (and older torch/DeepSpeed pairs that guess it) then use
+        # this rank's GPU, not GPU 0 on every rank
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    # train.dist_timeout_minutes is the one timeout knob: DeepSpeed's DEEPSPEED_TIMEOUT is not read when a timeout
+    # is passed here
     deepspeed.init_distributed(timeout=timedelta(minutes=cfg.train.dist_timeout_minutes))
     release_deepspeed_shm()  # DeepSpeed leaves a 67 MB /dev/shm segment per rank behind otherwise
-    local_rank = int(os.environ.get("LOCAL_RANK", local_rank or 0))
     accel = get_accelerator()
     if accel.device_name() == "cpu":
         return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
