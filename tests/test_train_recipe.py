@@ -77,6 +77,8 @@ def test_setup_fit_finish_then_preempt_and_resume_bit_exact(single_rank, monkeyp
     saved = json.loads((checkpoint_path(ref, STEPS) / "trainer_state.json").read_text())
     assert saved == state.to_dict()  # trainer_state.json is exactly the TrainState
     assert sorted(losses(ref)) == list(range(1, STEPS + 1))
+    attention = json.loads((ref / "run" / "environment.json").read_text())["attention"]
+    assert attention == {"implementation": "sdpa", "why": "auto: no GPU (FlashAttention-2 is CUDA only)"}
 
     # a stop request after step 1 (what SIGUSR1 / the STOP file do), then resume=auto continues bit for bit
     out = env["root"] / "interrupted"
@@ -153,3 +155,30 @@ def test_too_many_skipped_steps_in_a_row_stop_the_run(single_rank, monkeypatch, 
     assert events[-1]["event"] == "skipped_steps_stop"
     errors = [line for line in capsys.readouterr().out.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "2 optimizer steps in a row skipped by the loss scaler" in errors[0]
+
+
+def test_attention_choice_says_why(monkeypatch, tmp_path):
+    """auto on a GPU box (the device query faked) whose flash-attn does not import: SDPA, and the line says why;
+    fp32 on a GPU: SDPA because FlashAttention-2 needs 16-bit; a class without SDPA support: eager."""
+    import builtins
+
+    import torch
+
+    real_import = builtins.__import__
+
+    def no_flash_attn(name, *args, **kwargs):
+        if name == "flash_attn":
+            raise ImportError("flash_attn_2_cuda.so: undefined symbol")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_flash_attn)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    impl, why = recipe.choose_attention("auto", torch.bfloat16)
+    assert impl == "sdpa"
+    assert why == "auto: flash-attn does not import (ImportError: flash_attn_2_cuda.so: undefined symbol)"
+    assert recipe.choose_attention("auto", torch.float32) == (
+        "sdpa", "auto: float32 training (FlashAttention-2 needs bf16/fp16)")
+    assert recipe.choose_attention("eager", torch.bfloat16) == ("eager", "model.attn_implementation=eager")
+    monkeypatch.setattr(recipe, "supports_sdpa", lambda path: False)
+    impl, why = recipe.choose_attention("auto", torch.bfloat16, path=tmp_path)
+    assert impl == "eager" and why.startswith("auto: the model class has no SDPA support, and flash-attn does not")

@@ -131,7 +131,10 @@ def count_steps(n_rows: int, *, micro: int, accum: int, world: int) -> tuple[int
 # model
 
 
-def pick_attn_implementation(requested: str, dtype: torch.dtype) -> str:
+def choose_attention(requested: str, dtype: torch.dtype, *, path: Path | None = None) -> tuple[str, str]:
+    """(attention implementation, why): what the run uses, in words for the log and run/environment.json. ``auto``:
+    FlashAttention-2 on a GPU in 16-bit when flash-attn imports, else SDPA, else eager (a family whose transformers
+    class cannot run SDPA, checked on ``path``)."""
     if requested != "auto":
         if requested == "flash_attention_2":
             try:
@@ -139,15 +142,25 @@ def pick_attn_implementation(requested: str, dtype: torch.dtype) -> str:
             except ImportError:
                 raise ConfigError("model.attn_implementation=flash_attention_2 but flash-attn is not installed "
                                   "(pip install flash-attn, CUDA only); use auto or sdpa") from None
-        return requested
-    if torch.cuda.is_available() and dtype in (torch.bfloat16, torch.float16):
+        return requested, f"model.attn_implementation={requested}"
+    if not torch.cuda.is_available():
+        choice, why = "sdpa", "auto: no GPU (FlashAttention-2 is CUDA only)"
+    elif dtype not in (torch.bfloat16, torch.float16):
+        choice, why = "sdpa", f"auto: {str(dtype).removeprefix('torch.')} training (FlashAttention-2 needs bf16/fp16)"
+    else:
         try:
             import flash_attn  # noqa: F401
 
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
+            return "flash_attention_2", "auto: GPU, 16-bit, flash-attn importable"
+        except ImportError as e:  # not installed, or a wheel built for another torch / CUDA
+            choice, why = "sdpa", f"auto: flash-attn does not import ({type(e).__name__}: {e})"
+    if path is not None and not supports_sdpa(path):
+        return "eager", why.replace("auto:", "auto: the model class has no SDPA support, and", 1)
+    return choice, why
+
+
+def pick_attn_implementation(requested: str, dtype: torch.dtype) -> str:
+    return choose_attention(requested, dtype)[0]
 
 
 def supports_sdpa(path: Path) -> bool:
@@ -178,12 +191,11 @@ def prepare_model_path(cfg: RecipeConfig, *, rank: int) -> Path:
     return dst
 
 
-def load_model(cfg: RecipeConfig, path: Path, *, dtype: torch.dtype):
+def load_model(cfg: RecipeConfig, path: Path, *, dtype: torch.dtype, attn: str | None = None):
     """Build the model. Under ZeRO-3 the caller keeps an HfDeepSpeedConfig alive, so from_pretrained runs inside
-    deepspeed.zero.Init and every rank only ever holds its own partition."""
-    attn = pick_attn_implementation(cfg.model.attn_implementation, dtype)
-    if attn == "sdpa" and cfg.model.attn_implementation == "auto" and not supports_sdpa(path):
-        attn = "eager"  # Gemma-2: SDPA cannot apply its attention-logit soft-capping
+    deepspeed.zero.Init and every rank only ever holds its own partition. ``attn``: setup's ``choose_attention``."""
+    if attn is None:
+        attn = choose_attention(cfg.model.attn_implementation, dtype, path=path)[0]
     kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.lora.quantize == "4bit":
         kwargs["quantization_config"] = qlora_quantization_config(dtype)
@@ -600,12 +612,13 @@ def plan_steps(cfg: RecipeConfig, n_rows: int, *, micro: int, accum: int, world:
     return steps_per_epoch, total
 
 
-def build_engine(cfg: RecipeConfig, ds_config: dict, *, dtype: torch.dtype, total_steps: int, rank: int):
+def build_engine(cfg: RecipeConfig, ds_config: dict, *, dtype: torch.dtype, total_steps: int, rank: int,
+                 attn: str | None = None):
     """(engine, scheduler, keepalive). The HfDeepSpeedConfig exists before from_pretrained, so under ZeRO-3 the model
     is built inside zero.Init and no rank ever holds the full weights."""
     model_path = prepare_model_path(cfg, rank=rank)
     keepalive = HfDeepSpeedConfig(ds_config) if ds_zero_stage(ds_config) == 3 else None
-    model = load_model(cfg, model_path, dtype=dtype)
+    model = load_model(cfg, model_path, dtype=dtype, attn=attn)
     optimizer = build_optimizer(model, cfg, ds_config)
     scheduler, warmup = build_scheduler(optimizer, cfg, total_steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -697,7 +710,8 @@ def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) 
     seed_everything(cfg.seed)
     tokenizer, train_ds, eval_ds, data_stats = build_data(cfg, rank=rank)
     eval_ds = eval_ds if eval_ds is not None and len(eval_ds) else None
-    attn = pick_attn_implementation(cfg.model.attn_implementation, DTYPES[precision])
+    attn, attn_why = choose_attention(cfg.model.attn_implementation, DTYPES[precision], path=Path(cfg.model.path))
+    log0(f"attention: {attn} ({attn_why})")
     collator = SFTCollator(pad_token_id=tokenizer.pad_token_id, flash_attn_kwargs=attn == "flash_attention_2")
     steps_per_epoch, total_steps = plan_steps(cfg, len(train_ds), micro=micro, accum=accum, world=world)
     check_data_position(ckpt, steps_per_epoch)
@@ -707,7 +721,7 @@ def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) 
     state = TrainState(steps_per_epoch=steps_per_epoch, total_steps=total_steps, world_size=world,
                        global_batch_size=global_bs, seed=cfg.seed)
     engine, scheduler, keepalive = build_engine(cfg, ds_config, dtype=DTYPES[precision], total_steps=total_steps,
-                                                rank=rank)
+                                                rank=rank, attn=attn)
     state.recipe_identity = compat.planned_identity(cfg)  # the model is in place now: what it names is what loaded
     resumed_from = resume(engine, ckpt, state, elastic=elastic, rank=rank)
     clear_restart_markers(output_dir, rank=rank)
@@ -716,7 +730,8 @@ def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) 
     dist.all_gather_object(hosts, socket.gethostname())
     config_yaml = dump_config(cfg)
     if rank == 0:
-        write_run_dir(output_dir, config_yaml=config_yaml, ds_config=ds_config, hosts=hosts, resumed_from=resumed_from)
+        write_run_dir(output_dir, config_yaml=config_yaml, ds_config=ds_config, hosts=hosts, resumed_from=resumed_from,
+                      attention={"implementation": attn, "why": attn_why})
         atomic_write_text(output_dir / "run" / "data_stats.json", json.dumps(data_stats, indent=2, default=str))
     metrics = MetricsLogger(output_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard, resume_step=state.step)
     if resumed_from is not None:
