@@ -160,3 +160,41 @@ def test_cuda_rng_restores_the_gpus_that_exist_and_warns_about_the_rest(monkeypa
         warnings.simplefilter("error")  # all 8 exist: no warning
         set_rng_state(state)
     assert len(restored) == 9
+
+
+def test_waiting_ranks_follow_rank_0s_conversion(tmp_path, monkeypatch):
+    """The ranks that wait for rank 0's universal conversion (no process group yet, so no collective timeout bounds
+    it) return once ckpt/universal is complete, stop with rank 0's error when it failed in this launch, and ignore a
+    failure marker an earlier launch left behind."""
+    import threading
+
+    from emoe_llm.train.checkpoint import UNIVERSAL_FAILED, launch_id, prepare_universal
+
+    ckpt = make_ckpt(tmp_path, 3)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    (ckpt / UNIVERSAL_FAILED).write_text(json.dumps({"launch": "an earlier attempt", "error": "disk full"}))
+
+    def rank0_finishes():
+        (ckpt / "universal" / "zero").mkdir(parents=True)
+        (ckpt / "universal" / "zero" / "optimizer_state.pt").write_bytes(b"x")
+
+    threading.Timer(0.3, rank0_finishes).start()
+    assert prepare_universal(ckpt, rank=3, poll_s=0.05) == ckpt / "universal"
+
+    other = make_ckpt(tmp_path, 6)
+    (other / UNIVERSAL_FAILED).write_text(json.dumps({"launch": launch_id(), "error": "MemoryError\ntraceback"}))
+    with pytest.raises(RuntimeError, match=r"rank 0 could not convert .*step_00000006.*: MemoryError$"):
+        prepare_universal(other, rank=1, poll_s=0.05)
+
+
+def test_rank_0_records_a_failed_conversion_for_the_others(tmp_path):
+    """Rank 0's conversion of something that is not a DeepSpeed checkpoint fails with ds_to_universal's output, and
+    leaves the marker the waiting ranks read (and no half universal/ dir)."""
+    from emoe_llm.train.checkpoint import UNIVERSAL_FAILED, launch_id, prepare_universal
+
+    ckpt = make_ckpt(tmp_path, 3)
+    with pytest.raises(RuntimeError, match="to a universal checkpoint failed"):
+        prepare_universal(ckpt, rank=0, log=lambda m: None)
+    assert json.loads((ckpt / UNIVERSAL_FAILED).read_text())["launch"] == launch_id()
+    assert not (ckpt / "universal").exists() and not list(ckpt.glob(".universal.tmp-*"))

@@ -182,3 +182,20 @@ def test_attention_choice_says_why(monkeypatch, tmp_path):
     monkeypatch.setattr(recipe, "supports_sdpa", lambda path: False)
     impl, why = recipe.choose_attention("auto", torch.bfloat16, path=tmp_path)
     assert impl == "eager" and why.startswith("auto: the model class has no SDPA support, and flash-attn does not")
+
+
+def test_universal_conversion_needs_no_process_group(single_rank):
+    """A real ZeRO-3 checkpoint converted to the universal format the way setup does it before the process group
+    exists: ds_to_universal in its own process, several workers, renamed into place; the log gives s/GB."""
+    from emoe_llm.train.checkpoint import convert_to_universal
+
+    env = single_rank
+    out = env["root"] / "universal"
+    outcome, _ = train(env, out, "train.export=false", "train.max_steps=2")
+    assert outcome == "done"
+    ckpt = checkpoint_path(out, 2)
+    lines = []
+    universal = convert_to_universal(ckpt, workers=(2, 1), log=lines.append)
+    assert (universal / "zero" / "optimizer_state.pt").is_file() and (universal / "zero" / "lm_head.weight").is_dir()
+    assert "2 extract / 1 merge workers" in lines[0] and lines[1].endswith("s/GB)")
+    assert convert_to_universal(ckpt, log=lines.append) == universal and len(lines) == 2  # done once

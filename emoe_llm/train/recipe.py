@@ -644,10 +644,10 @@ def build_engine(cfg: RecipeConfig, ds_config: dict, *, dtype: torch.dtype, tota
 
 def elastic_resume(cfg: RecipeConfig, ds_config: dict, *, world: int) -> tuple[Path | None, bool]:
     """Before any process group (every rank reaches the same verdict): the checkpoint to resume from, and whether it
-    was saved at another world size. If so, the engine is told to load DeepSpeed's universal format (converted in
-    ``resume``) and, when the recipe does not fix the global batch, the saved one is kept (micro x accum x world
-    re-derived), so the data position (the samples consumed: step x global batch of one seeded order) and the LR
-    schedule carry over unchanged. A checkpoint this run cannot continue (another model, conversion, mode, LoRA,
+    was saved at another world size. If so, the engine is told to load DeepSpeed's universal format (converted by
+    ``checkpoint.prepare_universal`` next, still before any process group) and, when the recipe does not fix the
+    global batch, the saved one is kept (micro x accum x world re-derived), so the data position (the samples
+    consumed: step x global batch of one seeded order) and the LR schedule carry over unchanged. A checkpoint this run cannot continue (another model, conversion, mode, LoRA,
     global batch; missing rank files) is refused here (``compat.check_resume``), before anything is loaded."""
     ckpt = checkpoint.find_resume_checkpoint(cfg.resume, cfg.output_dir)
     if ckpt is None:
@@ -666,12 +666,10 @@ def elastic_resume(cfg: RecipeConfig, ds_config: dict, *, world: int) -> tuple[P
 
 
 def resume(engine, ckpt: Path | None, state: TrainState, *, elastic: bool, rank: int) -> Path | None:
-    """Collective. Restore weights, optimizer, scheduler and RNG from ``ckpt`` (converted to the universal format
-    first when ``elastic``), and the data position into ``state``. Returns the checkpoint, or None for a fresh start."""
+    """Collective. Restore weights, optimizer, scheduler and RNG from ``ckpt`` (its universal form, made by setup
+    before the process group, when ``elastic``), and the data position into ``state``. Returns the checkpoint, or None for a fresh start."""
     if ckpt is None:
         return None
-    if elastic:
-        checkpoint.universal_checkpoint(ckpt, rank=rank)
     saved = TrainState.from_dict(checkpoint.load_checkpoint(engine, ckpt, universal=elastic))
     state.step, state.epoch, state.step_in_epoch = saved.step, saved.epoch, saved.step_in_epoch
     state.tokens_seen, state.skipped_steps = saved.tokens_seen, saved.skipped_steps
@@ -696,6 +694,8 @@ def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) 
     """Collective: every rank calls it with the same recipe. Returns the run and its state (fresh or resumed)."""
     # the resume is checked first, before any process group: a refusal costs nothing and changes nothing
     ckpt, elastic = elastic_resume(cfg, ds_config, world=int(os.environ.get("WORLD_SIZE", "1")))
+    if elastic:  # before the process group: converting can take longer than any collective timeout
+        checkpoint.prepare_universal(ckpt, rank=int(os.environ.get("RANK", "0")), log=log0)
     rank, world, device = init_distributed(cfg, local_rank)
     output_dir = prepare_output_dir(cfg, rank=rank)
     stop = StopRequest(output_dir / "STOP")
