@@ -55,6 +55,7 @@ from ..arch import layout_of
 from ..cli import exit_after
 from ..convert.prepare import prepare_emoe_checkpoint
 from ..data import SFTCollator, build_sft_datasets, load_tokenizer
+from ..data.collator import count_real_tokens
 from ..emoe import TRAINED_KEY, enable_emoe, pop_expert_load, trained_record
 from ..fileio import atomic_write_text
 from ..tiny import build_demo_model
@@ -322,9 +323,13 @@ def count_targets(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def count_inputs(batch: dict) -> int:
+def count_inputs(batch: dict, pad_token_id: int | None = None) -> int:
+    """Real (not padding) tokens of a collated batch: what tokens/s and tokens_seen count (packed batches carry no
+    attention mask: their padding segment is found instead, given the pad id)."""
     mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+    if mask is not None or pad_token_id is None:
+        return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+    return count_real_tokens(batch, pad_token_id)
 
 
 MODEL_INPUT_KEYS = ("input_ids", "position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
@@ -338,7 +343,8 @@ def model_inputs(batch: dict, device) -> dict:
             if k in MODEL_INPUT_KEYS}
 
 
-def train_step(engine, micro_batches: list[dict], *, device, world: int, loss_norm: str = "token") -> dict:
+def train_step(engine, micro_batches: list[dict], *, device, world: int, loss_norm: str = "token",
+               pad_token_id: int | None = None) -> dict:
     """Forward/backward ``grad_accum`` micro-batches and take one optimizer step (DeepSpeed steps at the boundary).
 
     ``loss_norm``: "token" divides the summed token losses by the step's target tokens over all ranks; "sequence"
@@ -346,7 +352,7 @@ def train_step(engine, micro_batches: list[dict], *, device, world: int, loss_no
     {"loss", "targets", "inputs", "sequences", "nonfinite"}. With ``nonfinite`` the step was abandoned *before* any
     backward of the bad micro-batch and before the optimizer step: the weights are those of the previous step."""
     counts = torch.tensor([sum(count_targets(b) for b in micro_batches),
-                           sum(count_inputs(b) for b in micro_batches),
+                           sum(count_inputs(b, pad_token_id) for b in micro_batches),
                            sum(count_sequences(b) for b in micro_batches) if loss_norm == "sequence" else 0],
                           dtype=torch.float64, device=device)
     dist.all_reduce(counts)
@@ -763,8 +769,8 @@ def fit(run: Run, state: TrainState) -> str:
                 batches = epoch_batches(run, state)
             lr = run.scheduler.get_last_lr()[0]
             result = train_step(run.engine, [next(batches) for _ in range(run.accum)], device=run.device,
-                                loss_norm=run.cfg.train.loss_norm,
-                                world=run.world)
+                                loss_norm=run.cfg.train.loss_norm, world=run.world,
+                                pad_token_id=run.collator.pad_token_id)
             grad_norm = run.engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             verdict = "nonfinite" if result["nonfinite"] else step_verdict(
