@@ -351,14 +351,17 @@ def train_step(engine, micro_batches: list[dict], *, device, world: int, loss_no
     averages each sequence's mean token loss over the step's sequences (the official recipe; loss.py). Returns
     {"loss", "targets", "inputs", "sequences", "nonfinite"}. With ``nonfinite`` the step was abandoned *before* any
     backward of the bad micro-batch and before the optimizer step: the weights are those of the previous step."""
+    # the step's target tokens (and inputs, sequences) counted once, on the CPU batches, with one all_reduce and one
+    # host sync per step; the loss of each micro-batch is then divided by the step's total
     counts = torch.tensor([sum(count_targets(b) for b in micro_batches),
                            sum(count_inputs(b, pad_token_id) for b in micro_batches),
                            sum(count_sequences(b) for b in micro_batches) if loss_norm == "sequence" else 0],
                           dtype=torch.float64, device=device)
     dist.all_reduce(counts)
-    n_targets = max(1.0, counts[0].item())
-    denom = n_targets if loss_norm == "token" else max(1.0, counts[2].item())
-    info = {"targets": n_targets, "inputs": counts[1].item(), "sequences": counts[2].item()}
+    targets, inputs, sequences = counts.tolist()
+    n_targets = max(1.0, targets)
+    denom = n_targets if loss_norm == "token" else max(1.0, sequences)
+    info = {"targets": n_targets, "inputs": inputs, "sequences": sequences}
     loss_sum = 0.0
     chunked = chunked_loss.installed(engine.module)
     for batch in micro_batches:
@@ -374,9 +377,10 @@ def train_step(engine, micro_batches: list[dict], *, device, world: int, loss_no
         # runs backward, so all ranks skip it together (no ZeRO-3 hang) and the weights stay good.
         probe = torch.stack([ce.detach().double(), (~torch.isfinite(ce.detach())).double()])
         dist.all_reduce(probe)
-        if probe[1].item() > 0:
+        ce_value, n_bad = probe.tolist()  # the micro-batch's one host sync (the step's counts had theirs above)
+        if n_bad > 0:
             return {"loss": float("nan"), **info, "nonfinite": True}
-        loss_sum += probe[0].item()
+        loss_sum += ce_value
         engine.backward(ce * (world / denom), scale_wrt_gas=False)
         engine.step()
     return {"loss": loss_sum / denom, **info, "nonfinite": False}
