@@ -154,7 +154,8 @@ def choose_attention(requested: str, dtype: torch.dtype, *, path: Path | None = 
 
             return "flash_attention_2", "auto: GPU, 16-bit, flash-attn importable"
         except ImportError as e:  # not installed, or a wheel built for another torch / CUDA
-            choice, why = "sdpa", f"auto: flash-attn does not import ({type(e).__name__}: {e})"
+            first = (str(e).splitlines() or [""])[0]
+            choice, why = "sdpa", f"auto: flash-attn does not import ({type(e).__name__}: {first})"
     if path is not None and not supports_sdpa(path):
         return "eager", why.replace("auto:", "auto: the model class has no SDPA support, and", 1)
     return choice, why
