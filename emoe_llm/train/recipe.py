@@ -222,7 +222,8 @@ def load_model(cfg: RecipeConfig, path: Path, *, dtype: torch.dtype, attn: str |
     if chunked_loss.install(model, plain_logits=plain_logits):
         log0("loss: chunked LM-head cross-entropy (no (tokens, vocab) logits in training steps)")
     else:
-        log0("loss: plain cross-entropy on the logits (this family transforms them after the LM head)")
+        log0("loss: plain cross-entropy on the logits (the family transforms them after the LM head, or the head is "
+             "not a bias-free Linear)")
     return model
 
 
