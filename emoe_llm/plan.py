@@ -13,8 +13,9 @@ Per GPU it adds up:
     are live during its recomputation), plus the loss: the chunked LM-head cross-entropy (one token chunk / one
     vocabulary block at a time, train/chunked_loss.py), or, for families that transform the logits after the head,
     the logits and the fp32 cross-entropy on them;
-  * the EMoE mask's extra: a saved (tokens, N) 0/1 mask per EMoE layer and, in 16-bit runs, one transient fp32 copy of
-    the (tokens, d_ff) gate output for the expert scores (emoe_llm/emoe/mlp.py); nothing of size (tokens, d_ff) is kept;
+  * the EMoE mask's extra: a saved (tokens, N) 0/1 mask per EMoE layer and, in 16-bit runs on CPU only, one transient
+    fp32 copy of the (tokens, d_ff) gate output for the expert scores (on CUDA the fp32 mean reads the 16-bit values:
+    emoe_llm/emoe/mlp.py); nothing of size (tokens, d_ff) is kept;
   * ZeRO-3 communication buckets and a fixed runtime overhead (CUDA context, NCCL buffers, allocator slack);
   * the ZeRO-3 optimizer step's transient buffers: DeepSpeed concatenates each sub-group's gradient partitions into a
     new fp32 tensor (``_prepare_fp32_grad_for_sub_group``), and the training loop still holds the last micro batch's
@@ -314,7 +315,9 @@ def activation_bytes(shape: ModelShape, s: Setup, micro: int) -> dict:
         # logits (model dtype), the fp32 shifted copy for the loss, log-softmax saved, and its gradient
         out = {"activations (decoder layers)": layers, "logits + cross-entropy": tok * shape.vocab * (a + 12)}
     if shape.emoe_layers and shape.n_experts:
-        out["EMoE mask"] = shape.emoe_layers * tok * shape.n_experts * a + (tok * f * 4 if a < 4 else 0)
+        # the expert scores' fp32 mean reads 16-bit input directly on CUDA; CPU reductions cast a (tokens, d_ff) copy
+        cast = tok * f * 4 if a < 4 and s.device == "cpu" else 0
+        out["EMoE mask"] = shape.emoe_layers * tok * shape.n_experts * a + cast
     return {k: int(v) for k, v in out.items()}
 
 
@@ -439,10 +442,12 @@ def make_plan(shape: ModelShape, s: Setup) -> Plan:
         plan.fits = False
         plan.notes.append(f"offload needs {cpu / GiB:.0f} GiB of CPU memory per node, more than "
                           f"{s.cpu_mem_gb:g} GiB: use more nodes")
-    # largest micro batch: every micro-batch-dependent term grows linearly with it, so the total is monotonic
+    # largest micro batch: every micro-batch-dependent term grows with it (linearly, or less: the chunked loss's
+    # forward tile stops growing at one token chunk), so the total is monotonic; bracket it by doubling
     total = lambda m: sum(memory_bytes(shape, s, trainable, fixed, m).values())  # noqa: E731
-    per_sample = sum(activation_bytes(shape, s, 1).values())
-    hi = max(0, (plan.usable_bytes - sum(fixed.values())) // per_sample) if per_sample else 0  # an upper bound
+    hi = 1
+    while total(hi) <= plan.usable_bytes and hi < 2**20:
+        hi *= 2
     lo = 0
     while lo < hi:  # largest m in [0, hi] with total(m) <= usable
         mid = (lo + hi + 1) // 2
