@@ -150,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
     print()
     print("=" * 78)
     ranks = "GPU" if device.type == "cuda" else "CPU"
-    print(f"EMoE-LLM demo ({args.mode}, ZeRO-3, {args.nproc} {ranks} ranks) finished in {time.perf_counter() - t0:.0f}s "
+    print(f"EMoE-LLM demo ({args.mode}, ZeRO-3, {args.nproc} {ranks} ranks) finished in "
+          f"{time.perf_counter() - t0:.0f}s "
           f"(training {t_train:.0f}s)")
     print(f"  train loss      {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} (step {last['step']})")
     if final_eval:

@@ -659,8 +659,9 @@ def elastic_resume(cfg: RecipeConfig, ds_config: dict, *, world: int) -> tuple[P
     was saved at another world size. If so, the engine is told to load DeepSpeed's universal format (converted by
     ``checkpoint.prepare_universal`` next, still before any process group) and, when the recipe does not fix the
     global batch, the saved one is kept (micro x accum x world re-derived), so the data position (the samples
-    consumed: step x global batch of one seeded order) and the LR schedule carry over unchanged. A checkpoint this run cannot continue (another model, conversion, mode, LoRA,
-    global batch; missing rank files) is refused here (``compat.check_resume``), before anything is loaded."""
+    consumed: step x global batch of one seeded order) and the LR schedule carry over unchanged. A checkpoint this
+    run cannot continue (another model, conversion, mode, LoRA, global batch; missing rank files) is refused here
+    (``compat.check_resume``), before anything is loaded."""
     ckpt = checkpoint.find_resume_checkpoint(cfg.resume, cfg.output_dir)
     if ckpt is None:
         return None, False
@@ -679,7 +680,8 @@ def elastic_resume(cfg: RecipeConfig, ds_config: dict, *, world: int) -> tuple[P
 
 def resume(engine, ckpt: Path | None, state: TrainState, *, elastic: bool, rank: int) -> Path | None:
     """Collective. Restore weights, optimizer, scheduler and RNG from ``ckpt`` (its universal form, made by setup
-    before the process group, when ``elastic``), and the data position into ``state``. Returns the checkpoint, or None for a fresh start."""
+    before the process group, when ``elastic``), and the data position into ``state``. Returns the checkpoint, or
+    None for a fresh start."""
     if ckpt is None:
         return None
     saved = TrainState.from_dict(checkpoint.load_checkpoint(engine, ckpt, universal=elastic))
