@@ -33,6 +33,10 @@ class MLPLayout:
     act_attr: str = "act_fn"
     default_act: str = "silu"
     attention_fused: bool = False  # q/k/v stored as one qkv_proj (Phi-3): LoRA targets map onto it
+    # The CausalLM's logits are the LM head's output unchanged, so the training loss can fuse the head with the
+    # cross-entropy (train/chunked_loss.py). Not so: Gemma-2/3 soft-cap them, Granite divides and Cohere multiplies
+    # them by a config scale after the head; those keep the plain loss.
+    plain_logits: bool = True
 
     # --- module side --------------------------------------------------------------------------------------------
 
@@ -140,14 +144,15 @@ class MLPLayout:
 
 LLAMA = MLPLayout()
 GEMMA = MLPLayout(default_act="gelu_pytorch_tanh")
-GEMMA2 = MLPLayout(act_keys=("hidden_activation", "hidden_act"), default_act="gelu_pytorch_tanh")
+GEMMA2 = MLPLayout(act_keys=("hidden_activation", "hidden_act"), default_act="gelu_pytorch_tanh", plain_logits=False)
+SCALED_LOGITS = MLPLayout(plain_logits=False)  # Llama's MLP; logits scaled after the head (Granite, Cohere)
 PHI3 = MLPLayout(fused=True, act_attr="activation_fn", attention_fused=True)
 GLM = MLPLayout(fused=True, act_attr="activation_fn")
 
 # Each entry is exercised by tests/test_arch.py on a tiny random checkpoint built with transformers.
 ARCHITECTURES: dict[str, MLPLayout] = {
     "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "olmo": LLAMA, "olmo2": LLAMA,
-    "granite": LLAMA, "helium": LLAMA, "smollm3": LLAMA, "cohere": LLAMA,
+    "granite": SCALED_LOGITS, "helium": LLAMA, "smollm3": LLAMA, "cohere": SCALED_LOGITS,
     "gemma": GEMMA, "gemma2": GEMMA2, "gemma3_text": GEMMA2,
     "phi3": PHI3, "glm": GLM,
 }

@@ -10,9 +10,12 @@ Per GPU it adds up:
     ``estimate_zero2_model_states_mem_needs``); fp32 (CPU) and LoRA runs, which those do not cover, use the same
     byte counts with fp32 or frozen-base terms;
   * activations for micro batch x seq len, with or without gradient checkpointing (one decoder layer's activations
-    are live during its recomputation), plus the logits and the fp32 cross-entropy on them;
-  * the EMoE mask's extra: a saved (tokens, N) 0/1 mask per EMoE layer and, in 16-bit runs, one transient fp32 copy of
-    the (tokens, d_ff) gate output for the expert scores (emoe_llm/emoe/mlp.py); nothing of size (tokens, d_ff) is kept;
+    are live during its recomputation), plus the loss: the chunked LM-head cross-entropy (one token chunk / one
+    vocabulary block at a time, train/chunked_loss.py), or, for families that transform the logits after the head,
+    the logits and the fp32 cross-entropy on them;
+  * the EMoE mask's extra: a saved (tokens, N) 0/1 mask per EMoE layer and, in 16-bit runs on CPU only, one transient
+    fp32 copy of the (tokens, d_ff) gate output for the expert scores (on CUDA the fp32 mean reads the 16-bit values:
+    emoe_llm/emoe/mlp.py); nothing of size (tokens, d_ff) is kept;
   * ZeRO-3 communication buckets and a fixed runtime overhead (CUDA context, NCCL buffers, allocator slack);
   * the ZeRO-3 optimizer step's transient buffers: DeepSpeed concatenates each sub-group's gradient partitions into a
     new fp32 tensor (``_prepare_fp32_grad_for_sub_group``), and the training loop still holds the last micro batch's
@@ -313,12 +316,34 @@ def activation_bytes(shape: ModelShape, s: Setup, micro: int) -> dict:
         layers = shape.layers * tok * a * h + layer  # layer inputs kept, one layer recomputed at a time
     else:
         layers = shape.layers * layer
-    # logits (model dtype), the fp32 shifted copy for the loss, log-softmax saved, and its gradient
-    logits = tok * shape.vocab * (a + 12)
-    out = {"activations (decoder layers)": layers, "logits + cross-entropy": logits}
+    if chunked_loss_used(shape):
+        out = {"activations (decoder layers)": layers, "chunked LM-head loss": chunked_loss_bytes(shape, tok, a)}
+    else:
+        # logits (model dtype), the fp32 shifted copy for the loss, log-softmax saved, and its gradient
+        out = {"activations (decoder layers)": layers, "logits + cross-entropy": tok * shape.vocab * (a + 12)}
     if shape.emoe_layers and shape.n_experts:
-        out["EMoE mask"] = shape.emoe_layers * tok * shape.n_experts * a + (tok * f * 4 if a < 4 else 0)
+        # the expert scores' fp32 mean reads 16-bit input directly on CUDA; CPU reductions cast a (tokens, d_ff) copy
+        cast = tok * f * 4 if a < 4 and s.device == "cpu" else 0
+        out["EMoE mask"] = shape.emoe_layers * tok * shape.n_experts * a + cast
     return {k: int(v) for k, v in out.items()}
+
+
+def chunked_loss_used(shape: ModelShape) -> bool:
+    """The recipe fuses the LM head with the loss (train/chunked_loss.py) unless the family transforms the logits."""
+    return (mlp_layout(shape.model_type) if shape.model_type else LLAMA).plain_logits
+
+
+def chunked_loss_bytes(shape: ModelShape, tok: int, a: int) -> int:
+    """The chunked LM-head loss of ``tok`` tokens (``a``: bytes of the compute dtype). Forward, one token chunk at a
+    time: its logits in the compute dtype, their fp32 copy and logsumexp's fp32 temporary; backward, one vocabulary
+    block at a time over all tokens: the block's logits (compute dtype) and fp32 softmax, the gradient's cast, plus
+    the fp32 hidden-state gradient. The two phases do not overlap; per-token losses, logsumexps and targets (17 bytes
+    a token) live throughout. Measured against the full loss: benchmarks/loss_memory.py (BENCHMARKS.md)."""
+    from .train.chunked_loss import TOKEN_CHUNK, VOCAB_BLOCK
+
+    forward = min(TOKEN_CHUNK, tok) * shape.vocab * (a + 8)
+    backward = tok * min(VOCAB_BLOCK, shape.vocab) * (2 * a + 4) + tok * shape.hidden * 4
+    return int(max(forward, backward) + 17 * tok)
 
 
 def comm_buffers(shape: ModelShape, s: Setup) -> int:
@@ -337,7 +362,8 @@ def step_bytes(shape: ModelShape, s: Setup, trainable: int, micro: int) -> dict:
       partitions into a new tensor and converts it to fp32: ``flatten(grads).to(fp32)``, so 16-bit runs briefly hold
       the 16-bit and the fp32 copy (2 + 4 bytes per element), fp32 runs one copy (4 bytes). A sub-group is at most
       ``sub_group_size`` elements of this rank's partition (trainable / world). Freed after that sub-group's update.
-    * The training loop's ``out`` (train_step) holds the micro batch's logits (model dtype) through backward and step.
+    * The training loop's ``out`` (train_step) holds the micro batch's logits (model dtype) through backward and step
+      when the family keeps the plain loss (with the chunked loss it holds per-token losses only).
     * CPU only: torch's single-tensor AdamW (the recipe asks for ``fused=True`` on CUDA only) computes
       ``denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)``: two sub-group-sized fp32 temporaries.
     With optimizer offload the step runs in DeepSpeedCPUAdam on CPU buffers (counted in the CPU figure), so none of
@@ -346,8 +372,9 @@ def step_bytes(shape: ModelShape, s: Setup, trainable: int, micro: int) -> dict:
         return {}
     a = 2 if s.precision in ("bf16", "fp16") else 4
     n_sg = sub_group_elements(s, trainable)
-    out = {"optimizer step: flat fp32 gradient": (a + 4 if a < 4 else 4) * n_sg,
-           "optimizer step: logits held by the loop": a * micro * s.seq_len * shape.vocab}
+    out = {"optimizer step: flat fp32 gradient": (a + 4 if a < 4 else 4) * n_sg}
+    if not chunked_loss_used(shape):  # the chunked loss hands the loop per-token losses, not logits
+        out["optimizer step: logits held by the loop"] = a * micro * s.seq_len * shape.vocab
     if s.device == "cpu":
         out["optimizer step: AdamW temporaries (CPU)"] = 2 * 4 * n_sg
     return {k: int(v) for k, v in out.items()}
@@ -422,10 +449,12 @@ def make_plan(shape: ModelShape, s: Setup) -> Plan:
         plan.fits = False
         plan.notes.append(f"offload needs {cpu / GiB:.0f} GiB of CPU memory per node, more than "
                           f"{s.cpu_mem_gb:g} GiB: use more nodes")
-    # largest micro batch: every micro-batch-dependent term grows linearly with it, so the total is monotonic
+    # largest micro batch: every micro-batch-dependent term grows with it (linearly, or less: the chunked loss's
+    # forward tile stops growing at one token chunk), so the total is monotonic; bracket it by doubling
     total = lambda m: sum(memory_bytes(shape, s, trainable, fixed, m).values())  # noqa: E731
-    per_sample = sum(activation_bytes(shape, s, 1).values())
-    hi = max(0, (plan.usable_bytes - sum(fixed.values())) // per_sample) if per_sample else 0  # an upper bound
+    hi = 1
+    while total(hi) <= plan.usable_bytes and hi < 2**20:
+        hi *= 2
     lo = 0
     while lo < hi:  # largest m in [0, hi] with total(m) <= usable
         mid = (lo + hi + 1) // 2

@@ -4,6 +4,8 @@
 #   TORCH_SPEC   default "torch==2.13.0" (the CPU wheel); on a GPU box e.g. "torch==2.13.0 --index-url <cuda index>"
 #   EXTRAS       default "dev" (the test tools, plus wandb for logging.wandb's offline test); add "gpu" for flash-attn
 #                on CUDA machines (bitsandbytes and zstandard are regular dependencies)
+#   DS_BUILD_CPU_ADAM=1  compile DeepSpeedCPUAdam (ds_configs/z3_offload.json) into the DeepSpeed install now, instead
+#                of a JIT build on first use on every node (minutes, and each node's build cache); needs a compiler
 set -euo pipefail
 VENV=${1:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
@@ -17,7 +19,15 @@ PY="$VENV/bin/python"
 # shellcheck disable=SC2086  # TORCH_SPEC may carry extra pip flags on purpose
 "$PY" -m pip install -q $TORCH_SPEC
 "$PY" -m pip install -q -e ".[$EXTRAS]"
-"$PY" -m pip install -q --no-build-isolation "deepspeed>=0.16"
+# >= 0.19.3: LoRA + ZeRO-3 + non-reentrant activation checkpointing is broken before it (pyproject.toml)
+"$PY" -m pip install -q --no-build-isolation "deepspeed>=0.19.3"
+if [ "${DS_BUILD_CPU_ADAM:-0}" = "1" ]; then
+  # DeepSpeed compiles the ops named by DS_BUILD_* when it is built; a cached wheel skips that, so rebuild it once
+  DS_BUILD_CPU_ADAM=1 "$PY" -m pip install -q --no-build-isolation --no-cache-dir --force-reinstall --no-deps \
+    "deepspeed>=0.19.3"
+  "$PY" -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(verbose=False); \
+print('DeepSpeedCPUAdam: prebuilt')"
+fi
 "$PY" -c "import torch, transformers, deepspeed; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"
 # DeepSpeed JIT-builds its CPU communication op (~1 min) the first time a process joins a group. Build it here, once:
 # a run or test killed mid-build (a timeout) leaves torch's build lock behind, and every later run waits on it forever.

@@ -103,9 +103,8 @@ fi
 for _v in NCCL_IB_HCA NCCL_IB_GID_INDEX NCCL_IB_DISABLE NCCL_IB_TIMEOUT NCCL_IB_RETRY_CNT NCCL_NET_GDR_LEVEL; do
   if [ -n "${!_v:-}" ]; then export "${_v?}"; fi
 done
-# Collective timeout in minutes (read by deepspeed.init_distributed): a rank stuck longer than this fails the job
-# instead of hanging until the time limit. ZeRO-3 saves of big models gather on rank 0, so keep it generous.
-export DEEPSPEED_TIMEOUT=${DEEPSPEED_TIMEOUT:-30}
+# The collective timeout is the recipe's train.dist_timeout_minutes (default 60; pass train.dist_timeout_minutes=N
+# as an override): the recipe hands it to deepspeed.init_distributed, so no environment variable changes it.
 # On a collective timeout, dump the NCCL flight recorder (which collective each rank was in) next to the run.
 export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
 export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}

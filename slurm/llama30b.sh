@@ -31,7 +31,6 @@ OUTPUT_DIR=${OUTPUT_DIR:-runs/llama30b_emoe}
 # k-means on the GPU of the first node; --skip-copied: re-reading 2 x 65 GB on every requeue is not worth it
 CONVERT_ARGS=${CONVERT_ARGS:---device cuda --skip-copied}
 export MODEL EMOE_MODEL RECIPE DS_CONFIG
-export DEEPSPEED_TIMEOUT=${DEEPSPEED_TIMEOUT:-60}         # minutes; the rank-0 gather of a 30B export is slow
 
 # shellcheck source=slurm/common.sh
 source "${EMOE_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"

@@ -204,3 +204,28 @@ def test_zero3_emoe_finetune_exports_a_plain_checkpoint_that_matches(tmp_path, m
     assert (masked - dense).abs().max() > 1e-3
     trained = AutoModelForCausalLM.from_pretrained(dst)
     assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("model_type", ALL)
+def test_plain_logits_says_when_the_chunked_loss_equals_the_models(converted, model_type):
+    """``plain_logits``: the family's logits are the LM head's output, so the chunked LM-head loss (training) equals
+    the cross-entropy of the model's own logits. Where the table says no, the recipe keeps the plain loss; for the
+    families whose tiny config already transforms the logits (Gemma-2's soft-cap, Cohere's scale) the chunked loss
+    would indeed be wrong."""
+    import torch.nn.functional as F
+
+    from emoe_llm.train import chunked_loss
+
+    src, _ = converted[model_type]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = torch.randint(1, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    full = F.cross_entropy(logits(model, ids)[:, :-1].reshape(-1, model.config.vocab_size), ids[:, 1:].reshape(-1),
+                           reduction="none").view(2, 11)
+    plain = arch.mlp_layout(model_type).plain_logits
+    assert chunked_loss.install(model, plain_logits=True)  # forced, to see what it would compute
+    with torch.no_grad(), chunked_loss.targets(model, ids):
+        per_token = model(input_ids=ids).logits[:, :-1]
+    if plain:
+        torch.testing.assert_close(per_token, full, rtol=1e-5, atol=1e-5)
+    elif model_type in ("gemma2", "cohere"):
+        assert not torch.allclose(per_token, full, rtol=1e-3, atol=1e-3)

@@ -24,6 +24,8 @@ CASES = {
     "train_throughput": (["--preset", "tiny", "--layers", "2", "--seq", "16", "--rounds", "1", "--steps", "1",
                           "--warmup", "1", "--experts", "8", "--top-k", "2"], "emoe/dense step time: "),
     "data_memory": (["--size-gb", "0.001", "--max-seq-len", "256"], "peak private memory "),
+    "loss_memory": (["--tokens", "256", "--vocab", "2048", "--hidden", "128"], "chunked/full peak memory: "),
+    "universal_convert": (["--layers", "1", "--hidden", "128", "--vocab", "1000"], "universal conversion: "),
     "qlora_memory": (["--layers", "2", "--hidden", "64", "--ffn", "256", "--heads", "4", "--kv-heads", "2",
                       "--vocab", "128", "--seq", "16", "--steps", "1"], "qlora/lora step time: "),
 }
@@ -51,6 +53,12 @@ def test_benchmark_script_runs_and_prints_its_figure_last(script, tmp_path):
     assert data["benchmark"] == script and data["environment"]["torch"] and data["environment"]["date_utc"]
     if script == "data_memory":  # not a GPU-check step: its JSON holds the memory figures
         assert data["peak_private_bytes"] > 0 and data["rows"] > 0
+        return
+    if script == "universal_convert":  # not a GPU-check step: seconds per GB of a CPU conversion
+        assert data["s_per_gb"] > 0 and data["checkpoint_gb"] > 0
+        return
+    if script == "loss_memory":  # not a GPU-check step: the figure is a memory ratio
+        assert data["ratio"] > 0 and data["results"]["full"]["peak_above_baseline"] > 0
         return
     if script == "qlora_memory":  # not a GPU-check step either: NF4 weights are smaller than fp32 ones
         lora, qlora = data["results"]["lora"], data["results"]["qlora"]

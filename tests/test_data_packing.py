@@ -130,3 +130,20 @@ def test_collator_unpacked_padding_and_flash_kwargs(tok):
     from transformers.masking_utils import find_packed_sequence_indices
 
     assert find_packed_sequence_indices(b["position_ids"]).tolist() == [[0, 0, 0, 1, 1, 1]] * 2
+
+
+def test_token_counts_exclude_padding_in_packed_batches(tok):
+    """tokens_seen and tokens/s count real tokens: a packed batch (no attention mask) padded to its longest row and
+    to a multiple of 8 counts its rows' tokens, as an unpacked one counts its mask."""
+    from emoe_llm.train.recipe import count_inputs, count_targets
+
+    packed = [{"input_ids": [2000, 5, 2001, 2000, 7, 2001], "labels": [-100, 5, 2001, -100, 7, 2001],
+               "position_ids": [0, 1, 2, 0, 1, 2]},
+              {"input_ids": [2000, 9, 2001], "labels": [-100, 9, 2001], "position_ids": [0, 1, 2]}]
+    b = SFTCollator(tok.pad_token_id, pad_to_multiple_of=8)(packed)
+    assert "attention_mask" not in b and b["input_ids"].numel() == 16
+    assert count_inputs(b, tok.pad_token_id) == 9 and count_targets(b) == 6
+    assert count_inputs(b) == 16  # without the pad id: every position
+    unpacked = SFTCollator(tok.pad_token_id, pad_to_multiple_of=8)(packed[1:] + [
+        {"input_ids": [2000, 5], "labels": [-100, 5], "position_ids": [0, 1]}])
+    assert count_inputs(unpacked, tok.pad_token_id) == 5 == int(unpacked["attention_mask"].sum())

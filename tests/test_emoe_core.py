@@ -183,6 +183,22 @@ def test_emoe_mlp_matches_the_spec_formula():
     assert emoe(x).abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_routing_accumulates_in_fp32_and_picks_the_same_experts(dtype):
+    """The scores are the fp32 mean of each expert's gate values, taken without an fp32 copy of the gate output:
+    the chosen experts are those of the mean over an fp32 copy, on 4,096 tokens in bf16 and fp32, and on the strided
+    gate half of a fused gate/up output."""
+    mlp = tiny_llama().model.layers[0].mlp
+    n, k, e = 8, 2, 32
+    emoe = EMoEMLP(mlp, n_experts=n, top_k=k)
+    gate_up = torch.randn(4096, 2 * 256, generator=torch.Generator().manual_seed(3)).to(dtype)
+    for gate_out in (gate_up[:, :256].contiguous(), gate_up[:, :256]):  # plain; a fused layout's strided half
+        reference = gate_out.float().reshape(4096, n, e).mean(-1)
+        want = torch.zeros(4096, n).scatter_(-1, reference.topk(k, dim=-1).indices, 1.0)
+        got = emoe.expert_mask(gate_out)
+        assert got.dtype == dtype and torch.equal(got.float(), want)
+
+
 def test_gradients_reach_only_selected_experts_of_a_token():
     torch.manual_seed(0)
     mlp = tiny_llama().model.layers[0].mlp

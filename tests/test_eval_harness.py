@@ -232,3 +232,22 @@ def test_nll_target_is_what_training_learnt(template):
         assert full[len(head):] == learnt, template
     if template == "auto":
         assert "<|start_header_id|>assistant<|end_header_id|>" in prompt  # the chat template, not the Alpaca prompt
+
+
+def test_eval_puts_a_model_that_fits_on_one_gpu(tmp_path):
+    """--device auto: one GPU when the weights (in the dtype they load in) fit in 80% of it, all GPUs only when they
+    do not; a 7B in bf16 on 8 x 80 GB runs on one, a 30B in bf16 (65 GB) is sharded."""
+    from emoe_llm.eval.cli import eval_placement, weight_bytes
+
+    gb = 10**9
+    eight = [80 * gb] * 8
+    assert eval_placement(int(13.5 * gb), eight) == "cuda:0"
+    assert eval_placement(65 * gb, eight) == "auto"
+    assert eval_placement(65 * gb, [141 * gb] * 8) == "cuda:0"  # H200
+    assert eval_placement(65 * gb, [80 * gb]) == "cuda:0"  # one GPU: nothing to shard over
+    assert eval_placement(65 * gb, []) == "cpu"
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"x" * 3000)
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"x" * 1000)
+    assert weight_bytes(tmp_path, {"dtype": "float32"}, "auto") == 4000
+    assert weight_bytes(tmp_path, {"dtype": "float32"}, torch.bfloat16) == 2000  # loaded in bf16: half
+    assert weight_bytes(tmp_path, {"torch_dtype": "bfloat16"}, torch.float32) == 8000

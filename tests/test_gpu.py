@@ -7,7 +7,9 @@ bitsandbytes wheels); by hand: ``python -m pytest -m gpu tests/test_gpu.py``.
 - bf16 ZeRO-3 training through the real recipe (``python -m emoe_llm.train``, one process, NCCL), EMoE and dense;
 - the masked EMoE MLP in bf16 equals fp32 within bf16 precision, forward and backward;
 - balanced k-means on CUDA gives the CPU's labels for a fixed seed;
-- QLoRA (4-bit base + LoRA) trains, when bitsandbytes is installed.
+- QLoRA (4-bit base + LoRA) trains, when bitsandbytes is installed;
+- packed rows under FlashAttention-2 match unpacked SDPA, when a flash-attn wheel is installed;
+- the chunked LM-head loss on CUDA in bf16 matches the full loss.
 """
 
 from __future__ import annotations
@@ -188,3 +190,69 @@ def test_qlora_trains_under_zero3(tmp_path, tiny_dense):
     assert len(losses) == 6 and all(l == l for l in losses), losses
     assert losses[-1] < losses[0], losses
     assert (out / "COMPLETED").is_file() and (out / "final" / "adapter").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# packed rows under FlashAttention-2 (cu_seq_lens), when a flash-attn wheel is installed; the chunked loss on CUDA
+
+try:
+    import flash_attn  # noqa: F401
+
+    FLASH = CUDA
+except ImportError:
+    FLASH = False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not FLASH, reason="needs CUDA and flash-attn (carry a flash-attn wheel to the GPU check)")
+def test_packed_rows_under_flash_attention_2_match_unpacked_sdpa():
+    """Three documents packed into rows (no attention mask; the collator's cu_seq_lens / max_length for FA2) give
+    every document the loss it has alone under SDPA, in bf16: FA2 does not attend across packed documents."""
+    from transformers import LlamaForCausalLM
+
+    from emoe_llm.data import SFTCollator
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(vocab_size=256, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+    config.use_cache = False
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    gen = torch.Generator().manual_seed(1)
+    docs = [torch.randint(1, 256, (n,), generator=gen).tolist() for n in (17, 40, 9, 31)]
+    # a document's first token is no target (it would be predicted across the boundary in a packed row)
+    row = lambda ds: {"input_ids": [t for d in ds for t in d],  # noqa: E731
+                      "labels": [t for d in ds for t in [-100, *d[1:]]],
+                      "position_ids": [p for d in ds for p in range(len(d))]}
+
+    def doc_losses(batch, attn):
+        model.config._attn_implementation = attn
+        inputs = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits.float()
+        labels = batch["labels"].cuda()
+        return F.cross_entropy(logits[:, :-1].reshape(-1, 256), labels[:, 1:].reshape(-1), ignore_index=-100,
+                               reduction="sum")
+
+    with torch.no_grad():
+        packed = SFTCollator(0, flash_attn_kwargs=True)([row(docs[:2]), row(docs[2:])])
+        assert "cu_seq_lens_q" in packed and "attention_mask" not in packed
+        got = doc_losses(packed, "flash_attention_2")
+        alone = sum(doc_losses(SFTCollator(0)([row([d])]), "sdpa") for d in docs)
+    assert abs(got.item() - alone.item()) / alone.item() < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_chunked_loss_on_cuda_matches_the_full_loss_in_bf16():
+    """The chunked LM-head loss on CUDA in bf16: loss within bf16 rounding of F.cross_entropy on the fp32 logits,
+    gradients within 2% relative."""
+    from emoe_llm.train.chunked_loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(32000, 512, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, 32000, (2048,), device="cuda")
+    full = F.cross_entropy((h @ w.t()).float(), t, reduction="sum")
+    gh, gw = torch.autograd.grad(full, (h, w))
+    chunked = linear_cross_entropy(h, w, t).sum()
+    ch, cw = torch.autograd.grad(chunked, (h, w))
+    assert abs(chunked.item() - full.item()) / full.item() < 1e-3
+    assert rel_err(ch, gh) < 0.02 and rel_err(cw, gw) < 0.02

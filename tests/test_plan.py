@@ -5,6 +5,7 @@ import json
 import pytest
 
 from emoe_llm.plan import (GiB, PlanError, Setup, activation_bytes, load_shape, main, make_plan, model_states,
+                           shape_from_config,
                             step_bytes)
 
 
@@ -68,8 +69,11 @@ def test_activations_checkpointing_micro_batch_and_the_emoe_mask():
     assert full["activations (decoder layers)"] > 10 * ckpt["activations (decoder layers)"]
     two = activation_bytes(shape, Setup(seq_len=2048), 2)
     assert two["activations (decoder layers)"] == 2 * ckpt["activations (decoder layers)"]
-    # EMoE: a (tokens, N) mask per EMoE layer + one transient fp32 (tokens, d_ff) score input in 16-bit runs
-    assert ckpt["EMoE mask"] == 2 * 2048 * 64 * 2 + 2048 * 11008 * 4
+    # EMoE: a (tokens, N) mask per EMoE layer; the fp32 scores read the 16-bit gate output directly on CUDA, while a
+    # 16-bit run on CPU casts one transient fp32 (tokens, d_ff) copy first
+    assert ckpt["EMoE mask"] == 2 * 2048 * 64 * 2
+    cpu16 = activation_bytes(shape, Setup(micro_batch=1, seq_len=2048, device="cpu"), 1)
+    assert cpu16["EMoE mask"] == 2 * 2048 * 64 * 2 + 2048 * 11008 * 4
     dense = load_shape("llama-7b", emoe_override=False)
     assert "EMoE mask" not in activation_bytes(dense, Setup(seq_len=2048), 1)
 
@@ -137,7 +141,10 @@ def test_optimizer_step_transients_follow_deepspeed_and_the_device():
     P = shape.n_params()
     gpu = step_bytes(shape, Setup(nodes=1, gpus_per_node=8, micro_batch=2, seq_len=512), P, 2)
     assert gpu["optimizer step: flat fp32 gradient"] == 6 * -(-P // 8)  # 842M elements < sub_group_size 1e9
-    assert gpu["optimizer step: logits held by the loop"] == 2 * 2 * 512 * 32000
+    assert "optimizer step: logits held by the loop" not in gpu  # the chunked loss returns per-token losses
+    gemma2 = shape_from_config({**SMOLLM2, "model_type": "gemma2"}, name="gemma2")  # soft-capped: the plain loss
+    plain = step_bytes(gemma2, Setup(nodes=1, gpus_per_node=8, micro_batch=2, seq_len=512), P, 2)
+    assert plain["optimizer step: logits held by the loop"] == 2 * 2 * 512 * 49152
     assert not any("CPU" in k for k in gpu)
     capped = step_bytes(shape, Setup(nodes=1, gpus_per_node=1, sub_group_size=10**8), P, 1)
     assert capped["optimizer step: flat fp32 gradient"] == 6 * 10**8
@@ -149,6 +156,21 @@ def test_optimizer_step_transients_follow_deepspeed_and_the_device():
     assert step_bytes(shape, Setup(zero_stage=2), P, 1) == {}
 
 
+def test_activation_estimate_uses_the_chunked_loss():
+    """Llama-3-8B, 4 x 4,096 tokens: the chunked LM-head loss is a fraction of the full logits + fp32 cross-entropy
+    (which families that transform their logits still pay), and it is what the plan adds up."""
+    shape = load_shape("llama-3-8b")
+    s = Setup(micro_batch=4, seq_len=4096)
+    act = activation_bytes(shape, s, 4)
+    assert "logits + cross-entropy" not in act
+    full = 4 * 4096 * shape.vocab * (2 + 12)
+    assert act["chunked LM-head loss"] < 0.25 * full
+    capped = shape_from_config({**SMOLLM2, "model_type": "gemma2"}, name="gemma2")
+    assert activation_bytes(capped, s, 4)["logits + cross-entropy"] == 4 * 4096 * 49152 * 14
+    plan = make_plan(shape, s)
+    assert plan.per_gpu["chunked LM-head loss"] == act["chunked LM-head loss"]
+
+
 def test_step_and_train_pass_add_on_cpu_and_take_the_larger_on_gpu(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(SMOLLM2))
     shape = load_shape(str(tmp_path))
@@ -157,7 +179,7 @@ def test_step_and_train_pass_add_on_cpu_and_take_the_larger_on_gpu(tmp_path):
                                  seq_len=256, runtime_overhead_gb=0))
     step = step_bytes(shape, Setup(nodes=1, gpus_per_node=2, precision="fp32", device="cpu", seq_len=256), P, 2)
     assert cpu.per_gpu["optimizer step: AdamW temporaries (CPU)"] == step["optimizer step: AdamW temporaries (CPU)"]
-    assert "optimizer step: logits held by the loop" not in cpu.per_gpu  # already in logits + cross-entropy
+    assert "optimizer step: logits held by the loop" not in cpu.per_gpu  # the chunked loss holds no logits
     assert cpu.total_bytes == sum(cpu.per_gpu.values())
     # the same run planned for a GPU: the step reuses the train pass's memory, only its excess counts
     gpu = make_plan(shape, Setup(nodes=1, gpus_per_node=2, precision="fp32", micro_batch=2, seq_len=256,
@@ -212,10 +234,11 @@ def test_a_preset_takes_n_and_the_layers_from_the_recipe():
 
 def test_the_advice_names_the_real_cause(capsys):
     """A micro batch of one row that does not fit while the model states do: the advice blames the sequence length
-    (the activations), not the model states; and the states alone not fitting still says so."""
-    assert main(["--model", "llama-7b", "--seq-len", "65536"]) == 1
+    (the activations), not the model states; and the states alone not fitting still says so. (131,072 tokens: with
+    the chunked loss one row of 65,536 fits 7B on 80 GB.)"""
+    assert main(["--model", "llama-7b", "--seq-len", "131072"]) == 1
     out = capsys.readouterr().out.splitlines()[-1]
-    assert out.startswith("DOES NOT FIT: the model states fit") and "one row of 65536 tokens needs" in out, out
+    assert out.startswith("DOES NOT FIT: the model states fit") and "one row of 131072 tokens needs" in out, out
     assert "lower data.max_seq_len (--seq-len)" in out and "model states alone" not in out
     assert main(["--model", "llama-65b", "--nodes", "1", "--gpus-per-node", "1"]) == 1
     assert "the model states alone do not fit" in capsys.readouterr().out

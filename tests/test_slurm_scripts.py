@@ -88,7 +88,7 @@ source {SLURM_DIR}/common.sh
 {extra}
 echo "NNODES=$NNODES NPROC_PER_NODE=$NPROC_PER_NODE MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"
 echo "OMP_NUM_THREADS=$OMP_NUM_THREADS CPUS_PER_NODE=$CPUS_PER_NODE NCCL_DEBUG=$NCCL_DEBUG"
-echo "GLOO_SOCKET_IFNAME=${{GLOO_SOCKET_IFNAME:-}} DEEPSPEED_TIMEOUT=$DEEPSPEED_TIMEOUT"
+echo "GLOO_SOCKET_IFNAME=${{GLOO_SOCKET_IFNAME:-}} DEEPSPEED_TIMEOUT=${{DEEPSPEED_TIMEOUT:-unset}}"
 env | grep -E '^(NNODES|NPROC_PER_NODE|MASTER_ADDR|MASTER_PORT|NCCL_IB_HCA)=' | sort | tr '\\n' ' '
 """
     env = clean_env(SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_NODELIST="node-[a-d]", MASTER_ADDR="node-a", **slurm_env)
@@ -115,7 +115,8 @@ def test_rendezvous_from_allocation(tmp_path, slurm_env, expected):
     assert "NNODES=" in proc.stdout.splitlines()[-1] and "MASTER_PORT=" in proc.stdout.splitlines()[-1]
     if "NCCL_IB_HCA" in slurm_env:
         assert "NCCL_IB_HCA=mlx5_0" in proc.stdout.splitlines()[-1]
-    assert "NCCL_DEBUG=" in proc.stdout and "DEEPSPEED_TIMEOUT=30" in proc.stdout
+    # the timeout is train.dist_timeout_minutes: no environment variable pretends to set it
+    assert "NCCL_DEBUG=" in proc.stdout and "DEEPSPEED_TIMEOUT=unset" in proc.stdout
 
 
 def test_outside_a_job_fails_clearly(tmp_path):

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from emoe_llm.train.checkpoint import find_resume_checkpoint, list_checkpoints, rotate_checkpoints
 
@@ -126,3 +127,74 @@ def test_export_shards_and_merges_lora(tmp_path, use_dora):
     with torch.no_grad():
         again = PeftModel.from_pretrained(base, out / "adapter").eval()(input_ids=ids).logits
     torch.testing.assert_close(again, want, rtol=0, atol=1e-5)
+
+
+def test_cuda_rng_restores_the_gpus_that_exist_and_warns_about_the_rest(monkeypatch):
+    """A checkpoint saved where each process saw 8 GPUs, resumed where it sees 2 (the device query is faked: this
+    machine has none): the 2 are restored, the rank's own device gets its own saved state, the other 6 are named in
+    one warning; the CPU generators are restored as always."""
+    from emoe_llm.train.checkpoint import cuda_states_to_restore, rng_state, set_rng_state
+
+    saved = [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]
+    assert cuda_states_to_restore(saved, 8) == ([(i, s) for i, s in enumerate(saved)], 0)
+    kept, missing = cuda_states_to_restore(saved, 2)
+    assert [i for i, _ in kept] == [0, 1] and missing == 6
+    assert cuda_states_to_restore(saved, 16)[1] == 0
+
+    state = rng_state()
+    expected = torch.rand(3)
+    state.update(cuda=saved, cuda_own=saved[5])  # the rank ran on GPU 5 of 8
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append((device, int(s[0]))))
+    with pytest.warns(RuntimeWarning, match="RNG state of 8 GPUs, this process sees 2: restored 2.*6 have no device"):
+        set_rng_state(state)
+    assert restored == [(0, 0), (1, 1), ("cuda", 5)]  # then this rank's device: its own state
+    assert torch.equal(torch.rand(3), expected)
+    restored.clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # all 8 exist: no warning
+        set_rng_state(state)
+    assert len(restored) == 9
+
+
+def test_waiting_ranks_follow_rank_0s_conversion(tmp_path, monkeypatch):
+    """The ranks that wait for rank 0's universal conversion (no process group yet, so no collective timeout bounds
+    it) return once ckpt/universal is complete, stop with rank 0's error when it failed in this launch, and ignore a
+    failure marker an earlier launch left behind."""
+    import threading
+
+    from emoe_llm.train.checkpoint import UNIVERSAL_FAILED, launch_id, prepare_universal
+
+    ckpt = make_ckpt(tmp_path, 3)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    (ckpt / UNIVERSAL_FAILED).write_text(json.dumps({"launch": "an earlier attempt", "error": "disk full"}))
+
+    def rank0_finishes():
+        (ckpt / "universal" / "zero").mkdir(parents=True)
+        (ckpt / "universal" / "zero" / "optimizer_state.pt").write_bytes(b"x")
+
+    threading.Timer(0.3, rank0_finishes).start()
+    assert prepare_universal(ckpt, rank=3, poll_s=0.05) == ckpt / "universal"
+
+    other = make_ckpt(tmp_path, 6)
+    (other / UNIVERSAL_FAILED).write_text(json.dumps({"launch": launch_id(), "error": "MemoryError\ntraceback"}))
+    with pytest.raises(RuntimeError, match=r"rank 0 could not convert .*step_00000006.*: MemoryError$"):
+        prepare_universal(other, rank=1, poll_s=0.05)
+
+
+def test_rank_0_records_a_failed_conversion_for_the_others(tmp_path):
+    """Rank 0's conversion of something that is not a DeepSpeed checkpoint fails with ds_to_universal's output, and
+    leaves the marker the waiting ranks read (and no half universal/ dir)."""
+    from emoe_llm.train.checkpoint import UNIVERSAL_FAILED, launch_id, prepare_universal
+
+    ckpt = make_ckpt(tmp_path, 3)
+    with pytest.raises(RuntimeError, match="to a universal checkpoint failed"):
+        prepare_universal(ckpt, rank=0, log=lambda m: None)
+    assert json.loads((ckpt / UNIVERSAL_FAILED).read_text())["launch"] == launch_id()
+    assert not (ckpt / "universal").exists() and not list(ckpt.glob(".universal.tmp-*"))

@@ -17,6 +17,7 @@ from transformers import LlamaForCausalLM
 
 from emoe_llm.data import SFTCollator
 from emoe_llm.tiny import tiny_llama_config
+from emoe_llm.train import chunked_loss
 from emoe_llm.train.loss import count_sequences, sequence_ce_sum, sequence_ids
 from emoe_llm.train.recipe import train_step
 
@@ -68,8 +69,10 @@ def _grads(model):
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
-def _step(rows, *, micro, loss_norm, world=1):
+def _step(rows, *, micro, loss_norm, world=1, chunked=False):
     model = _model()
+    if chunked:
+        assert chunked_loss.install(model, plain_logits=True)
     collate = SFTCollator(pad_token_id=0)
     batches = [collate(rows[i:i + micro]) for i in range(0, len(rows), micro)]
     out = train_step(_Engine(model), batches, device=torch.device("cpu"), world=world, loss_norm=loss_norm)
@@ -117,13 +120,17 @@ def _reference(rows, loss_norm):
     return float(loss.detach()), _grads(model), len(per_doc)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("loss_norm", ["token", "sequence"])
-def test_loss_norm_is_exact_against_one_big_batch(one_rank, packed, loss_norm):
+def test_loss_norm_is_exact_against_one_big_batch(one_rank, packed, loss_norm, chunked, monkeypatch):
+    """Also with the chunked LM-head loss (several token chunks and vocabulary blocks per micro-batch)."""
+    monkeypatch.setattr(chunked_loss, "TOKEN_CHUNK", 7)
+    monkeypatch.setattr(chunked_loss, "VOCAB_BLOCK", 40)  # 96 = 40 + 40 + 16
     rows = _rows(packed)
     ref_loss, ref_grads, n_docs = _reference_for(packed, loss_norm)
     for micro in (8, 2, 1):  # one big batch, accumulation of 4, of 8 (different padding in every split)
-        out, grads = _step(rows, micro=micro, loss_norm=loss_norm)
+        out, grads = _step(rows, micro=micro, loss_norm=loss_norm, chunked=chunked)
         assert out["loss"] == pytest.approx(ref_loss, rel=1e-5)
         torch.testing.assert_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
         if loss_norm == "sequence":
@@ -176,3 +183,60 @@ def test_loss_norm_is_exact_over_two_ranks(loss_norm):
     ref_loss, ref_grads, _ = _reference_for(True, loss_norm)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     torch.testing.assert_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("token_chunk,vocab_block", [(5, 7), (64, 1000), (1, 50)])
+def test_linear_cross_entropy_matches_the_materialised_logits(token_chunk, vocab_block):
+    """Loss per token and the gradients of hidden and weight equal F.cross_entropy on h @ W.T in fp32, with ignored
+    targets, chunks that do not divide the sizes, and an upstream gradient that differs per token."""
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 11, 16, generator=gen, dtype=torch.float64).float().requires_grad_()
+    w = torch.randn(50, 16, generator=gen).mul(0.5).requires_grad_()
+    t = torch.randint(0, 50, (3, 11), generator=gen)
+    t[0, :4] = -100
+    t[2, -1] = -100
+    up = torch.rand(3, 11, generator=gen)
+    ref = F.cross_entropy((h @ w.t()).float().reshape(-1, 50), t.reshape(-1), ignore_index=-100,
+                          reduction="none").view(3, 11)
+    (ref * up).sum().backward()
+    ref_h, ref_w = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    got = chunked_loss.linear_cross_entropy(h, w, t, token_chunk=token_chunk, vocab_block=vocab_block)
+    (got * up).sum().backward()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert got[0, :4].abs().max() == 0 and got[2, -1] == 0
+    torch.testing.assert_close(h.grad, ref_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, ref_w, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cross_entropy_frozen_head_and_bf16():
+    """A frozen head (LoRA) gets no gradient; in bf16 the loss follows the bf16 logits within bf16 rounding."""
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 9, 32, generator=gen).bfloat16().requires_grad_()
+    w = torch.randn(300, 32, generator=gen).mul(0.2).bfloat16()
+    t = torch.randint(0, 300, (2, 9), generator=gen)
+    got = chunked_loss.linear_cross_entropy(h, w, t, token_chunk=4, vocab_block=64)
+    assert got.dtype == torch.float32
+    ref = F.cross_entropy((h @ w.t()).float().reshape(-1, 300), t.reshape(-1), reduction="none").view(2, 9)
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-3, atol=1e-3)
+    got.sum().backward()
+    assert w.grad is None and h.grad is not None and h.grad.dtype == torch.bfloat16
+
+
+def test_chunked_head_returns_logits_outside_a_training_step():
+    """Installed on a model, the head returns ordinary logits (eval, probe, generation) unless targets are set."""
+    model = _model()
+    ids = torch.randint(1, VOCAB, (2, 6))
+    plain = model(input_ids=ids).logits
+    assert chunked_loss.install(model, plain_logits=True) and chunked_loss.installed(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, plain)
+    labels = ids.clone()
+    labels[:, :2] = -100
+    with chunked_loss.targets(model, labels):
+        per_token = model(input_ids=ids).logits
+    assert per_token.shape == (2, 6) and per_token[:, -1].abs().max() == 0
+    ref = F.cross_entropy(plain[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100,
+                          reduction="none").view(2, 5)
+    torch.testing.assert_close(per_token[:, :-1], ref)
+    assert model(input_ids=ids).logits.shape == (2, 6, VOCAB)  # targets cleared on exit
+    assert not chunked_loss.install(LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB)), plain_logits=False)

@@ -25,6 +25,22 @@ def is_packed(position_ids: list[int]) -> bool:
     return any(p == 0 for p in position_ids[1:])
 
 
+def count_real_tokens(batch: dict, pad_token_id: int) -> int:
+    """Tokens of a collated batch that are not padding. Unpacked: the attention mask. Packed (no mask): a row's
+    padding is the segment the collator appends (positions restarting at 0, every id ``pad_token_id``, no target)."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return int(mask.sum())
+    ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
+    total = ids.numel()
+    for b in range(ids.shape[0]):
+        starts = (pos[b] == 0).nonzero().reshape(-1)
+        last = int(starts[-1]) if starts.numel() else 0
+        if last > 0 and bool((ids[b, last:] == pad_token_id).all()) and bool((labels[b, last:] == IGNORE_INDEX).all()):
+            total -= ids.shape[1] - last
+    return total
+
+
 class SFTCollator:
     """``SFTCollator(pad_token_id, *, pad_to_multiple_of=None, flash_attn_kwargs=False)(rows) -> dict of tensors``.
 

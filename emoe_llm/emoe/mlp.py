@@ -73,9 +73,13 @@ class EMoEMLP(nn.Module):
     def expert_mask(self, gate_out: torch.Tensor) -> torch.Tensor:
         """(..., d_ff) pre-activation gate values -> (..., N) 0/1 mask of the top-k experts (no gradient)."""
         with torch.no_grad():
-            # fp32 scores make routing the same in bf16 and fp32 runs except on near-ties.
-            # reshape, not view: a fused layout's gate half is a strided slice of the gate/up output.
-            scores = gate_out.detach().float().reshape(*gate_out.shape[:-1], self.n_experts, self.expert_size).mean(-1)
+            # fp32 scores make routing the same in bf16 and fp32 runs except on near-ties. The mean accumulates in
+            # fp32 (dtype=) instead of reducing an fp32 copy: on CUDA torch's reduction then reads the 16-bit values
+            # directly (make_reduction_from_out_ty's low-precision -> fp32 case), so no (tokens, d_ff) fp32 tensor
+            # exists (1.2 GB per EMoE layer at 30B with 4 x 4,096 tokens); CPU reductions still cast a copy.
+            # reshape, not view: a fused layout's gate half is a strided slice.
+            scores = gate_out.detach().reshape(*gate_out.shape[:-1], self.n_experts, self.expert_size).mean(
+                -1, dtype=torch.float32)
             top = scores.topk(self.top_k, dim=-1).indices
             mask = torch.zeros_like(scores, dtype=gate_out.dtype).scatter_(-1, top, 1.0)
         return mask

@@ -81,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=positive_int, default=None,
                         help="context budget in tokens (default: the model's)")
     parser.add_argument("--device", default="auto",
-                        help="auto (all visible GPUs via device_map=auto, else cpu) | cpu | cuda | cuda:1")
+                        help="auto (one GPU when the model fits on it, else all visible GPUs via device_map=auto; "
+                             "cpu without GPUs) | cpu | cuda | cuda:1")
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                         help="auto: the checkpoint's dtype on GPU, fp32 on CPU")
     parser.add_argument("--output", default=None,
@@ -176,6 +177,32 @@ def check_checkpoint_files(path: str) -> None:
         raise ValueError(f"checkpoint {root} is incomplete or corrupt: {e}") from None
 
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ONE_GPU_HEADROOM = 0.8  # weights up to 80% of one GPU's memory stay on one GPU; the rest is for activations / KV
+
+
+def weight_bytes(path: str | Path, config: dict, dtype) -> int:
+    """Bytes of the checkpoint's weights once loaded in ``dtype`` (a torch dtype, or "auto": as stored): the
+    safetensors files' sizes, scaled from the stored dtype."""
+    root = Path(path)
+    stored = sum(f.stat().st_size for f in root.glob("*.safetensors")) or sum(
+        f.stat().st_size for f in root.glob("*.bin"))
+    stored_dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    target = str(dtype).removeprefix("torch.") if dtype != "auto" else stored_dtype
+    return int(stored * DTYPE_BYTES.get(target, 4) / DTYPE_BYTES.get(stored_dtype, 4))
+
+
+def eval_placement(model_bytes: int, gpu_bytes: list[int]) -> str:
+    """Where ``--device auto`` puts the model: "cpu" without GPUs; "cuda:0" when it fits on one GPU (a model that
+    fits runs fastest there: ``device_map="auto"`` over eight would run it layer by layer across them, one GPU busy
+    at a time); "auto" (shard over all of them) only when it does not."""
+    if not gpu_bytes:
+        return "cpu"
+    if len(gpu_bytes) == 1 or model_bytes <= ONE_GPU_HEADROOM * gpu_bytes[0]:
+        return "cuda:0"
+    return "auto"
+
+
 def load_for_eval(path: str, *, mode: str, mode_source: str, device: str, dtype: str, top_k: int | None = None):
     """(model, tokenizer, info) -- plain transformers, EMoE masking added for mode emoe (a mode ``resolve_modes``
     gave). ``info``: ``mode``, ``mode_source``, the checkpoint's training record and, when masked, the ``top_k`` /
@@ -190,12 +217,16 @@ def load_for_eval(path: str, *, mode: str, mode_source: str, device: str, dtype:
         raise FileNotFoundError(f"{cfg_path} not found: expected an HF checkpoint dir")
     config = json.loads(cfg_path.read_text())
     info = {"mode": mode, "mode_source": mode_source, "trained": config.get(TRAINED_KEY)}
-    shard = device == "auto" and torch.cuda.device_count() > 1  # e.g. 30B in bf16 over several GPUs
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(dtype)
+    shard = False
+    if device == "auto":
+        gpus = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())] \
+            if torch.cuda.is_available() else []
+        device = eval_placement(weight_bytes(path, config, torch_dtype or "auto"), gpus)
+        shard = device == "auto"  # e.g. 30B in bf16: over several GPUs
+        info["placement"] = "device_map=auto over all GPUs" if shard else device
     if torch_dtype is None:
-        torch_dtype = "auto" if device.startswith("cuda") else torch.float32
+        torch_dtype = "auto" if device.startswith("cuda") or shard else torch.float32
     if shard:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map="auto")
     else:

@@ -11,7 +11,8 @@ Layout under ``output_dir``:
     COMPLETED                         written by rank 0 only after final/ is complete
 
         universal/                    the same checkpoint in DeepSpeed's universal format, made once (atomically) the
-                                      first time it is resumed at another world size (``universal_checkpoint``)
+                                      first time it is resumed at another world size, before any process group
+                                      exists (``prepare_universal``)
 
 ZeRO shards only load at the data-parallel world size they were saved with; at another one the run resumes through
 DeepSpeed's universal checkpoint (``ds_to_universal`` + ``checkpoint.load_universal``), which re-partitions the
@@ -27,6 +28,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -92,47 +94,123 @@ def find_resume_checkpoint(resume: str, output_dir: str | os.PathLike) -> Path |
 UNIVERSAL_DIR = "universal"
 
 
-def universal_checkpoint(ckpt: Path, *, rank: int, workers: int = 1) -> Path:
-    """Collective. ``ckpt`` in DeepSpeed's universal format (``ckpt/universal``), converted once by rank 0 with
-    ``deepspeed.checkpoint.ds_to_universal`` into a temp dir that is renamed into place, so a run killed while
-    converting leaves no half checkpoint and the next resume converts again. The source files are not modified."""
-    out = ckpt / UNIVERSAL_DIR
-    if rank == 0 and not (out / "zero" / "optimizer_state.pt").is_file():
-        import subprocess
-        import sys
+UNIVERSAL_FAILED = ".universal.failed"  # rank 0's error, for the ranks waiting on the conversion
 
-        tmp = ckpt / f".{UNIVERSAL_DIR}.tmp-{os.getpid()}"
+
+def universal_workers() -> tuple[int, int]:
+    """(extract, merge) processes for ``ds_to_universal``. Extracting reads each saved rank's shards independently
+    (CPU and disk bound: one per core, up to 8); merging holds every rank's slices of one parameter at once, so half
+    as many."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    extract = max(1, min(8, cpus))
+    return extract, max(1, extract // 2)
+
+
+def _universal_done(out: Path) -> bool:
+    return (out / "zero" / "optimizer_state.pt").is_file()
+
+
+def convert_to_universal(ckpt: Path, *, workers: tuple[int, int] | None = None, log=print) -> Path:
+    """``ckpt/universal``: ``ckpt`` converted with ``deepspeed.checkpoint.ds_to_universal`` into a temp dir that is
+    renamed into place, so a run killed while converting leaves no half checkpoint and the next resume converts
+    again. The source files are not modified. Needs no process group. Logs the size, time and seconds per GB."""
+    import subprocess
+    import sys
+
+    out = ckpt / UNIVERSAL_DIR
+    if _universal_done(out):
+        return out
+    extract, merge = workers or universal_workers()
+    size = sum(p.stat().st_size for p in ckpt.iterdir() if p.is_file())
+    tmp = ckpt / f".{UNIVERSAL_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+           "--output_folder", str(tmp), "--num_extract_workers", str(extract), "--num_merge_workers", str(merge)]
+    log(f"converting {ckpt} ({size / 1e9:.2f} GB) to DeepSpeed's universal checkpoint, {extract} extract / {merge} "
+        f"merge workers")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not _universal_done(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
-               "--output_folder", str(tmp), "--num_extract_workers", str(workers), "--num_merge_workers",
-               str(workers)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not (tmp / "zero" / "optimizer_state.pt").is_file():
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise RuntimeError(f"converting {ckpt} to a universal checkpoint failed ({' '.join(cmd)}):\n"
-                               f"{(proc.stdout + proc.stderr)[-3000:]}")
-        (ckpt / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer file; we pass the tag
-        shutil.rmtree(out, ignore_errors=True)
-        os.rename(tmp, out)
-    dist.barrier()
+        raise RuntimeError(f"converting {ckpt} to a universal checkpoint failed ({' '.join(cmd)}):\n"
+                           f"{(proc.stdout + proc.stderr)[-3000:]}")
+    (ckpt / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer file; we pass the tag
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+    seconds = time.perf_counter() - t0
+    log(f"converted in {seconds:.0f} s ({seconds / max(size / 1e9, 1e-9):.1f} s/GB)")
+    return out
+
+
+def launch_id() -> str:
+    """Names this launch (the same on every rank of it, different for a requeue): what the waiting ranks compare
+    rank 0's failure marker with, so a marker left by an earlier attempt is not mistaken for this one's."""
+    keys = ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")
+    return "/".join(os.environ.get(k, "") for k in keys)
+
+
+def prepare_universal(ckpt: Path, *, rank: int, poll_s: float = 5.0, log=print) -> Path:
+    """Before any process group exists: rank 0 converts ``ckpt`` (``convert_to_universal``, several workers) while
+    the other ranks wait for ``ckpt/universal`` on the shared file system. No collective is open meanwhile, so the
+    conversion of a 30B checkpoint's optimizer states (~390 GB) is not bounded by the process-group timeout. If rank
+    0 fails, it leaves its error in ``ckpt/.universal.failed`` and every waiting rank stops with it."""
+    out, failed = ckpt / UNIVERSAL_DIR, ckpt / UNIVERSAL_FAILED
+    me = launch_id()
+    if rank == 0:
+        failed.unlink(missing_ok=True)
+        try:
+            return convert_to_universal(ckpt, log=log)
+        except Exception as e:
+            atomic_write_text(failed, json.dumps({"launch": me, "error": str(e)[-2000:]}))
+            raise
+    while not _universal_done(out):
+        if failed.is_file():
+            try:
+                marker = json.loads(failed.read_text())
+            except (OSError, json.JSONDecodeError):
+                marker = {}
+            if marker.get("launch") == me:
+                raise RuntimeError(f"rank 0 could not convert {ckpt} to a universal checkpoint: "
+                                   f"{marker.get('error', '?').splitlines()[0]}")
+        time.sleep(poll_s)
     return out
 
 
 def rng_state() -> dict:
+    """python / numpy / torch RNG, every visible GPU's (``cuda``) and this rank's own device's (``cuda_own``: the one
+    that matters, restored onto this rank's device wherever it is numbered on the next node)."""
+    cuda = torch.cuda.is_available()
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state_all() if cuda else None,
+        "cuda_own": torch.cuda.get_rng_state() if cuda else None,
     }
+
+
+def cuda_states_to_restore(saved: list, device_count: int) -> tuple[list[tuple[int, torch.Tensor]], int]:
+    """The (device index, state) pairs of a checkpoint's per-GPU RNG states that exist on this node, and how many
+    saved states have no device here (a node whose processes see fewer GPUs, e.g. one per task under Slurm)."""
+    kept = [(i, state) for i, state in enumerate(saved[:device_count])]
+    return kept, max(0, len(saved) - device_count)
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") is None or not torch.cuda.is_available():
+        return
+    kept, missing = cuda_states_to_restore(state["cuda"], torch.cuda.device_count())
+    for device, device_state in kept:
+        torch.cuda.set_rng_state(device_state, device)
+    if state.get("cuda_own") is not None:  # this rank's device (torch.cuda.set_device(LOCAL_RANK) ran at start)
+        torch.cuda.set_rng_state(state["cuda_own"])
+    if missing:
+        warnings.warn(f"the checkpoint holds the RNG state of {len(state['cuda'])} GPUs, this process sees "
+                      f"{torch.cuda.device_count()}: restored {len(kept)} (and this rank's own device's), "
+                      f"{missing} have no device here and were skipped", RuntimeWarning, stacklevel=2)
 
 
 def save_checkpoint(engine, output_dir, *, step: int, trainer_state: dict, config_yaml: str, rank: int) -> Path:
@@ -154,7 +232,7 @@ def save_checkpoint(engine, output_dir, *, step: int, trainer_state: dict, confi
 def load_checkpoint(engine, ckpt: Path, *, universal: bool = False) -> dict:
     """Collective. Restores module / optimizer / scheduler (DeepSpeed) and this rank's RNG; returns trainer_state.
 
-    ``universal``: load ``ckpt/universal`` (see ``universal_checkpoint``); the engine must have been built with
+    ``universal``: load ``ckpt/universal`` (see ``prepare_universal``); the engine must have been built with
     ``checkpoint.load_universal`` in its config."""
     state = read_trainer_state(ckpt)
     load_dir, tag = (ckpt, UNIVERSAL_DIR) if universal else (ckpt.parent, ckpt.name)

@@ -128,6 +128,9 @@ class TrainConfig:
     """final lr = lr * min_lr_ratio (cosine/linear)"""
     max_grad_norm: float = 1.0
     """0 disables clipping"""
+    max_skipped_steps: int = 10
+    """fp16: stop (exit 3) after this many optimizer steps in a row skipped by DeepSpeed's loss scaler (overflow);
+    fewer are logged and counted. 0 = never stop for skips"""
     save_every_steps: int = 0
     """0 = only at the end of each epoch (and the end of training)"""
     save_every_epoch: bool = True
@@ -436,7 +439,7 @@ def validate_config(cfg: RecipeConfig, *, source: str = "config") -> None:
     if t.micro_batch_size < 1:
         errors.append(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     for name in ("epochs", "max_steps", "global_batch_size", "grad_accum", "warmup_steps", "save_every_steps",
-                 "dataloader_workers",
+                 "dataloader_workers", "max_skipped_steps",
                  "keep_last", "eval_every_steps", "eval_max_batches", "eval_micro_batch_size"):
         if getattr(t, name) < 0:
             errors.append(f"train.{name} must be >= 0, got {getattr(t, name)}")

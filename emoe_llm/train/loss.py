@@ -31,14 +31,24 @@ def count_sequences(batch: dict) -> int:
     return int(ids[batch["labels"][:, 1:] != IGNORE_INDEX].unique().numel())
 
 
+def next_token_losses(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) fp32 cross-entropy of position t against labels[:, t+1] (0 where ignored). ``out`` is the model's
+    logits (B, T, V), or the per-token losses (B, T) the chunked LM head already computed (chunked_loss.py)."""
+    if out.dim() == 2:
+        return out[:, :-1]
+    return F.cross_entropy(out[:, :-1].float().reshape(-1, out.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape[0], -1)
+
+
 def sequence_ce_sum(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """Sum over documents of each document's mean next-token cross-entropy. (B, T, V), (B, T), (B, T) -> ()."""
-    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                         ignore_index=IGNORE_INDEX, reduction="none")
-    target = labels[:, 1:].reshape(-1) != IGNORE_INDEX
-    ids = sequence_ids(position_ids)[:, 1:].reshape(-1)[target]  # the document of each target token
+    """Sum over documents of each document's mean next-token cross-entropy. (B, T, V) logits or (B, T) per-token
+    losses, (B, T), (B, T) -> ()."""
+    ce = next_token_losses(logits, labels).reshape(-1)
+    target = (labels[:, 1:].reshape(-1) != IGNORE_INDEX).to(ce.dtype)
+    ids = sequence_ids(position_ids)[:, 1:].reshape(-1)  # the document of each position
+    # fixed-size sums instead of boolean indexing: no host sync inside the micro-batch (on a GPU each one waits for
+    # the forward to finish); a document without targets has sum 0 and count 0 and adds nothing
     n = int(position_ids.numel())
-    sums = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add(0, ids, ce[target])
-    counts = torch.bincount(ids, minlength=n)
-    has = counts > 0
-    return (sums[has] / counts[has].to(ce.dtype)).sum()
+    sums = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add_(0, ids, ce * target)
+    counts = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add_(0, ids, target)
+    return (sums / counts.clamp(min=1)).sum()

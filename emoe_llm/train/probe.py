@@ -12,10 +12,26 @@ from ..emoe import emoe_modules
 from . import recipe
 
 
+# max |logit difference| between the ZeRO-3 model and the exported one, computed on the same device in the run's
+# dtype: fp32 agrees to rounding; 16-bit logits carry 8 (bf16) or 11 (fp16) mantissa bits, so logits of magnitude ~10
+# differ by a few 1e-2 when the two models reduce in another order (ZeRO-3's gathered vs plain weights, kernels).
+LOGIT_TOLERANCE = {"torch.float32": 1e-3, "torch.float16": 2e-2, "torch.bfloat16": 1e-1}
+
+
+def to_cpu(batch: dict) -> dict:
+    """A collated batch on the CPU: tensors copied, everything else (the flash-attn path's ``max_length_q/k`` ints)
+    kept as it is."""
+    return {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def export_probe(run: recipe.Run) -> dict:
-    """Collective. {"inputs", "logits" (as trained), "dense_logits" (every expert on)} on two held-out rows (or two
-    training rows when there is no held-out split)."""
+    """Collective. {"inputs", "logits" (as trained), "dense_logits" (every expert on), "device", "dtype"} on two
+    held-out rows (or two training rows when there is no held-out split)."""
     ds = run.eval_ds if run.eval_ds is not None else run.train_ds
     inputs = recipe.model_inputs(run.collator([ds[i] for i in range(min(2, len(ds)))]), run.device)
     engine = run.engine
@@ -29,7 +45,8 @@ def export_probe(run: recipe.Run) -> dict:
     for m, k in zip(mods, saved):
         m.top_k = k
     engine.train()
-    return {"inputs": {k: v.cpu() for k, v in inputs.items()}, "logits": logits, "dense_logits": dense}
+    return {"inputs": to_cpu(inputs), "logits": logits, "dense_logits": dense, "device": str(run.device),
+            "dtype": str(run.dtype)}
 
 
 def main(argv=None) -> int:

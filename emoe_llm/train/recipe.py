@@ -55,10 +55,11 @@ from ..arch import layout_of
 from ..cli import exit_after
 from ..convert.prepare import prepare_emoe_checkpoint
 from ..data import SFTCollator, build_sft_datasets, load_tokenizer
+from ..data.collator import count_real_tokens
 from ..emoe import TRAINED_KEY, enable_emoe, pop_expert_load, trained_record
 from ..fileio import atomic_write_text
 from ..tiny import build_demo_model
-from . import checkpoint, compat
+from . import checkpoint, chunked_loss, compat
 from .config import (
     ConfigError,
     RecipeConfig,
@@ -133,7 +134,10 @@ def count_steps(n_rows: int, *, micro: int, accum: int, world: int) -> tuple[int
 # model
 
 
-def pick_attn_implementation(requested: str, dtype: torch.dtype) -> str:
+def choose_attention(requested: str, dtype: torch.dtype, *, path: Path | None = None) -> tuple[str, str]:
+    """(attention implementation, why): what the run uses, in words for the log and run/environment.json. ``auto``:
+    FlashAttention-2 on a GPU in 16-bit when flash-attn imports, else SDPA, else eager (a family whose transformers
+    class cannot run SDPA, checked on ``path``)."""
     if requested != "auto":
         if requested == "flash_attention_2":
             try:
@@ -141,15 +145,26 @@ def pick_attn_implementation(requested: str, dtype: torch.dtype) -> str:
             except ImportError:
                 raise ConfigError("model.attn_implementation=flash_attention_2 but flash-attn is not installed "
                                   "(pip install flash-attn, CUDA only); use auto or sdpa") from None
-        return requested
-    if torch.cuda.is_available() and dtype in (torch.bfloat16, torch.float16):
+        return requested, f"model.attn_implementation={requested}"
+    if not torch.cuda.is_available():
+        choice, why = "sdpa", "auto: no GPU (FlashAttention-2 is CUDA only)"
+    elif dtype not in (torch.bfloat16, torch.float16):
+        choice, why = "sdpa", f"auto: {str(dtype).removeprefix('torch.')} training (FlashAttention-2 needs bf16/fp16)"
+    else:
         try:
             import flash_attn  # noqa: F401
 
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
+            return "flash_attention_2", "auto: GPU, 16-bit, flash-attn importable"
+        except ImportError as e:  # not installed, or a wheel built for another torch / CUDA
+            first = (str(e).splitlines() or [""])[0]
+            choice, why = "sdpa", f"auto: flash-attn does not import ({type(e).__name__}: {first})"
+    if path is not None and not supports_sdpa(path):
+        return "eager", why.replace("auto:", "auto: the model class has no SDPA support, and", 1)
+    return choice, why
+
+
+def pick_attn_implementation(requested: str, dtype: torch.dtype) -> str:
+    return choose_attention(requested, dtype)[0]
 
 
 def supports_sdpa(path: Path) -> bool:
@@ -180,12 +195,11 @@ def prepare_model_path(cfg: RecipeConfig, *, rank: int) -> Path:
     return dst
 
 
-def load_model(cfg: RecipeConfig, path: Path, *, dtype: torch.dtype):
+def load_model(cfg: RecipeConfig, path: Path, *, dtype: torch.dtype, attn: str | None = None):
     """Build the model. Under ZeRO-3 the caller keeps an HfDeepSpeedConfig alive, so from_pretrained runs inside
-    deepspeed.zero.Init and every rank only ever holds its own partition."""
-    attn = pick_attn_implementation(cfg.model.attn_implementation, dtype)
-    if attn == "sdpa" and cfg.model.attn_implementation == "auto" and not supports_sdpa(path):
-        attn = "eager"  # Gemma-2: SDPA cannot apply its attention-logit soft-capping
+    deepspeed.zero.Init and every rank only ever holds its own partition. ``attn``: setup's ``choose_attention``."""
+    if attn is None:
+        attn = choose_attention(cfg.model.attn_implementation, dtype, path=path)[0]
     kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.lora.quantize == "4bit":
         kwargs["quantization_config"] = qlora_quantization_config(dtype)
@@ -203,6 +217,15 @@ def load_model(cfg: RecipeConfig, path: Path, *, dtype: torch.dtype):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = add_lora(model, cfg)
+    try:
+        plain_logits = layout_of(model).plain_logits
+    except ValueError:  # a family outside the table (dense runs): keep the plain loss
+        plain_logits = False
+    if chunked_loss.install(model, plain_logits=plain_logits):
+        log0("loss: chunked LM-head cross-entropy (no (tokens, vocab) logits in training steps)")
+    else:
+        log0("loss: plain cross-entropy on the logits (the family transforms them after the LM head, or the head is "
+             "not a bias-free Linear)")
     return model
 
 
@@ -315,7 +338,10 @@ def build_scheduler(optimizer, cfg: RecipeConfig, total_steps: int):
 
 
 def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy: logits[:, t] predicts labels[:, t+1]. (B, T, V), (B, T) -> ()."""
+    """Summed next-token cross-entropy: logits[:, t] predicts labels[:, t+1]. (B, T, V) logits, or the (B, T)
+    per-token losses of the chunked LM head (training), and (B, T) labels -> ()."""
+    if logits.dim() == 2:
+        return logits.sum()
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -324,9 +350,13 @@ def count_targets(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def count_inputs(batch: dict) -> int:
+def count_inputs(batch: dict, pad_token_id: int | None = None) -> int:
+    """Real (not padding) tokens of a collated batch: what tokens/s and tokens_seen count (packed batches carry no
+    attention mask: their padding segment is found instead, given the pad id)."""
     mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+    if mask is not None or pad_token_id is None:
+        return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+    return count_real_tokens(batch, pad_token_id)
 
 
 MODEL_INPUT_KEYS = ("input_ids", "position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
@@ -340,25 +370,32 @@ def model_inputs(batch: dict, device) -> dict:
             if k in MODEL_INPUT_KEYS}
 
 
-def train_step(engine, micro_batches: list[dict], *, device, world: int, loss_norm: str = "token") -> dict:
+def train_step(engine, micro_batches: list[dict], *, device, world: int, loss_norm: str = "token",
+               pad_token_id: int | None = None) -> dict:
     """Forward/backward ``grad_accum`` micro-batches and take one optimizer step (DeepSpeed steps at the boundary).
 
     ``loss_norm``: "token" divides the summed token losses by the step's target tokens over all ranks; "sequence"
     averages each sequence's mean token loss over the step's sequences (the official recipe; loss.py). Returns
     {"loss", "targets", "inputs", "sequences", "nonfinite"}. With ``nonfinite`` the step was abandoned *before* any
     backward of the bad micro-batch and before the optimizer step: the weights are those of the previous step."""
+    # the step's target tokens (and inputs, sequences) counted once, on the CPU batches, with one all_reduce and one
+    # host sync per step; the loss of each micro-batch is then divided by the step's total
     counts = torch.tensor([sum(count_targets(b) for b in micro_batches),
-                           sum(count_inputs(b) for b in micro_batches),
+                           sum(count_inputs(b, pad_token_id) for b in micro_batches),
                            sum(count_sequences(b) for b in micro_batches) if loss_norm == "sequence" else 0],
                           dtype=torch.float64, device=device)
     dist.all_reduce(counts)
-    n_targets = max(1.0, counts[0].item())
-    denom = n_targets if loss_norm == "token" else max(1.0, counts[2].item())
-    info = {"targets": n_targets, "inputs": counts[1].item(), "sequences": counts[2].item()}
+    targets, inputs, sequences = counts.tolist()
+    n_targets = max(1.0, targets)
+    denom = n_targets if loss_norm == "token" else max(1.0, sequences)
+    info = {"targets": n_targets, "inputs": inputs, "sequences": sequences}
     loss_sum = 0.0
+    chunked = chunked_loss.installed(engine.module)
     for batch in micro_batches:
-        out = engine(**model_inputs(batch, device), use_cache=False)
         labels = batch["labels"].to(device)
+        # chunked: the model returns per-token losses, never the (tokens, vocab) logits (chunked_loss.py)
+        with chunked_loss.targets(engine.module, labels) if chunked else contextlib.nullcontext():
+            out = engine(**model_inputs(batch, device), use_cache=False)
         if loss_norm == "token":
             ce = token_ce_sum(out.logits, labels)
         else:
@@ -367,9 +404,10 @@ def train_step(engine, micro_batches: list[dict], *, device, world: int, loss_no
         # runs backward, so all ranks skip it together (no ZeRO-3 hang) and the weights stay good.
         probe = torch.stack([ce.detach().double(), (~torch.isfinite(ce.detach())).double()])
         dist.all_reduce(probe)
-        if probe[1].item() > 0:
+        ce_value, n_bad = probe.tolist()  # the micro-batch's one host sync (the step's counts had theirs above)
+        if n_bad > 0:
             return {"loss": float("nan"), **info, "nonfinite": True}
-        loss_sum += probe[0].item()
+        loss_sum += ce_value
         engine.backward(ce * (world / denom), scale_wrt_gas=False)
         engine.step()
     return {"loss": loss_sum / denom, **info, "nonfinite": False}
@@ -434,6 +472,7 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0
     tokens_seen: int = 0
+    skipped_steps: int = 0  # fp16: optimizer steps the loss scaler skipped (overflow), counted in ``step``
     steps_per_epoch: int = 0
     total_steps: int = 0
     world_size: int = 1
@@ -531,9 +570,15 @@ def nothing_to_do(cfg: RecipeConfig) -> bool:
 def init_distributed(cfg: RecipeConfig, local_rank: int | None) -> tuple[int, int, torch.device]:
     """deepspeed launcher, torchrun, or srun + torchrun all set RANK/WORLD_SIZE/...; nccl on GPUs, gloo on CPU. The
     timeout also bounds how long ranks wait for rank 0 to tokenize the data."""
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank or 0))
+    if torch.cuda.is_available():
+        # before the process group: NCCL's communicator (and older torch/DeepSpeed pairs that guess it) then use
+        # this rank's GPU, not GPU 0 on every rank
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    # train.dist_timeout_minutes is the one timeout knob: DeepSpeed's DEEPSPEED_TIMEOUT is not read when a timeout
+    # is passed here
     deepspeed.init_distributed(timeout=timedelta(minutes=cfg.train.dist_timeout_minutes))
     release_deepspeed_shm()  # DeepSpeed leaves a 67 MB /dev/shm segment per rank behind otherwise
-    local_rank = int(os.environ.get("LOCAL_RANK", local_rank or 0))
     accel = get_accelerator()
     if accel.device_name() == "cpu":
         return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
@@ -604,12 +649,13 @@ def plan_steps(cfg: RecipeConfig, n_rows: int, *, micro: int, accum: int, world:
     return steps_per_epoch, total
 
 
-def build_engine(cfg: RecipeConfig, ds_config: dict, *, dtype: torch.dtype, total_steps: int, rank: int):
+def build_engine(cfg: RecipeConfig, ds_config: dict, *, dtype: torch.dtype, total_steps: int, rank: int,
+                 attn: str | None = None):
     """(engine, scheduler, keepalive). The HfDeepSpeedConfig exists before from_pretrained, so under ZeRO-3 the model
     is built inside zero.Init and no rank ever holds the full weights."""
     model_path = prepare_model_path(cfg, rank=rank)
     keepalive = HfDeepSpeedConfig(ds_config) if ds_zero_stage(ds_config) == 3 else None
-    model = load_model(cfg, model_path, dtype=dtype)
+    model = load_model(cfg, model_path, dtype=dtype, attn=attn)
     optimizer = build_optimizer(model, cfg, ds_config)
     scheduler, warmup = build_scheduler(optimizer, cfg, total_steps)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -635,11 +681,12 @@ def build_engine(cfg: RecipeConfig, ds_config: dict, *, dtype: torch.dtype, tota
 
 def elastic_resume(cfg: RecipeConfig, ds_config: dict, *, world: int) -> tuple[Path | None, bool]:
     """Before any process group (every rank reaches the same verdict): the checkpoint to resume from, and whether it
-    was saved at another world size. If so, the engine is told to load DeepSpeed's universal format (converted in
-    ``resume``) and, when the recipe does not fix the global batch, the saved one is kept (micro x accum x world
-    re-derived), so the data position (the samples consumed: step x global batch of one seeded order) and the LR
-    schedule carry over unchanged. A checkpoint this run cannot continue (another model, conversion, mode, LoRA,
-    global batch; missing rank files) is refused here (``compat.check_resume``), before anything is loaded."""
+    was saved at another world size. If so, the engine is told to load DeepSpeed's universal format (converted by
+    ``checkpoint.prepare_universal`` next, still before any process group) and, when the recipe does not fix the
+    global batch, the saved one is kept (micro x accum x world re-derived), so the data position (the samples
+    consumed: step x global batch of one seeded order) and the LR schedule carry over unchanged. A checkpoint this
+    run cannot continue (another model, conversion, mode, LoRA, global batch; missing rank files) is refused here
+    (``compat.check_resume``), before anything is loaded."""
     ckpt = checkpoint.find_resume_checkpoint(cfg.resume, cfg.output_dir)
     if ckpt is None:
         return None, False
@@ -657,15 +704,14 @@ def elastic_resume(cfg: RecipeConfig, ds_config: dict, *, world: int) -> tuple[P
 
 
 def resume(engine, ckpt: Path | None, state: TrainState, *, elastic: bool, rank: int) -> Path | None:
-    """Collective. Restore weights, optimizer, scheduler and RNG from ``ckpt`` (converted to the universal format
-    first when ``elastic``), and the data position into ``state``. Returns the checkpoint, or None for a fresh start."""
+    """Collective. Restore weights, optimizer, scheduler and RNG from ``ckpt`` (its universal form, made by setup
+    before the process group, when ``elastic``), and the data position into ``state``. Returns the checkpoint, or
+    None for a fresh start."""
     if ckpt is None:
         return None
-    if elastic:
-        checkpoint.universal_checkpoint(ckpt, rank=rank)
     saved = TrainState.from_dict(checkpoint.load_checkpoint(engine, ckpt, universal=elastic))
     state.step, state.epoch, state.step_in_epoch = saved.step, saved.epoch, saved.step_in_epoch
-    state.tokens_seen = saved.tokens_seen
+    state.tokens_seen, state.skipped_steps = saved.tokens_seen, saved.skipped_steps
     log0(f"resumed from {ckpt}: step {state.step}, epoch {state.epoch}, step-in-epoch {state.step_in_epoch}"
          + (f" (universal checkpoint, {saved.world_size} -> {state.world_size} ranks)" if elastic else ""))
     return ckpt
@@ -687,6 +733,8 @@ def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) 
     """Collective: every rank calls it with the same recipe. Returns the run and its state (fresh or resumed)."""
     # the resume is checked first, before any process group: a refusal costs nothing and changes nothing
     ckpt, elastic = elastic_resume(cfg, ds_config, world=int(os.environ.get("WORLD_SIZE", "1")))
+    if elastic:  # before the process group: converting can take longer than any collective timeout
+        checkpoint.prepare_universal(ckpt, rank=int(os.environ.get("RANK", "0")), log=log0)
     rank, world, device = init_distributed(cfg, local_rank)
     output_dir = prepare_output_dir(cfg, rank=rank)
     stop = StopRequest(output_dir / "STOP")
@@ -701,7 +749,8 @@ def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) 
     seed_everything(cfg.seed)
     tokenizer, train_ds, eval_ds, data_stats = build_data(cfg, rank=rank)
     eval_ds = eval_ds if eval_ds is not None and len(eval_ds) else None
-    attn = pick_attn_implementation(cfg.model.attn_implementation, DTYPES[precision])
+    attn, attn_why = choose_attention(cfg.model.attn_implementation, DTYPES[precision], path=Path(cfg.model.path))
+    log0(f"attention: {attn} ({attn_why})")
     collator = SFTCollator(pad_token_id=tokenizer.pad_token_id, flash_attn_kwargs=attn == "flash_attention_2")
     steps_per_epoch, total_steps = plan_steps(cfg, len(train_ds), micro=micro, accum=accum, world=world)
     check_data_position(ckpt, steps_per_epoch)
@@ -711,7 +760,7 @@ def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) 
     state = TrainState(steps_per_epoch=steps_per_epoch, total_steps=total_steps, world_size=world,
                        global_batch_size=global_bs, seed=cfg.seed)
     engine, scheduler, keepalive = build_engine(cfg, ds_config, dtype=DTYPES[precision], total_steps=total_steps,
-                                                rank=rank)
+                                                rank=rank, attn=attn)
     state.recipe_identity = compat.planned_identity(cfg)  # the model is in place now: what it names is what loaded
     resumed_from = resume(engine, ckpt, state, elastic=elastic, rank=rank)
     clear_restart_markers(output_dir, rank=rank)
@@ -720,7 +769,8 @@ def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) 
     dist.all_gather_object(hosts, socket.gethostname())
     config_yaml = dump_config(cfg)
     if rank == 0:
-        write_run_dir(output_dir, config_yaml=config_yaml, ds_config=ds_config, hosts=hosts, resumed_from=resumed_from)
+        write_run_dir(output_dir, config_yaml=config_yaml, ds_config=ds_config, hosts=hosts, resumed_from=resumed_from,
+                      attention={"implementation": attn, "why": attn_why})
         atomic_write_text(output_dir / "run" / "data_stats.json", json.dumps(data_stats, indent=2, default=str))
     metrics = MetricsLogger(output_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard, resume_step=state.step,
                             wandb=cfg.logging.wandb, config=config_to_dict(cfg))
@@ -743,6 +793,7 @@ def fit(run: Run, state: TrainState) -> str:
     t = run.cfg.train
     meter = Throughput()
     batches = None  # this epoch's remaining micro-batches
+    skipped_in_a_row = 0  # fp16 steps the loss scaler skipped since the last applied one
     run.engine.train()
     with progress_bar(run, state) as bar:
         while state.step < state.total_steps:
@@ -752,14 +803,22 @@ def fit(run: Run, state: TrainState) -> str:
                 batches = epoch_batches(run, state)
             lr = run.scheduler.get_last_lr()[0]
             result = train_step(run.engine, [next(batches) for _ in range(run.accum)], device=run.device,
-                                loss_norm=run.cfg.train.loss_norm,
-                                world=run.world)
+                                loss_norm=run.cfg.train.loss_norm, world=run.world,
+                                pad_token_id=run.collator.pad_token_id)
             grad_norm = run.engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            if result["nonfinite"] or (t.max_grad_norm > 0 and not math.isfinite(grad_norm)):
+            verdict = "nonfinite" if result["nonfinite"] else step_verdict(
+                applied=run.engine.was_step_applied(), grad_norm=grad_norm, max_grad_norm=t.max_grad_norm)
+            if verdict == "nonfinite":
                 return stop_on_nonfinite(run, state, "loss" if result["nonfinite"] else "grad")
             state.step += 1
             state.step_in_epoch += 1
+            if verdict == "skipped":
+                skipped_in_a_row += 1
+                if note_skipped_step(run, state, skipped_in_a_row):
+                    return "nonfinite"
+            else:
+                skipped_in_a_row = 0
             state.tokens_seen += int(result["inputs"])
             meter.add(result["inputs"])
 
@@ -882,6 +941,38 @@ def preempt(run: Run, state: TrainState, why: str) -> str:
     log0(f"preempted at step {state.step}, checkpoint saved ({why}); resume with resume=auto")
     run.metrics.log({"event": "preempted", "step": state.step, "reason": why})
     return "preempted"
+
+
+def step_verdict(*, applied: bool, grad_norm: float, max_grad_norm: float) -> str:
+    """What the optimizer step just taken means: "applied"; "skipped" (the engine did not apply it: with fp16 dynamic
+    loss scaling an overflowing step is skipped, its gradient norm reported as inf and the scale lowered -- routine,
+    not a diverged run); or "nonfinite" (a non-finite gradient norm of a step that *was* applied: the weights are
+    now bad)."""
+    if not applied:
+        return "skipped"
+    if max_grad_norm > 0 and not math.isfinite(grad_norm):
+        return "nonfinite"
+    return "applied"
+
+
+def note_skipped_step(run: Run, state: TrainState, in_a_row: int) -> bool:
+    """Log and count a step the loss scaler skipped (``state.step`` is the step just consumed). True when it is the
+    ``train.max_skipped_steps``-th in a row: the scale is not recovering, and the run stops (exit 3)."""
+    state.skipped_steps += 1
+    scale = getattr(getattr(run.engine, "optimizer", None), "loss_scale", None)
+    run.metrics.log({"event": "skipped_step", "step": state.step, "in_a_row": in_a_row,
+                     "skipped_steps": state.skipped_steps, "loss_scale": float(scale) if scale is not None else None})
+    limit = run.cfg.train.max_skipped_steps
+    if limit and in_a_row >= limit:
+        msg = (f"fp16: {in_a_row} optimizer steps in a row skipped by the loss scaler (overflow), the last at step "
+               f"{state.step}; the loss scale is not recovering. Use bf16 (train.precision=bf16), lower train.lr, or "
+               f"raise train.max_skipped_steps")
+        log0("ERROR: " + msg)
+        run.metrics.log({"event": "skipped_steps_stop", "step": state.step, "message": msg})
+        return True
+    log0(f"step {state.step}: skipped by the fp16 loss scaler (overflow; {in_a_row} in a row, "
+         f"{state.skipped_steps} in total)")
+    return False
 
 
 def stop_on_nonfinite(run: Run, state: TrainState, what: str) -> str:

@@ -40,8 +40,9 @@ def _git(args: list[str], cwd: Path) -> str | None:
         return None
 
 
-def write_run_dir(output_dir: Path, *, config_yaml: str, ds_config: dict, hosts: list[str], resumed_from) -> None:
-    """Rank 0: snapshot what this launch ran with."""
+def write_run_dir(output_dir: Path, *, config_yaml: str, ds_config: dict, hosts: list[str], resumed_from,
+                  attention: dict | None = None) -> None:
+    """Rank 0: snapshot what this launch ran with (``attention``: the implementation used, and why)."""
     import deepspeed
     import torch
     import transformers
@@ -69,6 +70,7 @@ def write_run_dir(output_dir: Path, *, config_yaml: str, ds_config: dict, hosts:
         "deepspeed": deepspeed.__version__,
         "argv": sys.argv,
         "hosts_by_rank": hosts,
+        "attention": attention,
         "env": {k: os.environ[k] for k in LAUNCH_ENV_KEYS if k in os.environ},
     }
     # versions from the installed metadata, never by importing: importing bitsandbytes (or peft, which imports it)
