@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from ..dirlock import DirBusyError, DirLock
 from ..fileio import atomic_write_text
 from .spec import Cell, Study, StudyError, eval_file, load_study
 
@@ -50,7 +51,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                      "(after the study's), e.g. model.path=/models/smollm2")
 
 
+_study_lock: list[DirLock] = []  # the study dir's lock while ``run`` runs
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    finally:
+        while _study_lock:
+            _study_lock.pop().release()
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         bad = [o for o in args.overrides if "=" not in o]
         if bad:
@@ -58,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         study = load_study(args.study, args.overrides)
         selected = select_cells(study, args.cells)
         out = Path(args.out)
+        if not args.dry_run:  # one study per dir: held until this process ends (cells lock their own run dirs)
+            _study_lock.append(DirLock(out, what="study dir").acquire())
         changed = check_changes(study, out, named=selected if args.cells else [], force=args.force)
         if args.launcher == "slurm":
             from .slurm import submit
@@ -71,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         check_models(study, selected)
         record_study(study, out, changed)
         models = prepare_models(study, out, selected)
-    except StudyError as e:
+    except (StudyError, DirBusyError) as e:
         print(f"emoe-llm study: error: {e}", file=sys.stderr)
         return 2
     rc = run_cells_local(study, out, selected, models, nproc=args.nproc or study.nproc)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _get_default_store
 
 from emoe_llm.data import DataError, TemplateError
+from emoe_llm.dirlock import LOCK_NAME, DirBusyError
 
 from .config import ConfigError
 
@@ -44,7 +45,7 @@ def note_output_dir(path: Path, *, created: bool) -> None:
 
 def is_input_error(e: BaseException) -> bool:
     """Errors whose message alone tells the user what to fix (the traceback would only hide it)."""
-    return isinstance(e, (ConfigError, DataError, TemplateError, FileNotFoundError))
+    return isinstance(e, (ConfigError, DataError, TemplateError, FileNotFoundError, DirBusyError))
 
 
 def handle_failure(e: BaseException) -> int:
@@ -54,6 +55,7 @@ def handle_failure(e: BaseException) -> int:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         if int(os.environ.get("RANK", "0")) == 0:
             _report(e, rank=None, code=code)
+            _remove_empty_output_dir()  # rank 0 may have created it (to lock it) before the process group was up
         return code
     rank = dist.get_rank()
     if _first_to_fail():
@@ -103,6 +105,6 @@ def _remove_empty_output_dir() -> None:
     path = _created_output_dir
     if path is None or not path.is_dir():
         return
-    if any(p.is_file() or p.is_symlink() for p in path.rglob("*")):
+    if any((p.is_file() or p.is_symlink()) and p.name != LOCK_NAME for p in path.rglob("*")):
         return  # logs, checkpoints, a converted model: evidence worth keeping
     shutil.rmtree(path, ignore_errors=True)

@@ -15,7 +15,7 @@ before the forward passes), so uneven masks and accumulation give exactly the gr
 is told not to divide by grad_accum (``scale_wrt_gas=False``), and its gradient averaging over ranks is undone by
 multiplying by the world size.
 
-Preemption: SIGUSR1/SIGTERM or the file ``{output_dir}/STOP`` make every rank stop at the next optimizer-step
+Preemption: SIGUSR1/SIGTERM/SIGINT, the file ``{output_dir}/STOP`` or the launcher going away (stop.py) make every rank stop at the next optimizer-step
 boundary (agreed with one all_reduce), save a checkpoint of that step, and exit 0 without writing COMPLETED. The run
 removes a stale STOP file once its resume has loaded (rank 0), so a restart simply continues.
 """
@@ -31,7 +31,6 @@ import json
 import math
 import os
 import random
-import signal
 import socket
 import sys
 import time
@@ -56,6 +55,7 @@ from ..cli import exit_after
 from ..convert.prepare import prepare_emoe_checkpoint
 from ..data import SFTCollator, build_sft_datasets, load_tokenizer
 from ..emoe import TRAINED_KEY, enable_emoe, pop_expert_load, trained_record
+from ..dirlock import DirLock, describe
 from ..fileio import atomic_write_text
 from ..tiny import build_demo_model
 from . import checkpoint, compat
@@ -78,6 +78,7 @@ from .failure import handle_failure, note_output_dir
 from .runlog import MetricsLogger, write_run_dir
 from .schedule import warmup_then_decay
 from .shm import release_deepspeed_shm
+from .stop import StopRequest, ignore_stop_signals
 
 IGNORE_INDEX = -100
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "z3.json"
@@ -425,22 +426,6 @@ class TrainState:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-class StopRequest:
-    """SIGUSR1/SIGTERM handlers only set a flag; the STOP file is polled once per optimizer step."""
-
-    def __init__(self, stop_file: Path):
-        self.stop_file = stop_file
-        self.signal_name = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
-
-    def local(self) -> bool:
-        return self.signal_name is not None or self.stop_file.exists()
-
-
 @dataclass
 class Run:
     """Everything ``setup`` builds for the loop (nothing here needs restoring on resume: that is ``TrainState``)."""
@@ -516,11 +501,27 @@ def init_distributed(cfg: RecipeConfig, local_rank: int | None) -> tuple[int, in
     return dist.get_rank(), dist.get_world_size(), torch.device(accel.device_name(local_rank))
 
 
+_run_lock: DirLock | None = None  # held by rank 0 for the life of the process (the kernel drops it on any exit)
+
+
+def lock_output_dir(cfg: RecipeConfig) -> None:
+    """Rank 0, before any process group or work: one run per output_dir (``dirlock``). A second run exits 2 here;
+    the launcher then stops its other ranks, which are still waiting for rank 0 to rendezvous."""
+    global _run_lock
+    if int(os.environ.get("RANK", "0")) != 0 or _run_lock is not None:
+        return
+    lock = DirLock(cfg.output_dir, what="output_dir").acquire()
+    note_output_dir(lock.path, created=lock.created)
+    if lock.previous and lock.previous.get("pid") != os.getpid():
+        log0(f"took over the lock of {lock.path} from a run that is gone ({describe(lock.previous)})")
+    _run_lock = lock
+
+
 def prepare_output_dir(cfg: RecipeConfig, *, rank: int) -> Path:
     """Collective. Rank 0 creates output_dir (what a restart must not see is removed only once the resume worked:
     ``clear_restart_markers``)."""
     output_dir = Path(cfg.output_dir)
-    created = not output_dir.exists()
+    created = not output_dir.exists() or (_run_lock is not None and _run_lock.created)
     dist.barrier()  # every rank has read the run state (nothing_to_do) before rank 0 changes it
     note_output_dir(output_dir, created=created)  # a failed run removes it again while it is still empty
     if rank == 0:
@@ -660,6 +661,7 @@ def check_data_position(ckpt: Path | None, steps_per_epoch: int) -> None:
 
 def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) -> tuple[Run, TrainState]:
     """Collective: every rank calls it with the same recipe. Returns the run and its state (fresh or resumed)."""
+    lock_output_dir(cfg)  # first: a second run into a live run's output_dir stops here, having touched nothing
     # the resume is checked first, before any process group: a refusal costs nothing and changes nothing
     ckpt, elastic = elastic_resume(cfg, ds_config, world=int(os.environ.get("WORLD_SIZE", "1")))
     rank, world, device = init_distributed(cfg, local_rank)
@@ -771,8 +773,10 @@ def epoch_batches(run: Run, state: TrainState):
     order = epoch_indices(len(run.train_ds), epoch=state.epoch, seed=run.cfg.seed, rank=run.rank, world=run.world,
                           per_rank=state.steps_per_epoch * run.accum * micro)
     batches = [order[i:i + micro] for i in range(state.step_in_epoch * run.accum * micro, len(order), micro)]
+    # the workers ignore the stop signals: a signal to the process group must not kill them under their rank (stop.py)
     return iter(DataLoader(run.train_ds, batch_sampler=batches, collate_fn=run.collator, num_workers=workers,
-                           pin_memory=run.device.type == "cuda", prefetch_factor=4 if workers else None))
+                           pin_memory=run.device.type == "cuda", prefetch_factor=4 if workers else None,
+                           worker_init_fn=ignore_stop_signals if workers else None))
 
 
 class Throughput:
@@ -843,11 +847,12 @@ def save(run: Run, state: TrainState, reason: str) -> Path:
 
 def stop_vote(run: Run) -> str | None:
     """Collective (one tiny all_reduce per step): why the run should stop now, when any rank was asked to."""
-    flag = torch.tensor([1.0 if run.stop.local() else 0.0], device=run.device)
+    why = run.stop.reason()
+    flag = torch.tensor([0.0 if why is None else 1.0], device=run.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item() == 0:
         return None
-    return run.stop.signal_name or ("STOP file" if run.stop.stop_file.exists() else "another rank")
+    return why or "another rank"
 
 
 def preempt(run: Run, state: TrainState, why: str) -> str:
@@ -932,6 +937,7 @@ def load_recipe(args: argparse.Namespace) -> tuple[RecipeConfig, dict]:
 def close(run: Run, outcome: str) -> int:
     """Collective. Flush the logs and agree on the exit code."""
     run.metrics.close()
+    run.stop.restore()
     dist.barrier()
     return NONFINITE_EXIT if outcome == "nonfinite" else 0
 
