@@ -56,7 +56,7 @@ from ..convert.prepare import prepare_emoe_checkpoint
 from ..data import SFTCollator, build_sft_datasets, load_tokenizer
 from ..emoe import TRAINED_KEY, enable_emoe, pop_expert_load, trained_record
 from ..dirlock import DirLock, describe
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, output_dir_error
 from ..tiny import build_demo_model
 from . import checkpoint, compat
 from .config import (
@@ -508,13 +508,27 @@ def lock_output_dir(cfg: RecipeConfig) -> None:
     """Rank 0, before any process group or work: one run per output_dir (``dirlock``). A second run exits 2 here;
     the launcher then stops its other ranks, which are still waiting for rank 0 to rendezvous."""
     global _run_lock
-    if int(os.environ.get("RANK", "0")) != 0 or _run_lock is not None:
+    if int(os.environ.get("RANK", "0")) != 0:
         return
+    if _run_lock is not None and _run_lock.fd is not None:
+        if _run_lock.path == Path(cfg.output_dir):
+            return  # this process holds it already (an in-process run after one that failed)
+        release_output_dir()
+    error = output_dir_error(cfg.output_dir, flag="output_dir")
+    if error:  # a read-only mount or a file in the way: one line, before anything is created
+        raise ConfigError(error)
     lock = DirLock(cfg.output_dir, what="output_dir").acquire()
     note_output_dir(lock.path, created=lock.created)
     if lock.previous and lock.previous.get("pid") != os.getpid():
         log0(f"took over the lock of {lock.path} from a run that is gone ({describe(lock.previous)})")
     _run_lock = lock
+
+
+def release_output_dir() -> None:
+    global _run_lock
+    if _run_lock is not None:
+        _run_lock.release()
+        _run_lock = None
 
 
 def prepare_output_dir(cfg: RecipeConfig, *, rank: int) -> Path:
@@ -609,14 +623,15 @@ def build_engine(cfg: RecipeConfig, ds_config: dict, *, dtype: torch.dtype, tota
     return engine, scheduler, keepalive
 
 
-def elastic_resume(cfg: RecipeConfig, ds_config: dict, *, world: int) -> tuple[Path | None, bool]:
+def elastic_resume(cfg: RecipeConfig, ds_config: dict, *, world: int,
+                   ckpt: Path | None = None) -> tuple[Path | None, bool]:
     """Before any process group (every rank reaches the same verdict): the checkpoint to resume from, and whether it
     was saved at another world size. If so, the engine is told to load DeepSpeed's universal format (converted in
     ``resume``) and, when the recipe does not fix the global batch, the saved one is kept (micro x accum x world
     re-derived), so the data position (the samples consumed: step x global batch of one seeded order) and the LR
     schedule carry over unchanged. A checkpoint this run cannot continue (another model, conversion, mode, LoRA,
     global batch; missing rank files) is refused here (``compat.check_resume``), before anything is loaded."""
-    ckpt = checkpoint.find_resume_checkpoint(cfg.resume, cfg.output_dir)
+    ckpt = ckpt or checkpoint.find_resume_checkpoint(cfg.resume, cfg.output_dir)
     if ckpt is None:
         return None, False
     saved = checkpoint.read_trainer_state(ckpt)
@@ -630,6 +645,32 @@ def elastic_resume(cfg: RecipeConfig, ds_config: dict, *, world: int) -> tuple[P
     log0(f"{ckpt} was saved with {saved.get('world_size')} ranks, this run has {world}: resuming through DeepSpeed's "
          f"universal checkpoint, global batch {cfg.train.global_batch_size or saved.get('global_batch_size')}")
     return ckpt, True
+
+
+def verified_checkpoint(cfg: RecipeConfig, ds_config: dict, ckpt: Path | None, elastic: bool, *, rank: int,
+                        world: int) -> tuple[Path | None, bool]:
+    """Collective, before anything loads: ``ckpt`` when its files are those its manifest lists (hashed in parallel
+    over the ranks). A damaged one is refused with one line naming the file, or, with resume=auto and
+    ``train.on_damaged_checkpoint=previous``, set aside and the previous complete checkpoint is tried (and said)."""
+    while ckpt is not None:
+        problem = checkpoint.verify_checkpoint(ckpt, rank=rank)
+        if problem is None:
+            return ckpt, elastic
+        fallback = cfg.resume == "auto" and cfg.train.on_damaged_checkpoint == "previous"
+        previous = checkpoint.previous_checkpoint(cfg.output_dir, ckpt) if fallback else None
+        if previous is None:
+            why = ("no earlier complete checkpoint to fall back to" if fallback else
+                   "train.on_damaged_checkpoint=previous resumes from the one before instead" if cfg.resume == "auto"
+                   else f"resume={cfg.resume} names it")
+            raise checkpoint.CheckpointError(f"resume: checkpoint {ckpt} is damaged: {problem}; not resumed ({why})")
+        dist.barrier()  # every rank has its verdict before rank 0 renames the directory
+        if rank == 0:
+            aside = checkpoint.set_aside(ckpt)
+            log0(f"WARNING: checkpoint {ckpt} is damaged: {problem}; moved it to {aside.name} and resuming from "
+                 f"{previous} instead (train.on_damaged_checkpoint=previous)")
+        dist.barrier()
+        ckpt, elastic = elastic_resume(cfg, ds_config, world=world, ckpt=previous)
+    return None, False
 
 
 def resume(engine, ckpt: Path | None, state: TrainState, *, elastic: bool, rank: int) -> Path | None:
@@ -665,6 +706,7 @@ def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) 
     # the resume is checked first, before any process group: a refusal costs nothing and changes nothing
     ckpt, elastic = elastic_resume(cfg, ds_config, world=int(os.environ.get("WORLD_SIZE", "1")))
     rank, world, device = init_distributed(cfg, local_rank)
+    ckpt, elastic = verified_checkpoint(cfg, ds_config, ckpt, elastic, rank=rank, world=world)
     output_dir = prepare_output_dir(cfg, rank=rank)
     stop = StopRequest(output_dir / "STOP")
     if cfg.model.build_tiny_if_missing:
@@ -939,6 +981,7 @@ def close(run: Run, outcome: str) -> int:
     run.metrics.close()
     run.stop.restore()
     dist.barrier()
+    release_output_dir()  # after every rank is done with output_dir
     return NONFINITE_EXIT if outcome == "nonfinite" else 0
 
 
