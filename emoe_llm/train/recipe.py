@@ -78,6 +78,7 @@ from .failure import handle_failure, note_output_dir
 from .runlog import MetricsLogger, write_run_dir
 from .schedule import warmup_then_decay
 from .shm import release_deepspeed_shm
+from .stall import StallWatch
 from .stop import StopRequest, ignore_stop_signals
 
 IGNORE_INDEX = -100
@@ -760,6 +761,7 @@ def fit(run: Run, state: TrainState) -> str:
     "nonfinite" (a non-finite loss or gradient norm; the last good checkpoint is named in the log)."""
     t = run.cfg.train
     meter = Throughput()
+    stall = StallWatch(t.stall_steps, vocab_size(run.engine.module))
     batches = None  # this epoch's remaining micro-batches
     run.engine.train()
     with progress_bar(run, state) as bar:
@@ -781,6 +783,10 @@ def fit(run: Run, state: TrainState) -> str:
             state.tokens_seen += int(result["inputs"])
             meter.add(result["inputs"])
 
+            stalled = stall.update(step=state.step, loss=result["loss"], grad_norm=grad_norm)
+            if stalled is not None:  # every rank saw the same loss and norm: no collective needed to agree
+                log0("WARNING: " + stalled["message"])
+                run.metrics.log(stalled)
             record = None
             if state.step % t.log_every_steps == 0 or state.step == state.total_steps:
                 record = step_record(run, state, result, lr=lr, grad_norm=grad_norm, meter=meter)
@@ -805,6 +811,11 @@ def fit(run: Run, state: TrainState) -> str:
             if why is not None:
                 return preempt(run, state, why)
     return "done"
+
+
+def vocab_size(model) -> int | None:
+    config = getattr(model, "config", None)  # a peft model forwards .config to its base model
+    return getattr(config, "vocab_size", None)
 
 
 def epoch_batches(run: Run, state: TrainState):
