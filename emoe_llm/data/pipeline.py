@@ -128,7 +128,7 @@ def load_cache_entry(entry: Path, names: list[str], *, rebuilt: bool = False):
         if rebuilt:
             raise DataError(f"data cache entry {entry} fails to load even when just rebuilt: {bad}: "
                             f"{' '.join(str(e).split())[:200]} (is the disk full or failing?)") from None
-        aside = entry.with_name(f"{entry.name}.damaged-{int(time.time())}-{os.getpid()}")
+        aside = entry.with_name(f"{entry.name}.damaged-{time.time_ns()}")
         try:
             os.replace(entry, aside)
         except FileNotFoundError:
@@ -505,9 +505,6 @@ def build_sft_datasets(cfg: DataConfig, tokenizer):
             "cache_key": final_key,
         })
         _atomic_save({"train": train, "eval": eval_ds}, stats, final)
-    import datasets
-
-    train = datasets.load_from_disk(str(final / "train"))
-    eval_ds = datasets.load_from_disk(str(final / "eval")) if (final / "eval").exists() else None
+    _, (train, eval_ds) = load_cache_entry(final, ["train", "eval"], rebuilt=True)
     stats["cache_hit"] = False
     return train, eval_ds, stats
