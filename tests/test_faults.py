@@ -435,3 +435,171 @@ def test_plot_marks_where_the_run_stopped_learning(tmp_path):
     finally:
         plot_run._plot_training = real
     assert "stopped learning" in marks and (tmp_path / "plots" / "training.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# real DeepSpeed: one in-process rank (the resume logic), then 2 CPU ranks under the launchers (the signals)
+
+from test_train_recipe import single_rank, train  # noqa: E402,F401 - the module's 1-rank gloo group and its runs
+
+
+@pytest.mark.slow
+def test_a_damaged_optimizer_shard_is_never_resumed_silently(single_rank):
+    env = single_rank
+    out = env["root"] / "damaged"
+    train(env, out, "train.export=false")  # 4 steps, checkpoints at 2 and 4
+    step4 = checkpoint.checkpoint_path(out, 4)
+    shard = next(step4.glob("*optim_states.pt"))
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:  # 4,000 bytes overwritten inside the optimizer shard, the size unchanged
+        f.seek(size // 2)
+        f.write(os.urandom(4_000))
+    assert shard.stat().st_size == size
+
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        train(env, out, "train.export=false", "train.max_steps=6")
+    assert str(e.value) == (f"resume: checkpoint {step4} is damaged: {shard} does not match its sha256 in "
+                            f"{step4 / 'manifest.json'} (changed since it was saved); not resumed "
+                            "(train.on_damaged_checkpoint=previous resumes from the one before instead)")
+    assert shard.stat().st_size == size and step4.is_dir()  # refused: nothing moved
+
+    outcome, state = train(env, out, "train.export=false", "train.max_steps=6", "train.on_damaged_checkpoint=previous")
+    assert outcome == "done" and state.step == 6
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    resumes = [r for r in events if r.get("event") == "resume"]
+    assert resumes[-1]["step"] == 2 and resumes[-1]["checkpoint"] == str(checkpoint.checkpoint_path(out, 2))
+    assert len(list(out.glob("checkpoints/step_00000004.damaged-*"))) == 1
+    assert checkpoint.verify_checkpoint(checkpoint.checkpoint_path(out, 6), rank=0) is None
+
+
+@pytest.mark.slow
+def test_a_run_that_stopped_learning_says_so(single_rank):
+    """The issue's run: a learning rate of 1e6 without clipping sends the tiny model to uniform predictions (the loss
+    at ln(vocab), the gradient norm 0); it warns once and logs a "stalled" event."""
+    env = single_rank
+    out = env["root"] / "stalled"
+    outcome, state = train(env, out, "train.export=false", "train.lr=1e6", "train.max_grad_norm=0",
+                           "train.warmup_steps=0", "train.lr_scheduler=constant", "train.max_steps=14",
+                           "train.save_every_steps=0", "train.save_every_epoch=false", "train.stall_steps=3")
+    assert outcome == "done"
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    stalled = [r for r in events if r.get("event") == "stalled"]
+    assert len(stalled) == 1 and "training stopped learning" in stalled[0]["message"], events[-3:]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("faults")
+    dense = save_tiny_checkpoint(root / "tiny_dense", tokenizer_dir=DATA_DIR / "tokenizers" / "tiny_llama3_style")
+    fp32 = json.loads(Z3.read_text())
+    fp32["bf16"] = {"enabled": False}
+    (root / "z3_fp32.json").write_text(json.dumps(fp32))
+    return {"root": root, "dense": dense, "ds": root / "z3_fp32.json", "cache": root / "cache"}
+
+
+def recipe_args(env, out: Path, *overrides) -> list[str]:
+    """A run long enough to be stopped midway (steps of a few tenths of a second: 2 CPU ranks, tiny model)."""
+    return ["--ds_config", str(env["ds"]), "--config", str(TINY), f"output_dir={out}", f"model.path={env['dense']}",
+            f"data.cache_dir={env['cache']}", "logging.progress_bar=false", "logging.tensorboard=false",
+            "train.max_steps=400", "train.save_every_steps=0", "train.save_every_epoch=false",
+            "train.eval_every_steps=0", "train.export=false", "train.dataloader_workers=1", *overrides]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env=rank_env())
+    proc.log = log
+    return proc
+
+
+def step_count(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return sum(1 for x in path.read_text().splitlines() if '"loss"' in x) if path.is_file() else 0
+
+
+def session_processes(sid: int) -> list[int]:
+    import psutil
+
+    alive = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p.pid)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return alive
+
+
+def stopped_run(out: Path) -> dict:
+    """The preempted event of a stopped run, after checking its checkpoint: complete, whole, of that step."""
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in events if "event" not in r]
+    assert steps == list(range(1, len(steps) + 1))  # each step logged once: no second run wrote here
+    assert events[-1]["event"] == "preempted" and events[-1]["step"] == steps[-1]
+    ckpt = checkpoint.checkpoint_path(out, steps[-1])
+    assert json.loads((ckpt / checkpoint.STATE_FILE).read_text())["step"] == steps[-1]
+    assert checkpoint.verify_checkpoint(ckpt, rank=0) is None
+    assert not (out / "COMPLETED").exists()
+    return events[-1]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_deepspeed_launcher_stops_every_rank_with_a_checkpoint(tiny_run, tmp_path):
+    """DeepSpeed's single-node runner dies of a SIGTERM alone (it forwards signals only for multi-node runs): the
+    ranks see their launcher gone, checkpoint that step and exit. A second run into the live run's dir is refused."""
+    out = tmp_path / "run"
+    run = start(rank_command("emoe_llm.train", *recipe_args(tiny_run, out), launcher="deepspeed", module=True),
+                tmp_path / "run.log")
+    try:
+        wait_for(lambda: step_count(out) >= 3, 400, "the first steps")
+        second = subprocess.run([str(BIN / "emoe-llm"), "train", "--nproc", "1",
+                                 *recipe_args(tiny_run, out)], capture_output=True, text=True, env=rank_env(),
+                                timeout=300)
+        assert second.returncode == 2 and f"output_dir {out} is in use by another run (pid " in second.stderr
+        run.send_signal(signal.SIGTERM)  # the runner only, as `kill PID` does
+        run.wait(timeout=30)
+        wait_for(lambda: not session_processes(run.pid), 60, "every rank to exit")
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    log = run.log.read_text()
+    assert stopped_run(out)["reason"].startswith("launcher pid "), log[-3000:]
+    assert "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_checkpoints_and_dataloader_workers_survive_it(tiny_run, tmp_path):
+    """``kill -TERM -PGID`` of a bare ``deepspeed`` run reaches the runner, launch.py, the ranks and their DataLoader
+    workers. The workers ignore it, the ranks checkpoint the step within launch.py's 30 s grace and exit."""
+    out = tmp_path / "run"
+    run = start(rank_command("emoe_llm.train", *recipe_args(tiny_run, out), launcher="deepspeed", module=True),
+                tmp_path / "run.log")
+    try:
+        wait_for(lambda: step_count(out) >= 3, 400, "the first steps")
+        os.killpg(run.pid, signal.SIGTERM)
+        wait_for(lambda: not session_processes(run.pid), 60, "every rank to exit")
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    log = run.log.read_text()
+    assert stopped_run(out)["reason"] == "SIGTERM", log[-3000:]
+    assert "DataLoader worker" not in log and "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_to_emoe_llm_trains_group_ends_in_the_preemption_path_exit_0(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    run = start([str(BIN / "emoe-llm"), "train", "--nproc", "2", *recipe_args(tiny_run, out)], tmp_path / "run.log")
+    try:
+        wait_for(lambda: step_count(out) >= 3, 400, "the first steps")
+        os.killpg(run.pid, signal.SIGTERM)
+        rc = run.wait(timeout=60)
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    log = run.log.read_text()
+    assert rc == 0, log[-3000:]
+    assert stopped_run(out)["reason"] == "SIGTERM to emoe-llm train"
+    assert not session_processes(run.pid)  # the launcher's own session is gone too (its ranks exited 0)
