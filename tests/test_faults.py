@@ -603,3 +603,26 @@ def test_sigterm_to_emoe_llm_trains_group_ends_in_the_preemption_path_exit_0(tin
     assert rc == 0, log[-3000:]
     assert stopped_run(out)["reason"] == "SIGTERM to emoe-llm train"
     assert not session_processes(run.pid)  # the launcher's own session is gone too (its ranks exited 0)
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_rank_leaves_one_line_on_the_survivor_and_no_traceback(tiny_run, tmp_path):
+    import psutil
+
+    out = tmp_path / "run"
+    run = start(rank_command("emoe_llm.train", *recipe_args(tiny_run, out), launcher="deepspeed", module=True),
+                tmp_path / "run.log")
+    try:
+        wait_for(lambda: step_count(out) >= 3, 400, "the first steps")
+        rank1 = next(p for p in psutil.Process(run.pid).children(recursive=True)
+                     if "--local_rank=1" in p.cmdline())
+        rank1.kill()  # SIGKILL: what the OOM killer does
+        run.wait(timeout=90)
+        wait_for(lambda: not session_processes(run.pid), 60, "every rank to exit")
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    log = run.log.read_text()
+    assert run.returncode != 0
+    assert "Traceback" not in log and "Connection closed by peer" not in log.replace(
+        "another rank went away during a collective (Connection closed by peer)", ""), log[-4000:]

@@ -703,7 +703,7 @@ def check_data_position(ckpt: Path | None, steps_per_epoch: int) -> None:
 
 def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) -> tuple[Run, TrainState]:
     """Collective: every rank calls it with the same recipe. Returns the run and its state (fresh or resumed)."""
-    lock_output_dir(cfg)  # first: a second run into a live run's output_dir stops here, having touched nothing
+    lock_output_dir(cfg)  # first: a second run into a live run's output_dir stops here, having read nothing
     # the resume is checked first, before any process group: a refusal costs nothing and changes nothing
     ckpt, elastic = elastic_resume(cfg, ds_config, world=int(os.environ.get("WORLD_SIZE", "1")))
     rank, world, device = init_distributed(cfg, local_rank)
