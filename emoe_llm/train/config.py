@@ -132,7 +132,7 @@ class TrainConfig:
     (exit 2, naming the file) | previous (set it aside as step_N.damaged-TIME and resume from the one before)"""
     stall_steps: int = 20
     """warn (log + a "stalled" event in metrics.jsonl) when the gradient norm is exactly 0, or the loss stays
-    within 0.1% of ln(vocab) (uniform predictions), for this many steps in a row; 0 = never"""
+    within 0.01% of ln(vocab) (uniform predictions), for this many steps in a row; 0 = never"""
     log_every_steps: int = 1
     eval_every_steps: int = 0
     """held-out loss every N optimizer steps (0 = only at the end); needs data.eval_split/eval_sources"""

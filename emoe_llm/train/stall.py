@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-UNIFORM_TOLERANCE = 1e-3  # a loss within 0.1% of ln(vocab): uniform predictions (a fresh random init sits above)
+UNIFORM_TOLERANCE = 1e-4  # within 0.01% of ln(vocab): uniform predictions (a random init is ~0.03% off, and noisy)
 
 
 class StallWatch:
