@@ -15,9 +15,10 @@ before the forward passes), so uneven masks and accumulation give exactly the gr
 is told not to divide by grad_accum (``scale_wrt_gas=False``), and its gradient averaging over ranks is undone by
 multiplying by the world size.
 
-Preemption: SIGUSR1/SIGTERM/SIGINT, the file ``{output_dir}/STOP`` or the launcher going away (stop.py) make every rank stop at the next optimizer-step
-boundary (agreed with one all_reduce), save a checkpoint of that step, and exit 0 without writing COMPLETED. The run
-removes a stale STOP file once its resume has loaded (rank 0), so a restart simply continues.
+Preemption: SIGUSR1/SIGTERM/SIGINT, the file ``{output_dir}/STOP`` or the launcher going away (stop.py) make every
+rank stop at the next optimizer-step boundary (agreed with one all_reduce), save a checkpoint of that step, and exit 0
+without writing COMPLETED. The run removes a stale STOP file once its resume has loaded (rank 0), so a restart simply
+continues. Rank 0 holds ``{output_dir}/.emoe-lock`` for the run's life: one run per output_dir (dirlock.py).
 """
 
 from __future__ import annotations
