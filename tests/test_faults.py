@@ -349,6 +349,23 @@ def test_a_save_on_a_full_disk_says_so_and_names_what_was_kept(tmp_path):
         "free space, then resume")], proc.stdout[-2000:] + proc.stderr[-2000:]  # after DeepSpeed's import notice
 
 
+def test_a_read_only_output_dir_is_one_line_before_any_work(tmp_path):
+    """A read-only mount (a bind mount remounted ro, in a mount namespace of its own): root passes os.access there,
+    so the check asks the mount. One line naming the dir, exit 2, nothing written."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no mount namespace here (unshare -rm) to make a read-only mount in")
+    script = (f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} && exec {BIN / 'emoe-llm'} train --nproc 1 "
+              f"--config {TINY} output_dir={ro / 'run'} logging.progress_bar=false")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=rank_env(),
+                          timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert proc.returncode == 2 and errors == [f"[emoe-llm] error: output_dir {ro / 'run'}: {ro} is not writable"], \
+        proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and list(ro.iterdir()) == []
+
+
 def test_a_peer_that_went_away_is_one_line_without_a_traceback(capsys):
     e = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
                      "[127.0.0.1]:29500")
