@@ -70,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
         study = load_study(args.study, args.overrides)
         selected = select_cells(study, args.cells)
         out = Path(args.out)
-        if not args.dry_run:  # one study per dir: held until this process ends (cells lock their own run dirs)
+        if not args.dry_run:  # one study per dir, held while ``run`` runs (each cell locks its own run dir)
             _study_lock.append(DirLock(out, what="study dir").acquire())
         changed = check_changes(study, out, named=selected if args.cells else [], force=args.force)
         if args.launcher == "slurm":
