@@ -230,7 +230,7 @@ time.sleep({linger})
 @pytest.mark.parametrize("signals", [["SIGTERM"], ["SIGUSR1"], ["SIGINT", "SIGINT"]])
 def test_emoe_llm_train_turns_a_signal_to_its_group_into_the_stop_file(tmp_path, signals):
     """``supervise`` (what ``emoe-llm train`` runs the launcher under): a signal to its process group never reaches
-    the launcher or the ranks (their own session); they read it from the stop file and end on their own: exit 0.
+    the launcher or the ranks (a process group of their own); they read it from the stop file and end on their own: exit 0.
     A second SIGINT kills them at once: exit 130."""
     out = tmp_path / "seen"
     child = SUPERVISED.format(env=STOP_FILE_ENV, out=str(out), linger=60 if len(signals) > 1 else 0)
@@ -524,9 +524,12 @@ def recipe_args(env, out: Path, *overrides) -> list[str]:
             "train.eval_every_steps=0", "train.export=false", "train.dataloader_workers=1", *overrides]
 
 
+RUN_MARK = "EMOE_LLM_TEST_RUN"  # in the environment of every process of a run a test starts, whatever its group
+
+
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env=rank_env())
+                            env=rank_env(**{RUN_MARK: str(log)}))
     proc.log = log
     return proc
 
@@ -536,15 +539,19 @@ def step_count(out: Path) -> int:
     return sum(1 for x in path.read_text().splitlines() if '"loss"' in x) if path.is_file() else 0
 
 
-def session_processes(sid: int) -> list[int]:
-    import psutil
-
+def processes_of(run: subprocess.Popen) -> list[int]:
+    """The live processes of ``run`` (launcher, ranks, DataLoader workers), found by the mark in their environment:
+    torchrun starts its ranks in process groups of their own, and an orphaned rank has a new parent."""
+    mark = f"{RUN_MARK}={run.log}".encode()
     alive = []
-    for p in psutil.process_iter():
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
         try:
-            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                alive.append(p.pid)
-        except (ProcessLookupError, psutil.Error):
+            if mark in (proc / "environ").read_bytes().split(b"\0") and \
+                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.append(int(proc.name))
+        except OSError:
             pass
     return alive
 
@@ -579,7 +586,7 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint(tiny_run, tm
         assert second.returncode == 2 and f"output_dir {out} is in use by another run (pid " in second.stderr
         run.send_signal(signal.SIGTERM)  # the runner only, as `kill PID` does
         run.wait(timeout=30)
-        wait_for(lambda: not session_processes(run.pid), 60, "every rank to exit")
+        wait_for(lambda: not processes_of(run), 60, "every rank to exit")
     finally:
         with __import__("contextlib").suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)
@@ -602,7 +609,7 @@ def test_sigterm_to_the_process_group_checkpoints_and_dataloader_workers_survive
     try:
         wait_for(lambda: step_count(out) >= 3, 400, "the first steps")
         os.killpg(run.pid, signal.SIGTERM)
-        wait_for(lambda: not session_processes(run.pid), 60, "every rank to exit")
+        wait_for(lambda: not processes_of(run), 60, "every rank to exit")
     finally:
         with __import__("contextlib").suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)
@@ -625,7 +632,7 @@ def test_sigterm_to_emoe_llm_trains_group_ends_in_the_preemption_path_exit_0(tin
     log = run.log.read_text()
     assert rc == 0, log[-3000:]
     assert stopped_run(out)["reason"] == "SIGTERM to emoe-llm train"
-    assert not session_processes(run.pid)  # the launcher's own session is gone too (its ranks exited 0)
+    assert not processes_of(run)  # the launcher's own process group is gone too (its ranks exited 0)
 
 
 @pytest.mark.slow
@@ -641,7 +648,7 @@ def test_kill_9_of_one_rank_leaves_one_line_on_the_survivor_and_no_traceback(tin
                      if "--local_rank=1" in p.cmdline())
         rank1.kill()  # SIGKILL: what the OOM killer does
         run.wait(timeout=90)
-        wait_for(lambda: not session_processes(run.pid), 60, "every rank to exit")
+        wait_for(lambda: not processes_of(run), 60, "every rank to exit")
     finally:
         with __import__("contextlib").suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)

@@ -15,12 +15,12 @@ Kept on purpose, and kept thin: it only fills in ``--nproc`` (all visible GPUs, 
 the recipe in its place), and ``--dry-run`` shows the plain command to run by hand. The recipe never re-launches
 itself: ``deepspeed ... train.py`` and ``torchrun ... train.py`` work the same.
 
-What it adds around a launcher is signals (``supervise``): the launcher runs in a session of its own, and SIGTERM,
+What it adds around a launcher is signals (``supervise``): the launcher runs in a process group of its own, and SIGTERM,
 SIGINT or SIGUSR1 to ``emoe-llm train`` (or to its process group: Ctrl-C, ``kill -TERM -PGID``) becomes the stop
 file named in ``EMOE_LLM_STOP_FILE``, which every rank polls once per step (stop.py): they checkpoint that step and
 exit 0, the launcher exits 0, and so does this command. Sent to the launcher itself, DeepSpeed's single-node runner
 would die alone and launch.py would kill the ranks 30 s after a signal and exit 1. A second SIGINT kills the
-launcher's whole session at once (no checkpoint), exit 130.
+launcher's whole process group at once (no checkpoint), exit 130.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def run(argv: list[str]) -> int:
 
 
 def supervise(cmd: list[str]) -> int:
-    """Run the launcher ``cmd`` in its own session and turn a stop signal into the ranks' stop file (module
+    """Run the launcher ``cmd`` in a process group of its own and turn a stop signal into the ranks' stop file (module
     docstring). Returns the launcher's exit code (128 + N when it died of signal N)."""
     from .stop import STOP_FILE_ENV, STOP_SIGNALS
 

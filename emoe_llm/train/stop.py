@@ -6,7 +6,7 @@ A rank asks to stop when
     After the first SIGINT, SIGINT is back to its default action, so a second Ctrl-C kills the process at once --
     even while it is blocked in a collective, where a Python handler would only run once the collective returns;
   * ``{output_dir}/STOP`` exists (the Slurm scripts' trap touches it: a file on the shared dir reaches every node);
-  * the file named by ``EMOE_LLM_STOP_FILE`` exists: ``emoe-llm train`` runs the launcher in a session of its own
+  * the file named by ``EMOE_LLM_STOP_FILE`` exists: ``emoe-llm train`` runs the launcher in a process group of its own
     and turns a signal it gets into this file, so neither the launcher nor its children see the signal (launch.py
     answers one by killing the ranks 30 s later and exiting 1);
   * a launcher process above it is gone. DeepSpeed's runner forwards signals only for multi-node runs: a SIGTERM
