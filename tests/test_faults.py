@@ -230,8 +230,8 @@ time.sleep({linger})
 @pytest.mark.parametrize("signals", [["SIGTERM"], ["SIGUSR1"], ["SIGINT", "SIGINT"]])
 def test_emoe_llm_train_turns_a_signal_to_its_group_into_the_stop_file(tmp_path, signals):
     """``supervise`` (what ``emoe-llm train`` runs the launcher under): a signal to its process group never reaches
-    the launcher or the ranks (a process group of their own); they read it from the stop file and end on their own: exit 0.
-    A second SIGINT kills them at once: exit 130."""
+    the launcher or the ranks (a process group of their own); they read it from the stop file and end on their own:
+    exit 0. A second SIGINT kills them at once: exit 130."""
     out = tmp_path / "seen"
     child = SUPERVISED.format(env=STOP_FILE_ENV, out=str(out), linger=60 if len(signals) > 1 else 0)
     sup = subprocess.Popen([sys.executable, "-c", "import sys; from emoe_llm.train.launch import supervise; "

@@ -15,12 +15,12 @@ Kept on purpose, and kept thin: it only fills in ``--nproc`` (all visible GPUs, 
 the recipe in its place), and ``--dry-run`` shows the plain command to run by hand. The recipe never re-launches
 itself: ``deepspeed ... train.py`` and ``torchrun ... train.py`` work the same.
 
-What it adds around a launcher is signals (``supervise``): the launcher runs in a process group of its own, and SIGTERM,
-SIGINT or SIGUSR1 to ``emoe-llm train`` (or to its process group: Ctrl-C, ``kill -TERM -PGID``) becomes the stop
-file named in ``EMOE_LLM_STOP_FILE``, which every rank polls once per step (stop.py): they checkpoint that step and
-exit 0, the launcher exits 0, and so does this command. Sent to the launcher itself, DeepSpeed's single-node runner
-would die alone and launch.py would kill the ranks 30 s after a signal and exit 1. A second SIGINT kills the
-launcher's whole process group at once (no checkpoint), exit 130.
+What it adds around a launcher is signals (``supervise``): the launcher runs in a process group of its own, and
+SIGTERM, SIGINT or SIGUSR1 to ``emoe-llm train`` (or to its process group: Ctrl-C, ``kill -TERM -PGID``) becomes the
+stop file named in ``EMOE_LLM_STOP_FILE``, which every rank polls once per step (stop.py): they checkpoint that step
+and exit 0, the launcher exits 0, and so does this command. Sent to the launcher itself, DeepSpeed's single-node
+runner would die alone and launch.py would kill the ranks 30 s after a signal and exit 1. A second SIGINT kills the
+launcher and everything under it at once (no checkpoint), exit 130.
 """
 
 from __future__ import annotations
@@ -154,6 +154,24 @@ def run(argv: list[str]) -> int:
     return supervise(cmd)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``, everything under it (torchrun starts its ranks in process groups of their own) and its group."""
+    try:
+        import psutil  # a DeepSpeed dependency
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            children = psutil.Process(pid).children(recursive=True)
+        except psutil.Error:
+            children = []
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
 def supervise(cmd: list[str]) -> int:
     """Run the launcher ``cmd`` in a process group of its own and turn a stop signal into the ranks' stop file (module
     docstring). Returns the launcher's exit code (128 + N when it died of signal N)."""
@@ -169,8 +187,7 @@ def supervise(cmd: list[str]) -> int:
         if signum == signal.SIGINT and stop_file.exists():
             print(f"[emoe-llm] second {name}: killing the launcher and every rank now (no checkpoint)", flush=True)
             aborted.append(signum)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             return
         tmp = stop_file.with_name(stop_file.name + ".tmp")
         tmp.write_text(name + "\n")

@@ -503,7 +503,7 @@ def init_distributed(cfg: RecipeConfig, local_rank: int | None) -> tuple[int, in
     return dist.get_rank(), dist.get_world_size(), torch.device(accel.device_name(local_rank))
 
 
-_run_lock: DirLock | None = None  # held by rank 0 for the life of the process (the kernel drops it on any exit)
+_run_lock: DirLock | None = None  # rank 0 holds it from setup to close (the kernel drops it on any exit)
 
 
 def lock_output_dir(cfg: RecipeConfig) -> None:
