@@ -133,7 +133,9 @@ def shared(tmp_path_factory):
 def tree_hash(paths: list[Path]) -> dict[str, str]:
     out = {}
     for root in paths:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        # .emoe-lock: the one-run-per-dir lock (emoe_llm/dirlock.py) a run takes in its dir is not content
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and
+                                                     p.name != ".emoe-lock")
         for p in files:
             out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
@@ -1216,6 +1218,44 @@ def _(w):
     return run
 
 
+def _hold_lock(w: World, path: Path) -> subprocess.Popen:
+    """Another live process holding ``path``'s one-run lock (emoe_llm/dirlock.py), as a running job would."""
+    code = (f"import time; from emoe_llm.dirlock import DirLock; DirLock({str(path)!r}, what='x').acquire(); "
+            "print('locked', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait()
+
+
+@case("train", "output-dir-busy", "a second run into the output_dir of a live run: refused before any work, the live "
+      "run's files untouched", r"output_dir .*/run is in use by another run \(pid \d+ on .*, started .*; lock "
+      r".*\.emoe-lock\): wait for it to end, stop it, or use another output_dir")
+def _(w):
+    out = w.tmp / "run"
+    w.file("run/metrics.jsonl", '{"step": 1, "loss": 7.0}\n')
+    w.file("run/checkpoints/step_00000001/trainer_state.json", '{"step": 1}')
+    holder = _hold_lock(w, out)
+    run = Run(["--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"output_dir={out}"], surface="train",
+              sources=[out / "metrics.jsonl", out / "checkpoints"], env={"RANK": "0"})
+    run.cleanup = lambda: _stop(holder)
+    return run
+
+
+@case("train", "trainer-state-truncated", "the latest checkpoint's trainer_state.json cut short: named, nothing "
+      "loaded", r"step_00000002/trainer_state\.json is not valid JSON \(.*\): the checkpoint .* is damaged; resume "
+      r"from an earlier one")
+def _(w):
+    ckpt = w.file("run/checkpoints/step_00000002/trainer_state.json", '{"step": 2, "epo').parent
+    return Run(["--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"output_dir={w.tmp / 'run'}",
+                f"model.path={w.shared['dense']}"], surface="train", sources=[ckpt], env={"RANK": "0"})
+
+
 # ---------------------------------------------------------------------------------------------------- values
 
 
@@ -1643,16 +1683,33 @@ def _(w):
     return run
 
 
-@case("train", "resume-corrupt-rank-file", "rank 1's optimizer file truncated: DeepSpeed fails loading it on the real "
-      "ranks; the finished run's COMPLETED and every file are kept",
-      r"^\[emoe-llm\] error \(rank 1\): RuntimeError: PytorchStreamReader failed reading zip archive", code=1,
-      slow=True, traceback=True)
+@case("train", "resume-corrupt-rank-file", "rank 1's optimizer file truncated: the manifest check on the real ranks "
+      "names it before anything loads; the finished run's COMPLETED and every file are kept",
+      r"^\[emoe-llm\] error: resume: checkpoint .*step_00000002 is damaged: .*zero_pp_rank_1_mp_rank_00_optim_states"
+      r"\.pt has 100 bytes, \d+ when saved \(truncated or overwritten\); not resumed", slow=True)
 def _(w):
     def truncate(out: Path):
         f = out / "checkpoints" / "step_00000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
         f.write_bytes(f.read_bytes()[:100])
     run = _resume(w, "logging.progress_bar=false", "logging.tensorboard=false", "train.save_every_steps=0",
                   "train.eval_every_steps=0", "train.export=false", breaks=truncate)
+    run.surface, run.env = "deepspeed", {}
+    return run
+
+
+@case("train", "resume-overwritten-rank-file", "4,000 bytes overwritten inside rank 1's optimizer file, the size "
+      "unchanged: refused by its sha256, never resumed silently",
+      r"^\[emoe-llm\] error: resume: checkpoint .*step_00000002 is damaged: .*zero_pp_rank_1_mp_rank_00_optim_states"
+      r"\.pt does not match its sha256 in .*manifest\.json \(changed since it was saved\); not resumed "
+      r"\(train\.on_damaged_checkpoint=previous resumes from the one before instead\)", slow=True)
+def _(w):
+    def overwrite(out: Path):
+        f = out / "checkpoints" / "step_00000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        with open(f, "r+b") as fh:
+            fh.seek(f.stat().st_size // 2)
+            fh.write(os.urandom(4_000))
+    run = _resume(w, "logging.progress_bar=false", "logging.tensorboard=false", "train.save_every_steps=0",
+                  "train.eval_every_steps=0", "train.export=false", breaks=overwrite)
     run.surface, run.env = "deepspeed", {}
     return run
 
@@ -1741,6 +1798,17 @@ def _study(w: World, text: str, *extra: str) -> Run:
     argv = ["study", str(study), "--out", str(out), *extra]
     return Run(argv, sources=[study], outputs=[out], retry_argv=[*argv, "--dry-run"],
                fix=lambda: study.write_text(STUDY))
+
+
+@case("study", "study-dir-busy", "a second study into the dir of a live one: refused before it records or runs "
+      "anything", r"emoe-llm study: error: study dir .*/study_out is in use by another run \(pid \d+ on .*\)")
+def _(w):
+    study = w.file("study.yaml", STUDY)
+    out = w.tmp / "study_out"
+    holder = _hold_lock(w, out)
+    run = Run(["study", str(study), "--out", str(out)], sources=[study])
+    run.cleanup = lambda: _stop(holder)
+    return run
 
 
 @case("study", "unknown-arm-key", "an arm overrides a key the recipe does not have: names the arm, creates nothing",

@@ -116,18 +116,60 @@ def _atomic_save(datasets_by_name: dict, stats: dict, final: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def load_cache_entry(entry: Path, names: list[str], *, rebuilt: bool = False):
+    """(stats, [dataset or None per name]) of a cache entry. An entry that fails to load (a truncated Arrow file, a
+    damaged stats.json) is named, moved aside as ``<key>.damaged-<time>`` and None returned, so the caller rebuilds
+    it once; when the entry just ``rebuilt`` fails too, a DataError names the file."""
+    import datasets
+
+    try:
+        stats = json.loads((entry / "stats.json").read_text())
+        return stats, [datasets.load_from_disk(str(entry / n)) if (entry / n).exists() else None for n in names]
+    except Exception as e:  # noqa: BLE001 - pyarrow, datasets and json each raise their own kind
+        bad = damaged_file(entry) or entry
+        if rebuilt:
+            raise DataError(f"data cache entry {entry} fails to load even when just rebuilt: {bad}: "
+                            f"{' '.join(str(e).split())[:200]} (is the disk full or failing?)") from None
+        aside = entry.with_name(f"{entry.name}.damaged-{time.time_ns()}")
+        try:
+            os.replace(entry, aside)
+        except FileNotFoundError:
+            pass  # another rank moved it already
+        print(f"[emoe-llm] warning: data cache entry {entry} failed to load ({bad}: "
+              f"{' '.join(str(e).split())[:200]}); moved it to {aside.name}, rebuilding it", flush=True)
+        return None
+
+
+def damaged_file(entry: Path) -> Path | None:
+    """The first file of a cache entry that does not read back whole: stats.json as JSON, each Arrow file to its
+    end (datasets' save_to_disk writes Arrow IPC streams)."""
+    import pyarrow as pa
+
+    try:
+        json.loads((entry / "stats.json").read_text())
+    except (OSError, ValueError):
+        return entry / "stats.json"
+    for path in sorted(entry.rglob("*.arrow")):
+        try:
+            with pa.memory_map(str(path)) as f:
+                pa.ipc.open_stream(f).read_all()
+        except (OSError, pa.ArrowException):
+            return path
+    return None
+
+
 def tokenize_source(src: DataSource, cfg: DataConfig, tokenizer, *, get_template, key: str, cache_dir: Path):
     """Tokenized rows of one source (columns input_ids, labels) and its stats; cached on disk under ``key``.
 
     ``get_template()`` returns the Jinja source; it is only called for chat sources.
     """
-    import datasets
-
     entry = cache_dir / "tokenized" / key
     if (entry / "stats.json").exists():
-        stats = json.loads((entry / "stats.json").read_text())
-        stats["cache_hit"] = True
-        return datasets.load_from_disk(str(entry / "dataset")), stats
+        hit = load_cache_entry(entry, ["dataset"])
+        if hit is not None:  # None: it was damaged, is set aside now, and is rebuilt below
+            stats, (ds,) = hit
+            stats["cache_hit"] = True
+            return ds, stats
 
     t0 = time.time()
     (cache_dir / "tokenized").mkdir(parents=True, exist_ok=True)
@@ -146,7 +188,7 @@ def tokenize_source(src: DataSource, cfg: DataConfig, tokenizer, *, get_template
         stats, enc = _encode_stats(src, fmt, report, raw, enc, cfg, t0)
         _atomic_save({"dataset": enc}, stats, entry)
     stats["cache_hit"] = False
-    return datasets.load_from_disk(str(entry / "dataset")), stats
+    return load_cache_entry(entry, ["dataset"], rebuilt=True)[1][0], stats
 
 
 def _source_rows(path, fmt, report_file, **options):
@@ -409,13 +451,11 @@ def build_sft_datasets(cfg: DataConfig, tokenizer):
     }, sort_keys=True).encode()).hexdigest()[:24]
     final = cache_dir / "final" / final_key
     if (final / "stats.json").exists():
-        import datasets
-
-        stats = json.loads((final / "stats.json").read_text())
-        stats["cache_hit"] = True
-        train = datasets.load_from_disk(str(final / "train"))
-        eval_ds = datasets.load_from_disk(str(final / "eval")) if (final / "eval").exists() else None
-        return train, eval_ds, stats
+        hit = load_cache_entry(final, ["train", "eval"])
+        if hit is not None:
+            stats, (train, eval_ds) = hit
+            stats["cache_hit"] = True
+            return train, eval_ds, stats
 
     def load(sources, keys):
         return [(src, *tokenize_source(src, cfg, tokenizer, get_template=get_template, key=key, cache_dir=cache_dir))
@@ -469,9 +509,6 @@ def build_sft_datasets(cfg: DataConfig, tokenizer):
             "cache_key": final_key,
         })
         _atomic_save({"train": train, "eval": eval_ds}, stats, final)
-    import datasets
-
-    train = datasets.load_from_disk(str(final / "train"))
-    eval_ds = datasets.load_from_disk(str(final / "eval")) if (final / "eval").exists() else None
+    _, (train, eval_ds) = load_cache_entry(final, ["train", "eval"], rebuilt=True)
     stats["cache_hit"] = False
     return train, eval_ds, stats

@@ -95,7 +95,8 @@ def plot_run(run_dir, out=None, *, note=None) -> list[Path]:
     if not any(math.isfinite(v) for v in _series(records, "loss")[1]):
         (note or (lambda m: None))(f"no finite train loss in {run_dir / 'metrics.jsonl'} (every one NaN or inf: "
                                    "a diverged run?); its panel says so")
-    figures = {"training.png": _plot_training(plt, records, finals, title=run_dir.name)}
+    figures = {"training.png": _plot_training(plt, records, finals, title=run_dir.name,
+                                              stalled=stalled_steps(run_dir))}
     load = _plot_expert_load(plt, records, title=run_dir.name)
     if load is not None:
         figures["expert_load.png"] = load
@@ -112,9 +113,24 @@ def _series(records: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _plot_training(plt, records, finals, *, title: str):
+def stalled_steps(run_dir: Path) -> list[int]:
+    """Steps where the run warned that it stopped learning (``"stalled"`` events, train/stall.py)."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("event") == "stalled" and isinstance(rec.get("since_step"), int):
+            out.append(rec["since_step"])
+    return sorted(set(out))
+
+
+def _plot_training(plt, records, finals, *, title: str, stalled=()):
     fig, (ax_loss, ax_lr, ax_tps) = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
     ax_loss.plot(*_series(records, "loss"), label="train loss", lw=1.2)
+    for i, step in enumerate(stalled):  # from here on the run was not learning
+        ax_loss.axvline(step, color="tab:red", ls="--", lw=1, label="stopped learning" if i == 0 else None)
     if not any(math.isfinite(v) for v in _series(records, "loss")[1]):
         ax_loss.text(0.5, 0.5, "no finite train loss (NaN / inf)", transform=ax_loss.transAxes, ha="center",
                      va="center", color="tab:red")

@@ -20,11 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+from ..dirlock import DirBusyError, DirLock
 from .cells import (
     cell_dir, cell_done, check_changes, check_models, eval_path, planned_model, prepare_models, record_study,
 )
 from .slurm import submit
 from .spec import Cell, Study, StudyError, load_study
+
 INTERMIXED = True  # emoe_llm.cli: key=value overrides may come after --out
 
 
@@ -51,7 +53,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                      "(after the study's), e.g. model.path=/models/smollm2")
 
 
+_study_lock: list[DirLock] = []  # the study dir's lock while ``run`` runs
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    finally:
+        while _study_lock:
+            _study_lock.pop().release()
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         bad = [o for o in args.overrides if "=" not in o]
         if bad:
@@ -59,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
         study = load_study(args.study, args.overrides)
         selected = select_cells(study, args.cells)
         out = Path(args.out)
+        # One whole-study run per dir, held while ``run`` runs. A --cells run (a Slurm array task: its siblings run
+        # at the same time in the same study dir) takes no study lock; its cells' training still locks each run dir.
+        if not args.dry_run and not args.cells:
+            _study_lock.append(DirLock(out, what="study dir").acquire())
         changed = check_changes(study, out, named=selected if args.cells else [], force=args.force)
         if args.pilot:
             if not args.dry_run:
@@ -76,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         check_models(study, selected)
         record_study(study, out, changed)
         models = prepare_models(study, out, selected)
-    except StudyError as e:
+    except (StudyError, DirBusyError) as e:
         print(f"emoe-llm study: error: {e}", file=sys.stderr)
         return 2
     rc = run_cells_local(study, out, selected, models, nproc=args.nproc or study.nproc)

@@ -5,6 +5,9 @@ Layout under ``output_dir``:
     checkpoints/step_00000120/        DeepSpeed save_checkpoint (sharded params + optimizer + scheduler, per rank)
         trainer_state.json            step, epoch, data position, world size, ... -- written LAST: a checkpoint
                                       without it is incomplete (killed mid-save) and never resumed from
+        manifest.json                 every other file's size and sha256, written just before trainer_state.json
+                                      (hashed in parallel: each rank hashes every world-th file); a resume checks
+                                      it first (``verify_checkpoint``) and never loads a file that changed since
         rng_state_rank{r}.pt          each rank's python / numpy / torch RNG state
         config.yaml                   the resolved recipe
     final/                            consolidated safetensors + config.json (with the 'emoe' block) + tokenizer
@@ -22,6 +25,8 @@ weights and the optimizer states for the new world size.
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import random
@@ -38,6 +43,14 @@ from ..fileio import atomic_write_text
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+HASH_THREADS = 4  # per rank: hashlib releases the GIL, so a rank hashes several files at once (~1.1 GB/s each)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be resumed as it is (a file changed since it was saved, unreadable state): exit 2,
+    one line naming the file."""
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
@@ -71,7 +84,11 @@ def read_trainer_state(ckpt: str | os.PathLike) -> dict:
         raise FileNotFoundError(
             f"{path} not found: {ckpt} is not a complete checkpoint of this recipe (killed while saving?)"
         )
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): the checkpoint {ckpt} is damaged; resume from an "
+                              "earlier one (resume=PATH) or restore the file") from None
 
 
 def find_resume_checkpoint(resume: str, output_dir: str | os.PathLike) -> Path | None:
@@ -159,6 +176,12 @@ def prepare_universal(ckpt: Path, *, rank: int, poll_s: float = 5.0, log=print) 
     if rank == 0:
         failed.unlink(missing_ok=True)
         try:
+            # the manifest is checked first, by rank 0 alone (no process group yet): a damaged checkpoint is
+            # refused, not converted; the other ranks stop with the same line
+            problem = verify_checkpoint(ckpt, rank=0)
+            if problem is not None:
+                raise CheckpointError(f"resume: checkpoint {ckpt} is damaged: {problem}; not converted to a "
+                                      "universal checkpoint, not resumed")
             return convert_to_universal(ckpt, log=log)
         except Exception as e:
             atomic_write_text(failed, json.dumps({"launch": me, "error": str(e)[-2000:]}))
@@ -219,14 +242,148 @@ def save_checkpoint(engine, output_dir, *, step: int, trainer_state: dict, confi
     if rank == 0 and path.exists():  # a half-written dir from a killed run at the same step
         shutil.rmtree(path)
     dist.barrier()
-    engine.save_checkpoint(str(path.parent), tag=path.name, client_state={"trainer_state": trainer_state})
-    torch.save(rng_state(), path / f"rng_state_rank{dist.get_rank()}.pt")
+    try:
+        engine.save_checkpoint(str(path.parent), tag=path.name, client_state={"trainer_state": trainer_state})
+        torch.save(rng_state(), path / f"rng_state_rank{dist.get_rank()}.pt")
+    except (RuntimeError, OSError) as e:
+        raise _save_error(e, path, output_dir) from None
     dist.barrier()
     if rank == 0:
         (path / "config.yaml").write_text(config_yaml)
+    write_manifest(path, rank=rank)
+    if rank == 0:
         _write_json_atomic(path / STATE_FILE, trainer_state)
     dist.barrier()
     return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the manifest: sizes and hashes of a checkpoint's files
+
+
+def manifest_files(ckpt: Path) -> list[str]:
+    """The files a manifest covers, relative to ``ckpt``: all but the two written after it and the universal
+    conversion a later resume may add (it is made from the verified files, atomically)."""
+    out = []
+    for p in ckpt.rglob("*"):
+        rel = p.relative_to(ckpt)
+        if not p.is_file() or rel.parts[0] == UNIVERSAL_DIR or rel.parts[0].startswith(f".{UNIVERSAL_DIR}.tmp-"):
+            continue
+        if str(rel) not in (STATE_FILE, MANIFEST_FILE):
+            out.append(str(rel))
+    return sorted(out)
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _hash_share(ckpt: Path, names: list[str], *, rank: int, world: int) -> dict:
+    """{name: {"size", "sha256"}} for this rank's share (every world-th file), several files at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mine = names[rank::world]
+
+    def one(name):
+        p = ckpt / name
+        return name, {"size": p.stat().st_size, "sha256": file_sha256(p)}
+
+    with ThreadPoolExecutor(max_workers=max(1, min(HASH_THREADS, len(mine)))) as pool:
+        return dict(pool.map(one, mine))
+
+
+def _gather_shares(ckpt: Path, names: list[str] | None, *, rank: int) -> dict:
+    """Collective (or alone without a process group): every rank hashes its share of ``names`` (rank 0's list),
+    the results are merged on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return _hash_share(ckpt, names or manifest_files(ckpt), rank=0, world=1)
+    box = [names if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    world = dist.get_world_size()
+    try:
+        share = _hash_share(ckpt, box[0], rank=rank, world=world)
+    except OSError as e:  # a file vanished or cannot be read: reported as that file's problem, on every rank
+        share = {"__error__": f"{e.filename}: {e.strerror}"}
+    shares = [None] * world
+    dist.all_gather_object(shares, share)
+    merged = {}
+    for sh in shares:
+        merged.update(sh)
+    return merged
+
+
+def write_manifest(ckpt: Path, *, rank: int) -> None:
+    """Collective. ``ckpt/manifest.json``: every file's size and sha256 (rank 0 writes it, temp file + rename)."""
+    names = manifest_files(ckpt) if rank == 0 else None
+    hashed = _gather_shares(ckpt, names, rank=rank)
+    if "__error__" in hashed:
+        raise OSError(f"hashing checkpoint {ckpt}: {hashed['__error__']}")
+    if rank == 0:
+        _write_json_atomic(ckpt / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "algorithm": "sha256",
+                                                  "files": hashed})
+
+
+def verify_checkpoint(ckpt: Path, *, rank: int) -> str | None:
+    """Collective. None when every file the manifest lists is there with its size and hash (or when the checkpoint
+    predates manifests); else what is wrong, naming the file. Sizes are checked before anything is hashed."""
+    path = ckpt / MANIFEST_FILE
+    if not path.is_file():
+        return None  # saved before checkpoints carried a manifest: nothing to check against
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return f"{path} is damaged (not the JSON manifest a save writes)"
+    for name, want in sorted(files.items()):
+        p = ckpt / name
+        if not p.is_file():
+            return f"{p} is missing (listed in {path})"
+        if p.stat().st_size != want["size"]:
+            return f"{p} has {p.stat().st_size} bytes, {want['size']} when saved (truncated or overwritten)"
+    hashed = _gather_shares(ckpt, sorted(files), rank=rank)
+    if "__error__" in hashed:
+        return f"cannot read {hashed['__error__']}"
+    for name in sorted(files):
+        if hashed[name]["sha256"] != files[name]["sha256"]:
+            return f"{ckpt / name} does not match its sha256 in {path} (changed since it was saved)"
+    return None
+
+
+def previous_checkpoint(output_dir, ckpt: Path) -> Path | None:
+    """The newest complete checkpoint older than ``ckpt``."""
+    older = [p for p in list_checkpoints(output_dir) if _step_of(p) < _step_of(ckpt)]
+    return older[-1] if older else None
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rank 0: rename a damaged checkpoint out of the ``step_*`` names (kept for a look, never resumed or rotated,
+    and not deleted by a later save of the same step)."""
+    aside = ckpt.with_name(f"{ckpt.name}.damaged-{int(time.time())}")
+    os.replace(ckpt, aside)
+    return aside
+
+
+def _step_of(ckpt: Path) -> int:
+    return int(STEP_DIR.match(ckpt.name).group(1))
+
+
+def _save_error(e: BaseException, path: Path, output_dir) -> BaseException:
+    """What a failed save says. PyTorch's zip writer reports a full disk as "[enforce fail at inline_container.cc]
+    unexpected pos ..." (no errno, no path): when the filesystem has (almost) no room left, that is ENOSPC, and the
+    line names the checkpoint being written and the last complete one, which is kept."""
+    errno_ = getattr(e, "errno", None)
+    try:
+        st = os.statvfs(path if path.exists() else path.parent)
+        nearly_full = st.f_bavail * st.f_frsize < 64 * 2**20
+    except OSError:
+        nearly_full = False
+    if errno_ not in (errno.ENOSPC, errno.EDQUOT) and not nearly_full:
+        return e
+    done = list_checkpoints(output_dir)
+    kept = f"the last complete checkpoint, {done[-1]}, is kept" if done else "no complete checkpoint exists yet"
+    return OSError(errno.ENOSPC, f"No space left on device while writing checkpoint {path} ({kept}; the partial "
+                                 f"{path.name} is ignored by resume=auto); free space, then resume")
 
 
 def load_checkpoint(engine, ckpt: Path, *, universal: bool = False) -> dict:
@@ -236,9 +393,14 @@ def load_checkpoint(engine, ckpt: Path, *, universal: bool = False) -> dict:
     ``checkpoint.load_universal`` in its config."""
     state = read_trainer_state(ckpt)
     load_dir, tag = (ckpt, UNIVERSAL_DIR) if universal else (ckpt.parent, ckpt.name)
-    load_path, _ = engine.load_checkpoint(
-        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    try:
+        load_path, _ = engine.load_checkpoint(
+            str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:  # torch.load of a damaged file, say
+        hint = "" if (ckpt / MANIFEST_FILE).is_file() else " (it has no manifest.json to say which file is damaged)"
+        raise CheckpointError(f"resume: loading {ckpt} failed{hint}: {type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]}") from None
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
     rng_file = ckpt / f"rng_state_rank{dist.get_rank()}.pt"

@@ -136,6 +136,12 @@ class TrainConfig:
     save_every_epoch: bool = True
     keep_last: int = 2
     """checkpoints kept in checkpoints/ (0 = keep all)"""
+    on_damaged_checkpoint: str = "refuse"
+    """resume=auto finds a file of the latest checkpoint changed since it was saved (its manifest.json): refuse
+    (exit 2, naming the file) | previous (set it aside as step_N.damaged-TIME and resume from the one before)"""
+    stall_steps: int = 20
+    """warn (log + a "stalled" event in metrics.jsonl) when the gradient norm is exactly 0, or the loss stays
+    within 0.01% of ln(vocab) (uniform predictions), for this many steps in a row; 0 = never"""
     log_every_steps: int = 1
     eval_every_steps: int = 0
     """held-out loss every N optimizer steps (0 = only at the end); needs data.eval_split/eval_sources"""
@@ -436,11 +442,13 @@ def validate_config(cfg: RecipeConfig, *, source: str = "config") -> None:
         errors.append(f"train.precision must be auto|bf16|fp16|fp32, got '{t.precision}'")
     if t.lr_scheduler not in ("cosine", "linear", "constant"):
         errors.append(f"train.lr_scheduler must be cosine|linear|constant, got '{t.lr_scheduler}'")
+    if t.on_damaged_checkpoint not in ("refuse", "previous"):
+        errors.append(f"train.on_damaged_checkpoint must be refuse|previous, got '{t.on_damaged_checkpoint}'")
     if t.micro_batch_size < 1:
         errors.append(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     for name in ("epochs", "max_steps", "global_batch_size", "grad_accum", "warmup_steps", "save_every_steps",
                  "dataloader_workers", "max_skipped_steps",
-                 "keep_last", "eval_every_steps", "eval_max_batches", "eval_micro_batch_size"):
+                 "keep_last", "stall_steps", "eval_every_steps", "eval_max_batches", "eval_micro_batch_size"):
         if getattr(t, name) < 0:
             errors.append(f"train.{name} must be >= 0, got {getattr(t, name)}")
     if t.dist_timeout_minutes < 1:

@@ -17,6 +17,7 @@ Exit codes: 2 bad input (the message says what to fix), 1 anything else.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -29,7 +30,9 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _get_default_store
 
 from emoe_llm.data import DataError, TemplateError
+from emoe_llm.dirlock import LOCK_NAME, DirBusyError
 
+from .checkpoint import CheckpointError
 from .config import ConfigError
 
 _FAILED_KEY = "emoe_llm/failed_ranks"
@@ -42,9 +45,26 @@ def note_output_dir(path: Path, *, created: bool) -> None:
     _created_output_dir = Path(path) if created else None
 
 
+# OS errors of the machine, not of the code: a full disk, a read-only or forbidden path, a quota. The message names
+# the path (OSError's filename, or ours: checkpoint.save_checkpoint says what was kept), so no traceback.
+MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+# what a collective raises on the surviving ranks when a peer died (kill -9, OOM killer): the dead rank's log or the
+# launcher says why; the survivors' traceback only buries it
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout",
+             "NCCL communicator was aborted", "Connection refused")
+
+
 def is_input_error(e: BaseException) -> bool:
     """Errors whose message alone tells the user what to fix (the traceback would only hide it)."""
-    return isinstance(e, (ConfigError, DataError, TemplateError, FileNotFoundError))
+    if isinstance(e, OSError) and e.errno in MACHINE_ERRNOS:
+        return True
+    return isinstance(e, (ConfigError, DataError, TemplateError, FileNotFoundError, DirBusyError,
+                          CheckpointError))
+
+
+def is_peer_gone(e: BaseException) -> bool:
+    """A collective failed because another rank went away (not this rank's fault)."""
+    return isinstance(e, (RuntimeError, OSError, ConnectionError)) and any(m in str(e) for m in PEER_GONE)
 
 
 def handle_failure(e: BaseException) -> int:
@@ -54,6 +74,7 @@ def handle_failure(e: BaseException) -> int:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         if int(os.environ.get("RANK", "0")) == 0:
             _report(e, rank=None, code=code)
+            _remove_empty_output_dir()  # rank 0 may have created it (to lock it) before the process group was up
         return code
     rank = dist.get_rank()
     if _first_to_fail():
@@ -91,6 +112,14 @@ def _first_to_fail() -> bool:
 
 def _report(e: BaseException, *, rank: int | None, code: int) -> None:
     message = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.errno in MACHINE_ERRNOS and e.filename and str(e.filename) not in message:
+        message = f"{e.strerror}: {e.filename}"
+    if code == 1 and is_peer_gone(e):
+        where = f"rank {rank}" if rank is not None else "this rank"
+        print(f"[emoe-llm] error ({where}): another rank went away during a collective "
+              f"({next(m for m in PEER_GONE if m in str(e))}); its own log or the launcher's says why",
+              file=sys.stderr, flush=True)
+        return
     if code == 1:  # an unexpected exception: say where, and keep the traceback below the one line
         message = f"{type(e).__name__}: {message}"
     where = f" (rank {rank})" if rank is not None and code == 1 else ""
@@ -103,6 +132,6 @@ def _remove_empty_output_dir() -> None:
     path = _created_output_dir
     if path is None or not path.is_dir():
         return
-    if any(p.is_file() or p.is_symlink() for p in path.rglob("*")):
+    if any((p.is_file() or p.is_symlink()) and p.name != LOCK_NAME for p in path.rglob("*")):
         return  # logs, checkpoints, a converted model: evidence worth keeping
     shutil.rmtree(path, ignore_errors=True)

@@ -11,20 +11,30 @@ which imports DeepSpeed twice, in two processes, before the first rank starts. F
 scripts in ``slurm/``.
 
 Kept on purpose, and kept thin: it only fills in ``--nproc`` (all visible GPUs, or 2 CPU ranks) and a free
-``--master_port``, prints the launcher command, and ``exec``s ``deepspeed`` / ``torchrun`` (or, for one process, the
-recipe) in its place -- nothing of ours stays between the launcher and the ranks (signals reach the launcher
-directly), and ``--dry-run`` shows the plain command to run by hand. The recipe never re-launches itself:
-``deepspeed ... train.py`` and ``torchrun ... train.py`` work the same.
+``--master_port``, prints the launcher command, and runs ``deepspeed`` / ``torchrun`` (for one process it ``exec``s
+the recipe in its place), and ``--dry-run`` shows the plain command to run by hand. The recipe never re-launches
+itself: ``deepspeed ... train.py`` and ``torchrun ... train.py`` work the same.
+
+What it adds around a launcher is signals (``supervise``): the launcher runs in a process group of its own, and
+SIGTERM, SIGINT or SIGUSR1 to ``emoe-llm train`` (or to its process group: Ctrl-C, ``kill -TERM -PGID``) becomes the
+stop file named in ``EMOE_LLM_STOP_FILE``, which every rank polls once per step (stop.py): they checkpoint that step
+and exit 0, the launcher exits 0, and so does this command. Sent to the launcher itself, DeepSpeed's single-node
+runner would die alone and launch.py would kill the ranks 30 s after a signal and exit 1. A second SIGINT kills the
+launcher and everything under it at once (no checkpoint), exit 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 PASSTHROUGH = True
@@ -149,5 +159,58 @@ def run(argv: list[str]) -> int:
     bin_dir = str(Path(sys.executable).parent)
     if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
         os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
-    os.execvp(cmd[0], cmd)  # the launcher replaces us: signals (Slurm preemption) reach it directly
-    return 0  # not reached
+    if cmd[0] == "env":  # one process, no launcher: the recipe replaces us, and signals reach it directly
+        os.execvp(cmd[0], cmd)
+    return supervise(cmd)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``, everything under it (torchrun starts its ranks in process groups of their own) and its group."""
+    try:
+        import psutil  # a DeepSpeed dependency
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            children = psutil.Process(pid).children(recursive=True)
+        except psutil.Error:
+            children = []
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def supervise(cmd: list[str]) -> int:
+    """Run the launcher ``cmd`` in a process group of its own and turn a stop signal into the ranks' stop file (module
+    docstring). Returns the launcher's exit code (128 + N when it died of signal N)."""
+    from .stop import STOP_FILE_ENV, STOP_SIGNALS
+
+    stop_file = Path(tempfile.gettempdir()) / f"emoe-llm-stop-{os.getpid()}"
+    stop_file.unlink(missing_ok=True)
+    proc = subprocess.Popen(cmd, env={**os.environ, STOP_FILE_ENV: str(stop_file)}, start_new_session=True)
+    aborted = []
+
+    def on_signal(signum, frame):
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and stop_file.exists():
+            print(f"[emoe-llm] second {name}: killing the launcher and every rank now (no checkpoint)", flush=True)
+            aborted.append(signum)
+            kill_tree(proc.pid)
+            return
+        tmp = stop_file.with_name(stop_file.name + ".tmp")
+        tmp.write_text(name + "\n")
+        os.replace(tmp, stop_file)  # a rank reads the signal's name or nothing, never half of it
+        print(f"[emoe-llm] {name}: every rank checkpoints at the end of this step and exits (Ctrl-C again: abort "
+              "without a checkpoint)", flush=True)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
+    try:
+        rc = proc.wait()  # PEP 475: retried after each handled signal
+    finally:
+        stop_file.unlink(missing_ok=True)
+    if aborted:
+        return 128 + signal.SIGINT
+    return rc if rc >= 0 else 128 - rc

@@ -15,9 +15,10 @@ before the forward passes), so uneven masks and accumulation give exactly the gr
 is told not to divide by grad_accum (``scale_wrt_gas=False``), and its gradient averaging over ranks is undone by
 multiplying by the world size.
 
-Preemption: SIGUSR1/SIGTERM or the file ``{output_dir}/STOP`` make every rank stop at the next optimizer-step
-boundary (agreed with one all_reduce), save a checkpoint of that step, and exit 0 without writing COMPLETED. The run
-removes a stale STOP file once its resume has loaded (rank 0), so a restart simply continues.
+Preemption: SIGUSR1/SIGTERM/SIGINT, the file ``{output_dir}/STOP`` or the launcher going away (stop.py) make every
+rank stop at the next optimizer-step boundary (agreed with one all_reduce), save a checkpoint of that step, and exit 0
+without writing COMPLETED. The run removes a stale STOP file once its resume has loaded (rank 0), so a restart simply
+continues. Rank 0 holds ``{output_dir}/.emoe-lock`` for the run's life: one run per output_dir (dirlock.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import json
 import math
 import os
 import random
-import signal
 import socket
 import sys
 import time
@@ -57,7 +57,8 @@ from ..convert.prepare import prepare_emoe_checkpoint
 from ..data import SFTCollator, build_sft_datasets, load_tokenizer
 from ..data.collator import count_real_tokens
 from ..emoe import TRAINED_KEY, enable_emoe, pop_expert_load, trained_record
-from ..fileio import atomic_write_text
+from ..dirlock import DirLock, describe
+from ..fileio import atomic_write_text, output_dir_error
 from ..tiny import build_demo_model
 from . import checkpoint, chunked_loss, compat
 from .config import (
@@ -81,6 +82,8 @@ from .failure import handle_failure, note_output_dir
 from .runlog import MetricsLogger, write_run_dir
 from .schedule import warmup_then_decay
 from .shm import release_deepspeed_shm
+from .stall import StallWatch
+from .stop import StopRequest, ignore_stop_signals
 
 IGNORE_INDEX = -100
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "z3.json"
@@ -489,22 +492,6 @@ class TrainState:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-class StopRequest:
-    """SIGUSR1/SIGTERM handlers only set a flag; the STOP file is polled once per optimizer step."""
-
-    def __init__(self, stop_file: Path):
-        self.stop_file = stop_file
-        self.signal_name = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
-
-    def local(self) -> bool:
-        return self.signal_name is not None or self.stop_file.exists()
-
-
 @dataclass
 class Run:
     """Everything ``setup`` builds for the loop (nothing here needs restoring on resume: that is ``TrainState``)."""
@@ -586,11 +573,41 @@ def init_distributed(cfg: RecipeConfig, local_rank: int | None) -> tuple[int, in
     return dist.get_rank(), dist.get_world_size(), torch.device(accel.device_name(local_rank))
 
 
+_run_lock: DirLock | None = None  # rank 0 holds it from setup to close (the kernel drops it on any exit)
+
+
+def lock_output_dir(cfg: RecipeConfig) -> None:
+    """Rank 0, before any process group or work: one run per output_dir (``dirlock``). A second run exits 2 here;
+    the launcher then stops its other ranks, which are still waiting for rank 0 to rendezvous."""
+    global _run_lock
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if _run_lock is not None and _run_lock.fd is not None:
+        if _run_lock.path == Path(cfg.output_dir):
+            return  # this process holds it already (an in-process run after one that failed)
+        release_output_dir()
+    error = output_dir_error(cfg.output_dir, flag="output_dir")
+    if error:  # a read-only mount or a file in the way: one line, before anything is created
+        raise ConfigError(error)
+    lock = DirLock(cfg.output_dir, what="output_dir").acquire()
+    note_output_dir(lock.path, created=lock.created)
+    if lock.previous and lock.previous.get("pid") != os.getpid():
+        log0(f"took over the lock of {lock.path} from a run that is gone ({describe(lock.previous)})")
+    _run_lock = lock
+
+
+def release_output_dir() -> None:
+    global _run_lock
+    if _run_lock is not None:
+        _run_lock.release()
+        _run_lock = None
+
+
 def prepare_output_dir(cfg: RecipeConfig, *, rank: int) -> Path:
     """Collective. Rank 0 creates output_dir (what a restart must not see is removed only once the resume worked:
     ``clear_restart_markers``)."""
     output_dir = Path(cfg.output_dir)
-    created = not output_dir.exists()
+    created = not output_dir.exists() or (_run_lock is not None and _run_lock.created)
     dist.barrier()  # every rank has read the run state (nothing_to_do) before rank 0 changes it
     note_output_dir(output_dir, created=created)  # a failed run removes it again while it is still empty
     if rank == 0:
@@ -679,7 +696,8 @@ def build_engine(cfg: RecipeConfig, ds_config: dict, *, dtype: torch.dtype, tota
     return engine, scheduler, keepalive
 
 
-def elastic_resume(cfg: RecipeConfig, ds_config: dict, *, world: int) -> tuple[Path | None, bool]:
+def elastic_resume(cfg: RecipeConfig, ds_config: dict, *, world: int,
+                   ckpt: Path | None = None) -> tuple[Path | None, bool]:
     """Before any process group (every rank reaches the same verdict): the checkpoint to resume from, and whether it
     was saved at another world size. If so, the engine is told to load DeepSpeed's universal format (converted by
     ``checkpoint.prepare_universal`` next, still before any process group) and, when the recipe does not fix the
@@ -687,7 +705,7 @@ def elastic_resume(cfg: RecipeConfig, ds_config: dict, *, world: int) -> tuple[P
     consumed: step x global batch of one seeded order) and the LR schedule carry over unchanged. A checkpoint this
     run cannot continue (another model, conversion, mode, LoRA, global batch; missing rank files) is refused here
     (``compat.check_resume``), before anything is loaded."""
-    ckpt = checkpoint.find_resume_checkpoint(cfg.resume, cfg.output_dir)
+    ckpt = ckpt or checkpoint.find_resume_checkpoint(cfg.resume, cfg.output_dir)
     if ckpt is None:
         return None, False
     saved = checkpoint.read_trainer_state(ckpt)
@@ -701,6 +719,32 @@ def elastic_resume(cfg: RecipeConfig, ds_config: dict, *, world: int) -> tuple[P
     log0(f"{ckpt} was saved with {saved.get('world_size')} ranks, this run has {world}: resuming through DeepSpeed's "
          f"universal checkpoint, global batch {cfg.train.global_batch_size or saved.get('global_batch_size')}")
     return ckpt, True
+
+
+def verified_checkpoint(cfg: RecipeConfig, ds_config: dict, ckpt: Path | None, elastic: bool, *, rank: int,
+                        world: int) -> tuple[Path | None, bool]:
+    """Collective, before anything loads: ``ckpt`` when its files are those its manifest lists (hashed in parallel
+    over the ranks). A damaged one is refused with one line naming the file, or, with resume=auto and
+    ``train.on_damaged_checkpoint=previous``, set aside and the previous complete checkpoint is tried (and said)."""
+    while ckpt is not None:
+        problem = checkpoint.verify_checkpoint(ckpt, rank=rank)
+        if problem is None:
+            return ckpt, elastic
+        fallback = cfg.resume == "auto" and cfg.train.on_damaged_checkpoint == "previous"
+        previous = checkpoint.previous_checkpoint(cfg.output_dir, ckpt) if fallback else None
+        if previous is None:
+            why = ("no earlier complete checkpoint to fall back to" if fallback else
+                   "train.on_damaged_checkpoint=previous resumes from the one before instead" if cfg.resume == "auto"
+                   else f"resume={cfg.resume} names it")
+            raise checkpoint.CheckpointError(f"resume: checkpoint {ckpt} is damaged: {problem}; not resumed ({why})")
+        dist.barrier()  # every rank has its verdict before rank 0 renames the directory
+        if rank == 0:
+            aside = checkpoint.set_aside(ckpt)
+            log0(f"WARNING: checkpoint {ckpt} is damaged: {problem}; moved it to {aside.name} and resuming from "
+                 f"{previous} instead (train.on_damaged_checkpoint=previous)")
+        dist.barrier()
+        ckpt, elastic = elastic_resume(cfg, ds_config, world=world, ckpt=previous)
+    return None, False
 
 
 def resume(engine, ckpt: Path | None, state: TrainState, *, elastic: bool, rank: int) -> Path | None:
@@ -731,11 +775,14 @@ def check_data_position(ckpt: Path | None, steps_per_epoch: int) -> None:
 
 def setup(cfg: RecipeConfig, ds_config: dict, *, local_rank: int | None = None) -> tuple[Run, TrainState]:
     """Collective: every rank calls it with the same recipe. Returns the run and its state (fresh or resumed)."""
+    lock_output_dir(cfg)  # first: a second run into a live run's output_dir stops here, having read nothing
     # the resume is checked first, before any process group: a refusal costs nothing and changes nothing
     ckpt, elastic = elastic_resume(cfg, ds_config, world=int(os.environ.get("WORLD_SIZE", "1")))
     if elastic:  # before the process group: converting can take longer than any collective timeout
         checkpoint.prepare_universal(ckpt, rank=int(os.environ.get("RANK", "0")), log=log0)
     rank, world, device = init_distributed(cfg, local_rank)
+    if not elastic:  # an elastic resume's checkpoint was verified by rank 0 before its conversion
+        ckpt, elastic = verified_checkpoint(cfg, ds_config, ckpt, elastic, rank=rank, world=world)
     output_dir = prepare_output_dir(cfg, rank=rank)
     stop = StopRequest(output_dir / "STOP")
     if cfg.model.build_tiny_if_missing:
@@ -792,6 +839,7 @@ def fit(run: Run, state: TrainState) -> str:
     "nonfinite" (a non-finite loss or gradient norm; the last good checkpoint is named in the log)."""
     t = run.cfg.train
     meter = Throughput()
+    stall = StallWatch(t.stall_steps, vocab_size(run.engine.module))
     batches = None  # this epoch's remaining micro-batches
     skipped_in_a_row = 0  # fp16 steps the loss scaler skipped since the last applied one
     run.engine.train()
@@ -822,6 +870,10 @@ def fit(run: Run, state: TrainState) -> str:
             state.tokens_seen += int(result["inputs"])
             meter.add(result["inputs"])
 
+            stalled = stall.update(step=state.step, loss=result["loss"], grad_norm=grad_norm)
+            if stalled is not None:  # every rank saw the same loss and norm: no collective needed to agree
+                log0("WARNING: " + stalled["message"])
+                run.metrics.log(stalled)
             record = None
             if state.step % t.log_every_steps == 0 or state.step == state.total_steps:
                 record = step_record(run, state, result, lr=lr, grad_norm=grad_norm, meter=meter)
@@ -848,6 +900,11 @@ def fit(run: Run, state: TrainState) -> str:
     return "done"
 
 
+def vocab_size(model) -> int | None:
+    config = getattr(model, "config", None)  # a peft model forwards .config to its base model
+    return getattr(config, "vocab_size", None)
+
+
 def epoch_batches(run: Run, state: TrainState):
     """Iterator over this rank's collated micro-batches from ``state.step_in_epoch`` to the end of the epoch: a torch
     DataLoader (collation in ``train.dataloader_workers`` processes, pinned memory on CUDA) over the deterministic
@@ -856,8 +913,10 @@ def epoch_batches(run: Run, state: TrainState):
     order = epoch_indices(len(run.train_ds), epoch=state.epoch, seed=run.cfg.seed, rank=run.rank, world=run.world,
                           per_rank=state.steps_per_epoch * run.accum * micro)
     batches = [order[i:i + micro] for i in range(state.step_in_epoch * run.accum * micro, len(order), micro)]
+    # the workers ignore the stop signals: a signal to the process group must not kill them under their rank (stop.py)
     return iter(DataLoader(run.train_ds, batch_sampler=batches, collate_fn=run.collator, num_workers=workers,
-                           pin_memory=run.device.type == "cuda", prefetch_factor=4 if workers else None))
+                           pin_memory=run.device.type == "cuda", prefetch_factor=4 if workers else None,
+                           worker_init_fn=ignore_stop_signals if workers else None))
 
 
 class Throughput:
@@ -928,11 +987,12 @@ def save(run: Run, state: TrainState, reason: str) -> Path:
 
 def stop_vote(run: Run) -> str | None:
     """Collective (one tiny all_reduce per step): why the run should stop now, when any rank was asked to."""
-    flag = torch.tensor([1.0 if run.stop.local() else 0.0], device=run.device)
+    why = run.stop.reason()
+    flag = torch.tensor([0.0 if why is None else 1.0], device=run.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item() == 0:
         return None
-    return run.stop.signal_name or ("STOP file" if run.stop.stop_file.exists() else "another rank")
+    return why or "another rank"
 
 
 def preempt(run: Run, state: TrainState, why: str) -> str:
@@ -1050,7 +1110,9 @@ def load_recipe(args: argparse.Namespace) -> tuple[RecipeConfig, dict]:
 def close(run: Run, outcome: str) -> int:
     """Collective. Flush the logs and agree on the exit code."""
     run.metrics.close()
+    run.stop.restore()
     dist.barrier()
+    release_output_dir()  # after every rank is done with output_dir
     return NONFINITE_EXIT if outcome == "nonfinite" else 0
 
 
