@@ -39,3 +39,16 @@ def rank_env(**extra: str) -> dict:
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     tools = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
     return {**os.environ, "PYTHONPATH": path, "PATH": tools, "OMP_NUM_THREADS": "1", **extra}
+
+
+def tiny_fp32_workspace(root: Path) -> tuple[Path, Path]:
+    """(the tiny dense checkpoint, a ZeRO-3 JSON with bf16 off) under ``root``: what the multi-rank CPU runs train."""
+    import json
+
+    from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint
+
+    dense = save_tiny_checkpoint(root / "tiny_dense", tokenizer_dir=DATA_DIR / "tokenizers" / "tiny_llama3_style")
+    fp32 = json.loads((REPO / "ds_configs" / "z3.json").read_text())
+    fp32["bf16"] = {"enabled": False}
+    (root / "z3_fp32.json").write_text(json.dumps(fp32))
+    return dense, root / "z3_fp32.json"

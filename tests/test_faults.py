@@ -22,10 +22,9 @@ from emoe_llm.train.failure import handle_failure
 from emoe_llm.train.stall import StallWatch
 from emoe_llm.train.stop import STOP_FILE_ENV, StopRequest, ignore_stop_signals
 
-from ranks import BIN, REPO, rank_command, rank_env
+from ranks import BIN, REPO, rank_command, rank_env, tiny_fp32_workspace
 
 TINY = REPO / "configs" / "tiny_cpu.yaml"
-Z3 = REPO / "ds_configs" / "z3.json"
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -506,14 +505,9 @@ def test_a_run_that_stopped_learning_says_so(single_rank):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint
-
     root = tmp_path_factory.mktemp("faults")
-    dense = save_tiny_checkpoint(root / "tiny_dense", tokenizer_dir=DATA_DIR / "tokenizers" / "tiny_llama3_style")
-    fp32 = json.loads(Z3.read_text())
-    fp32["bf16"] = {"enabled": False}
-    (root / "z3_fp32.json").write_text(json.dumps(fp32))
-    return {"root": root, "dense": dense, "ds": root / "z3_fp32.json", "cache": root / "cache"}
+    dense, ds = tiny_fp32_workspace(root)
+    return {"root": root, "dense": dense, "ds": ds, "cache": root / "cache"}
 
 
 def recipe_args(env, out: Path, *overrides) -> list[str]:

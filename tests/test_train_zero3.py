@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from emoe_llm.tiny import DATA_DIR, save_tiny_checkpoint
-from ranks import rank_command, rank_env
+from ranks import rank_command, rank_env, tiny_fp32_workspace
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +33,8 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("zero3")
-    dense = save_tiny_checkpoint(root / "tiny_dense", tokenizer_dir=DATA_DIR / "tokenizers" / "tiny_llama3_style")
-    fp32 = json.loads(Z3.read_text())
-    fp32["bf16"] = {"enabled": False}
-    (root / "z3_fp32.json").write_text(json.dumps(fp32))
-    return {"root": root, "dense": dense, "cache": root / "data_cache", "fp32": root / "z3_fp32.json"}
+    dense, fp32 = tiny_fp32_workspace(root)
+    return {"root": root, "dense": dense, "cache": root / "data_cache", "fp32": fp32}
 
 
 def launch(work, out: Path, *overrides, ds=Z3, faults=(), background=False, launcher="torchrun"):
