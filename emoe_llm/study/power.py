@@ -10,29 +10,11 @@ More documents shrink the document and residual parts, more seeds the seed part:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .report import build_report
-from .spec import Study, StudyError, eval_file
+from .spec import Study, StudyError
 from .stats import mde80, planned
-
-
-def task_sizes(pilot: Path, stored: dict) -> tuple[dict[str, int], dict[str, list[str]]]:
-    """(task -> its full document count, group -> subtasks) from the pilot's eval JSONs (lm-eval's n-samples)."""
-    sizes, groups = {}, {}
-    for name in stored["order"]:
-        cell = stored["cells"][name]
-        for mode in cell["rows"]:
-            for i in range(len(stored["study"]["eval"])):
-                path = pilot / "cells" / name / "eval" / eval_file(mode, i)
-                if not path.is_file():
-                    continue
-                doc = json.loads(path.read_text())
-                for task, n in (doc.get("n-samples") or {}).items():
-                    sizes[task] = int(n.get("original", n.get("effective", 0)))
-                groups.update(doc.get("group_subtasks") or {})
-    return sizes, groups
 
 
 def planned_docs(task: str, study: Study, sizes: dict[str, int], groups: dict[str, list[str]]) -> int | None:
@@ -58,7 +40,7 @@ def plan_from_pilot(study: Study, pilot: Path) -> list[dict]:
     report = build_report(pilot)
     if not report["paired"]:
         raise StudyError(f"--pilot {pilot}: no paired results yet (are its cells evaluated?)")
-    sizes, groups = task_sizes(pilot, json.loads((pilot / "study.json").read_text()))
+    sizes, groups = report["tasks"]["documents"], report["tasks"]["groups"]
     plan = []
     for metric, by_row in report["paired"].items():
         docs = planned_docs(metric.split("/", 1)[0], study, sizes, groups)

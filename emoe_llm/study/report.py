@@ -6,6 +6,7 @@
                                          share_seed, share_doc, var_seed, var_doc, var_resid, method, verdict, primary,
                                          seeds, diffs (per-seed mean differences)}
                  primary              = the study's primary metric; comparisons = {primary: m, secondary: m}
+                 tasks                = {documents: task -> full size (lm-eval's n-samples), groups: group -> tasks}
                  direction[metric]    = "higher" | "lower"  (which way is better)
                  training[cell]       = {final_loss, tokens, train_seconds, steps, expert_load_max_over_mean}
     report.md    the table a paper prints + a line per comparison: estimate, interval, MDE, verdict
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..eval.cli import samples_path
 from ..fileio import atomic_write_text
 from .spec import MASKED_SUFFIX, eval_file
 from .stats import holm, mde80, p_value, two_way, verdict
@@ -60,18 +62,23 @@ def direction(metric: str) -> str:
     return "lower" if any(word in name for word in LOWER_IS_BETTER) else "higher"
 
 
-def read_results(path: Path, tasks: list[str] = ()) -> tuple[dict[str, float], dict[str, str]]:
-    """(metric -> value, metric -> "higher" | "lower") from one eval JSON: lm-eval's "results" (tasks) and "groups"
-    (a group's aggregate, e.g. emoe_mmlu over its subjects), limited to the requested ``tasks`` when the JSON has
-    them. The direction is lm-eval's ``higher_is_better`` when the JSON has it, else read from the metric's name."""
+def load_eval_json(path: Path) -> dict:
+    """One eval JSON, parsed once; ValueError naming the file when it is not an `emoe-llm eval` result."""
     try:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    results = doc.get("results") if isinstance(doc, dict) else None
-    if not isinstance(results, dict):
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), dict):
         raise ValueError(f"{path}: no top-level 'results' mapping (expected an emoe-llm eval JSON)")
-    results = {**results, **(doc.get("groups") or {})}
+    return doc
+
+
+def read_results(doc: dict, tasks: list[str] = ()) -> tuple[dict[str, float], dict[str, str]]:
+    """(metric -> value, metric -> "higher" | "lower") from one eval JSON (``load_eval_json``): lm-eval's "results"
+    (tasks) and "groups" (a group's aggregate, e.g. emoe_mmlu over its subjects), limited to the requested ``tasks``
+    when the JSON has them. The direction is lm-eval's ``higher_is_better`` when the JSON has it, else read from the
+    metric's name."""
+    results = {**doc["results"], **(doc.get("groups") or {})}
     if any(t in results for t in tasks):
         results = {t: v for t, v in results.items() if t in tasks}
     higher = doc.get("higher_is_better") or {}
@@ -110,14 +117,11 @@ def training_figures(run_dir: Path) -> dict | None:
             "loss_curve": [[r["step"], r["loss"]] for r in steps if "loss" in r]}
 
 
-def samples_path(eval_json: Path) -> Path:
-    return eval_json.with_name(eval_json.name.removesuffix(".json") + ".samples.jsonl")
-
-
-def read_samples(eval_json: Path, metrics: list[str]) -> dict[str, dict[tuple[str, int], tuple[float, float | None]]]:
-    """metric -> {(task, doc_id): (value, weight)} from the per-document records beside ``eval_json``, for the
-    ``metrics`` (``<task>/<name>``) its results hold; a group's metric pools its tasks' documents (the JSON's
-    group_subtasks). {} when there are no records (an eval JSON written before they existed)."""
+def read_samples(eval_json: Path, doc: dict,
+                 metrics: list[str]) -> dict[str, dict[tuple[str, int], tuple[float, float | None]]]:
+    """metric -> {(task, doc_id): (value, weight)} from the per-document records beside ``eval_json`` (parsed as
+    ``doc``), for the ``metrics`` (``<task>/<name>``) its results hold; a group's metric pools its tasks' documents
+    (the JSON's group_subtasks). {} when there are no records (an eval JSON written before they existed)."""
     path = samples_path(eval_json)
     if not path.is_file():
         return {}
@@ -129,7 +133,7 @@ def read_samples(eval_json: Path, metrics: list[str]) -> dict[str, dict[tuple[st
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ValueError(f"{path}:{n}: expected a JSON object with 'task' and 'doc_id' (emoe-llm eval's "
                              "per-document records)") from None
-    subtasks = json.loads(eval_json.read_text()).get("group_subtasks") or {}
+    subtasks = doc.get("group_subtasks") or {}
 
     def tasks_of(name: str) -> list[str]:
         if name in by_task:
@@ -208,6 +212,7 @@ def build_report(out: Path) -> dict:
     values: dict[str, dict[str, dict[int, float]]] = {}     # metric -> row -> seed -> the eval JSON's value
     per_doc: dict[str, dict[str, dict[int, dict]]] = {}     # metric -> row -> seed -> {doc: (value, weight)}
     evaluated, directions = {}, {}
+    documents, groups = {}, {}  # task -> its full size (lm-eval's n-samples), group -> tasks: for --pilot
     for name in order:
         cell = cells[name]
         for mode, row in cell["rows"].items():
@@ -218,11 +223,15 @@ def build_report(out: Path) -> dict:
                 if not path.is_file():
                     continue
                 evaluated.setdefault(name, []).append(path.name)
-                found, found_directions = read_results(path, spec["tasks"])
+                doc = load_eval_json(path)
+                found, found_directions = read_results(doc, spec["tasks"])
                 directions.update(found_directions)
+                documents.update({t: int(n.get("original", n.get("effective", 0)))
+                                  for t, n in (doc.get("n-samples") or {}).items()})
+                groups.update(doc.get("group_subtasks") or {})
                 for metric, value in found.items():
                     values.setdefault(metric, {}).setdefault(row, {})[cell["seed"]] = value
-                for metric, docs in read_samples(path, list(found)).items():
+                for metric, docs in read_samples(path, doc, list(found)).items():
                     per_doc.setdefault(metric, {}).setdefault(row, {})[cell["seed"]] = docs
     arms = list(study["arms"])
     rows.sort(key=lambda r: (arms.index(r.removesuffix(MASKED_SUFFIX)), r.endswith(MASKED_SUFFIX)))
@@ -246,6 +255,7 @@ def build_report(out: Path) -> dict:
     training = {name: training_figures(out / "cells" / name) for name in order}
     return {"study": study, "rows": rows, "baseline": baseline, "seeds": study["seeds"],
             "primary": study.get("primary"), "comparisons": counts,
+            "tasks": {"documents": documents, "groups": groups},
             "cells": {name: {"arm": cells[name]["arm"], "seed": cells[name]["seed"],
                              "evaluated": evaluated.get(name, [])} for name in order},
             "direction": {m: directions[m] for m in metrics}, "metrics": metrics, "paired": pairs,
