@@ -154,8 +154,7 @@ def nll_prompt_and_target(tok, template: str, row: dict) -> tuple[str, str]:
     from emoe_llm.data.templates import render_with_target_spans, resolve_template
 
     _, source = resolve_template(template, tok)
-    messages = [{k: v for k, v in m.items() if not k.startswith("_")}
-                for m in normalize_record(dict(row), "alpaca", "nll row")["messages"]]
+    messages = normalize_record(dict(row), "alpaca", "nll row")["messages"]  # the messages training renders
     text, spans = render_with_target_spans(tok, source, messages)
     start, end = spans[-1]
     return text[:start], text[start:end]
