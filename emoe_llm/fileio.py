@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The file's sha256, read in blocks (a checkpoint shard or a downloaded file need not fit in memory)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

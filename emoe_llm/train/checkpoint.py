@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import random
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, sha256_file
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -274,11 +273,6 @@ def manifest_files(ckpt: Path) -> list[str]:
     return sorted(out)
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _hash_share(ckpt: Path, names: list[str], *, rank: int, world: int) -> dict:
     """{name: {"size", "sha256"}} for this rank's share (every world-th file), several files at a time."""
     from concurrent.futures import ThreadPoolExecutor
@@ -287,7 +281,7 @@ def _hash_share(ckpt: Path, names: list[str], *, rank: int, world: int) -> dict:
 
     def one(name):
         p = ckpt / name
-        return name, {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        return name, {"size": p.stat().st_size, "sha256": sha256_file(p)}
 
     with ThreadPoolExecutor(max_workers=max(1, min(HASH_THREADS, len(mine)))) as pool:
         return dict(pool.map(one, mine))
