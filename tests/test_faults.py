@@ -5,6 +5,7 @@ short on disk, a full device. The in-process tests cover the logic in seconds; t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -210,7 +211,7 @@ def test_a_rank_stops_when_its_launcher_is_gone(tmp_path, name):
             time.sleep(1.5)
             assert result.read_text().startswith("watching")  # still running, as it should
     finally:
-        with __import__("contextlib").suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(launcher.pid, signal.SIGKILL)
 
 
@@ -528,6 +529,19 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
     return proc
 
 
+@contextlib.contextmanager
+def live_run(cmd: list[str], log: Path, out: Path):
+    """A run (``start``) yielded once it has logged 3 steps; its process group is SIGKILLed on the way out, whatever
+    the test did or asserted, so no rank outlives it."""
+    run = start(cmd, log)
+    try:
+        wait_for(lambda: step_count(out) >= 3, 400, "the first steps")
+        yield run
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+
+
 def step_count(out: Path) -> int:
     path = out / "metrics.jsonl"
     return sum(1 for x in path.read_text().splitlines() if '"loss"' in x) if path.is_file() else 0
@@ -570,10 +584,8 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint(tiny_run, tm
     ranks see their launcher gone, checkpoint that step and exit. torchrun passes the SIGTERM on to its ranks.
     A second run into the live run's dir is refused."""
     out = tmp_path / "run"
-    run = start(rank_command("emoe_llm.train", *recipe_args(tiny_run, out), launcher=launcher, module=True),
-                tmp_path / "run.log")
-    try:
-        wait_for(lambda: step_count(out) >= 3, 400, "the first steps")
+    with live_run(rank_command("emoe_llm.train", *recipe_args(tiny_run, out), launcher=launcher, module=True),
+                  tmp_path / "run.log", out) as run:
         second = subprocess.run([str(BIN / "emoe-llm"), "train", "--nproc", "1",
                                  *recipe_args(tiny_run, out)], capture_output=True, text=True, env=rank_env(),
                                 timeout=300)
@@ -581,9 +593,6 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint(tiny_run, tm
         run.send_signal(signal.SIGTERM)  # the runner only, as `kill PID` does
         run.wait(timeout=30)
         wait_for(lambda: not processes_of(run), 60, "every rank to exit")
-    finally:
-        with __import__("contextlib").suppress(ProcessLookupError):
-            os.killpg(run.pid, signal.SIGKILL)
     log = run.log.read_text()
     reason = stopped_run(out)["reason"]
     assert reason.startswith("launcher pid ") if launcher == "deepspeed" else reason == "SIGTERM", log[-3000:]
@@ -598,15 +607,10 @@ def test_sigterm_to_the_process_group_checkpoints_and_dataloader_workers_survive
     """``kill -TERM -PGID`` of a bare ``deepspeed`` run reaches the runner, launch.py, the ranks and their DataLoader
     workers. The workers ignore it, the ranks checkpoint the step within launch.py's 30 s grace and exit."""
     out = tmp_path / "run"
-    run = start(rank_command("emoe_llm.train", *recipe_args(tiny_run, out), launcher="deepspeed", module=True),
-                tmp_path / "run.log")
-    try:
-        wait_for(lambda: step_count(out) >= 3, 400, "the first steps")
+    with live_run(rank_command("emoe_llm.train", *recipe_args(tiny_run, out), launcher="deepspeed", module=True),
+                  tmp_path / "run.log", out) as run:
         os.killpg(run.pid, signal.SIGTERM)
         wait_for(lambda: not processes_of(run), 60, "every rank to exit")
-    finally:
-        with __import__("contextlib").suppress(ProcessLookupError):
-            os.killpg(run.pid, signal.SIGKILL)
     log = run.log.read_text()
     assert stopped_run(out)["reason"] == "SIGTERM", log[-3000:]
     assert "DataLoader worker" not in log and "Traceback" not in log, log[-3000:]
@@ -615,14 +619,10 @@ def test_sigterm_to_the_process_group_checkpoints_and_dataloader_workers_survive
 @pytest.mark.slow
 def test_sigterm_to_emoe_llm_trains_group_ends_in_the_preemption_path_exit_0(tiny_run, tmp_path):
     out = tmp_path / "run"
-    run = start([str(BIN / "emoe-llm"), "train", "--nproc", "2", *recipe_args(tiny_run, out)], tmp_path / "run.log")
-    try:
-        wait_for(lambda: step_count(out) >= 3, 400, "the first steps")
+    with live_run([str(BIN / "emoe-llm"), "train", "--nproc", "2", *recipe_args(tiny_run, out)], tmp_path / "run.log",
+                  out) as run:
         os.killpg(run.pid, signal.SIGTERM)
         rc = run.wait(timeout=60)
-    finally:
-        with __import__("contextlib").suppress(ProcessLookupError):
-            os.killpg(run.pid, signal.SIGKILL)
     log = run.log.read_text()
     assert rc == 0, log[-3000:]
     assert stopped_run(out)["reason"] == "SIGTERM to emoe-llm train"
@@ -634,18 +634,13 @@ def test_kill_9_of_one_rank_leaves_one_line_on_the_survivor_and_no_traceback(tin
     import psutil
 
     out = tmp_path / "run"
-    run = start(rank_command("emoe_llm.train", *recipe_args(tiny_run, out), launcher="deepspeed", module=True),
-                tmp_path / "run.log")
-    try:
-        wait_for(lambda: step_count(out) >= 3, 400, "the first steps")
+    with live_run(rank_command("emoe_llm.train", *recipe_args(tiny_run, out), launcher="deepspeed", module=True),
+                  tmp_path / "run.log", out) as run:
         rank1 = next(p for p in psutil.Process(run.pid).children(recursive=True)
                      if "--local_rank=1" in p.cmdline())
         rank1.kill()  # SIGKILL: what the OOM killer does
         run.wait(timeout=90)
         wait_for(lambda: not processes_of(run), 60, "every rank to exit")
-    finally:
-        with __import__("contextlib").suppress(ProcessLookupError):
-            os.killpg(run.pid, signal.SIGKILL)
     log = run.log.read_text()
     assert run.returncode != 0
     assert "Traceback" not in log and "Connection closed by peer" not in log.replace(
