@@ -21,7 +21,7 @@ from emoe_llm.dirlock import LOCK_NAME, DirBusyError, DirLock
 from emoe_llm.train import checkpoint
 from emoe_llm.train.failure import handle_failure
 from emoe_llm.train.stall import StallWatch
-from emoe_llm.train.stop import STOP_FILE_ENV, StopRequest, ignore_stop_signals
+from emoe_llm.train.stop import STOP_FILE_ENV, StopRequest, init_dataloader_worker
 
 from ranks import BIN, REPO, rank_command, rank_env, tiny_fp32_workspace
 
@@ -151,12 +151,12 @@ def _collate_slowly(rows):
 
 @pytest.mark.parametrize("ignoring", [True, False])
 def test_a_dataloader_worker_ignores_sigterm_sent_to_it(ignoring):
-    """The group's SIGTERM reaches a rank's DataLoader worker too; with ``ignore_stop_signals`` it keeps collating
+    """The group's SIGTERM reaches a rank's DataLoader worker too; with ``init_dataloader_worker`` it keeps collating
     (without, the rank dies with "DataLoader worker (pid ...) is killed by signal: Terminated")."""
     from torch.utils.data import DataLoader
 
     loader = DataLoader(list(range(40)), batch_size=2, num_workers=1, collate_fn=_collate_slowly,
-                        worker_init_fn=ignore_stop_signals if ignoring else None, multiprocessing_context="fork")
+                        worker_init_fn=init_dataloader_worker if ignoring else None, multiprocessing_context="fork")
     it = iter(loader)
     got = [next(it)]
     os.kill(it._workers[0].pid, signal.SIGTERM)
@@ -167,6 +167,30 @@ def test_a_dataloader_worker_ignores_sigterm_sent_to_it(ignoring):
     else:
         with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid"):  # killed by signal / exited
             list(it)
+
+
+WORKER_THREADS = """\
+import threading
+from emoe_llm.train.stop import init_dataloader_worker
+init_dataloader_worker(0)
+def fail(exc):
+    raise exc
+for exc in (ConnectionResetError(104, "Connection reset by peer"), EOFError(), ValueError("a real bug")):
+    t = threading.Thread(target=fail, args=(exc,))
+    t.start()
+    t.join()
+"""
+
+
+def test_a_dataloader_worker_drops_the_lost_peer_of_a_killed_rank_but_not_other_thread_errors():
+    """SIGKILL of a rank while its worker passes it a batch's fd: the worker's resource_sharer thread gets
+    ConnectionResetError; that is the rank's death (reported once by the survivors), not a traceback to print.
+    Any other exception in a worker thread still prints."""
+    result = subprocess.run([sys.executable, "-c", WORKER_THREADS], capture_output=True, text=True, timeout=60,
+                            env=rank_env())
+    assert result.returncode == 0, result.stderr
+    assert "ValueError: a real bug" in result.stderr
+    assert "ConnectionResetError" not in result.stderr and "EOFError" not in result.stderr, result.stderr
 
 
 FAKE_LAUNCHER = """\

@@ -83,7 +83,7 @@ from .runlog import MetricsLogger, write_run_dir
 from .schedule import warmup_then_decay
 from .shm import release_deepspeed_shm
 from .stall import StallWatch
-from .stop import StopRequest, ignore_stop_signals
+from .stop import StopRequest, init_dataloader_worker
 
 IGNORE_INDEX = -100
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "z3.json"
@@ -916,7 +916,7 @@ def epoch_batches(run: Run, state: TrainState):
     # the workers ignore the stop signals: a signal to the process group must not kill them under their rank (stop.py)
     return iter(DataLoader(run.train_ds, batch_sampler=batches, collate_fn=run.collator, num_workers=workers,
                            pin_memory=run.device.type == "cuda", prefetch_factor=4 if workers else None,
-                           worker_init_fn=ignore_stop_signals if workers else None))
+                           worker_init_fn=init_dataloader_worker if workers else None))
 
 
 class Throughput:

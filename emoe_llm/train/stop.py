@@ -15,9 +15,12 @@ A rank asks to stop when
     start and checks once per step that they are still there. Ancestors that are not launchers (a shell, nohup,
     srun) are not watched: a logout must not stop a run.
 
-DataLoader workers ignore all three signals (``ignore_stop_signals``, their ``worker_init_fn``): a signal to the
+DataLoader workers (``init_dataloader_worker``, their ``worker_init_fn``) ignore all three signals: a signal to the
 process group reaches them too, and a worker that died of it took its rank down ("DataLoader worker (pid ...) is
-killed by signal: Terminated") instead of letting the rank checkpoint. Their parent decides when they end.
+killed by signal: Terminated") instead of letting the rank checkpoint. Their parent decides when they end. When
+the parent is killed outright (SIGKILL, the OOM killer), the worker's fd-passing thread (multiprocessing's
+resource_sharer) loses its peer mid-handshake; that ConnectionError is the rank's death, already reported by the
+survivors in one line, so the worker drops it instead of printing a traceback, and exits with its parent.
 """
 
 from __future__ import annotations
@@ -34,9 +37,24 @@ _LAUNCHER_ARGS = ("bin/deepspeed", "deepspeed.launcher.launch", "deepspeed.launc
 
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:
-    """DataLoader ``worker_init_fn``: the stop signals are the rank's business, not its workers'."""
+    """The stop signals are the rank's business, not its workers'."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def init_dataloader_worker(worker_id: int | None = None) -> None:
+    """DataLoader ``worker_init_fn``: ignore the stop signals; a helper thread whose peer (the rank) went away ends
+    quietly (torch's worker loop notices the dead parent by itself and exits)."""
+    import threading
+
+    ignore_stop_signals(worker_id)
+    default_hook = threading.excepthook
+
+    def drop_lost_peer(args):
+        if not issubclass(args.exc_type, (ConnectionError, EOFError)):
+            default_hook(args)
+
+    threading.excepthook = drop_lost_peer
 
 
 def launcher_ancestors(pid: int | None = None) -> list:
