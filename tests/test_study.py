@@ -551,6 +551,33 @@ def test_dry_run_with_a_pilot_prints_the_planned_mde(tmp_path, capsys):
     assert "use it with --dry-run" in capsys.readouterr().err
 
 
+def test_a_saved_seeds_only_report_is_a_pilot_with_a_labelled_lower_bound(tmp_path, capsys):
+    """A committed results dir holds only report.json; one written before per-document records (old rows: emoe =
+    masked, emoe@dense = dense) plans from the spread of its per-seed differences, labelled a lower bound; three
+    equal differences (no variation observed) plan nothing."""
+    from emoe_llm.study.power import plan_from_pilot
+
+    pilot = tmp_path / "results"
+    pilot.mkdir()
+    old = {"paired": {"emoe_nll_alpaca_heldout/nll_per_token": {
+        "emoe": {"baseline": "dense", "mean_diff": 0.19, "n": 3, "seeds": [1, 2, 3], "diffs": [0.18, 0.19, 0.20]},
+        "emoe@dense": {"baseline": "dense", "mean_diff": 0.0, "n": 3, "seeds": [1, 2, 3], "diffs": [0.01] * 3}}}}
+    (pilot / "report.json").write_text(json.dumps(old))
+    study = load_study(write(tmp_path / "s.yaml", STUDY))
+    plan = {e["row"]: e for e in plan_from_pilot(study, pilot) if e["metric"].endswith("nll_per_token")}
+    assert set(plan) == {"emoe@masked", "emoe"}
+    se = (0.01 ** 2 / 3) ** 0.5  # the per-seed differences' variance is 0.01^2
+    assert plan["emoe@masked"]["mde80"] == pytest.approx(stats.mde80(se, 2)) and plan["emoe@masked"]["seeds_only"]
+    assert plan["emoe"]["mde80"] is None
+    assert main(["study", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "new"), "--dry-run",
+                 "--pilot", str(pilot)]) == 0
+    assert "seeds only: documents not counted, a lower bound" in capsys.readouterr().out
+    (pilot / "report.json").unlink()
+    assert main(["study", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "new"), "--dry-run",
+                 "--pilot", str(pilot)]) == 2
+    assert "neither study.json" in capsys.readouterr().err
+
+
 def test_a_ratio_metric_does_not_count_document_length_as_noise():
     """Every document at 2.0 nats per token, lengths 5..200 tokens: the token-weighted mean is 2.0 and, linearised,
     the documents add no spread (the plain num x D / sum(w) weighting would make length look like variance)."""

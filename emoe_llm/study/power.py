@@ -35,9 +35,13 @@ def planned_docs(task: str, study: Study, sizes: dict[str, int], groups: dict[st
 def plan_from_pilot(study: Study, pilot: Path) -> list[dict]:
     """One entry per (metric, arm) of the pilot that the planned study also measures: the pilot's size and MDE, the
     planned size and MDE."""
-    if not (pilot / "study.json").is_file():
-        raise StudyError(f"--pilot {pilot}: no study.json there (expected a finished `emoe-llm study --out` dir)")
-    report = build_report(pilot)
+    if (pilot / "study.json").is_file():
+        report = build_report(pilot)
+    elif (pilot / "report.json").is_file():  # a committed results dir (benchmarks/results/...): its report alone
+        report = _saved_report(pilot / "report.json")
+    else:
+        raise StudyError(f"--pilot {pilot}: neither study.json (a finished `emoe-llm study --out` dir) nor "
+                         "report.json (a study's saved report) there")
     if not report["paired"]:
         raise StudyError(f"--pilot {pilot}: no paired results yet (are its cells evaluated?)")
     sizes, groups = report["tasks"]["documents"], report["tasks"]["groups"]
@@ -51,9 +55,44 @@ def plan_from_pilot(study: Study, pilot: Path) -> list[dict]:
             if docs and p["var_resid"] is not None:  # the pilot has per-document records and several seeds
                 se, df = planned({k: p[k] for k in ("var_seed", "var_doc", "var_resid")}, len(study.seeds), docs)
                 entry["mde80"] = mde80(se, df)
+            elif p.get("seeds_only_var") and len(study.seeds) > 1:  # 0: no variation observed, nothing to plan
+                # a seeds-only pilot: the spread of its per-seed differences, as if the documents were fixed. The
+                # document-sampling part is not in it: a lower bound on the planned MDE, and the table says so.
+                entry["mde80"] = mde80((p["seeds_only_var"] / len(study.seeds)) ** 0.5, len(study.seeds) - 1)
+                entry["seeds_only"] = True
             plan.append(entry)
     plan.sort(key=lambda e: not e["primary"])
     return plan
+
+
+def _saved_report(path: Path) -> dict:
+    """A saved report.json as ``plan_from_pilot`` reads it. One written before per-document records (the first
+    SmolLM2 study) has per-seed differences only and the old row names (``emoe`` masked, ``emoe@dense`` dense):
+    its rows are renamed to today's (``emoe@masked``, ``emoe``) and each comparison keeps the variance of its
+    per-seed differences."""
+    import json
+
+    import numpy as np
+
+    from .spec import MASKED_SUFFIX
+
+    report = json.loads(path.read_text())
+    old_names = any(row.endswith("@dense") for rows in report.get("paired", {}).values() for row in rows)
+    paired = {}
+    for metric, rows in report.get("paired", {}).items():
+        paired[metric] = {}
+        for row, p in rows.items():
+            if old_names:
+                row = row.removesuffix("@dense") if row.endswith("@dense") else row + MASKED_SUFFIX
+            diffs = p.get("diffs") or []
+            entry = {"n_seeds": p.get("n_seeds", len(diffs)), "n_docs": p.get("n_docs"), "mde80": p.get("mde80"),
+                     "share_seed": p.get("share_seed"), "share_doc": p.get("share_doc"),
+                     "var_seed": p.get("var_seed"), "var_doc": p.get("var_doc"), "var_resid": p.get("var_resid")}
+            if entry["var_resid"] is None and len(diffs) > 1:
+                entry["seeds_only_var"] = float(np.var(diffs, ddof=1))
+            paired[metric][row] = entry
+    tasks = report.get("tasks") or {"documents": {}, "groups": {}}
+    return {"paired": paired, "tasks": tasks}
 
 
 def format_plan(plan: list[dict], pilot: Path) -> str:
@@ -66,8 +105,9 @@ def format_plan(plan: list[dict], pilot: Path) -> str:
     for e in plan:
         name = e["metric"] + (" *" if e["primary"] else "")
         share = (f"{100 * e['share_seed']:.0f}% / {100 * e['share_doc']:.0f}%" if e["share_seed"] is not None
+                 else "seeds only: documents not counted, a lower bound" if e.get("seeds_only")
                  else "- (pilot: one seed or no per-document records)")
-        lines.append(f"{name:<44} {e['row']:<16} {e['pilot_seeds']:>5} x {e['pilot_docs']:<5}"
+        lines.append(f"{name:<44} {e['row']:<16} {e['pilot_seeds']:>5} x {str(e['pilot_docs'] or '-'):<5}"
                      f" {num(e['pilot_mde80']):>10} {e['seeds']:>6} x {str(e['docs'] or '-'):<6} "
                      f"{num(e['mde80']):>12}  {share}")
     lines.append("* the study's primary metric. A true difference below the planned MDE would likely go unseen; "
