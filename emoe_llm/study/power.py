@@ -10,11 +10,14 @@ More documents shrink the document and residual parts, more seeds the seed part:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
+
 from .report import build_report
-from .spec import Study, StudyError
-from .stats import mde80, planned
+from .spec import MASKED_SUFFIX, Study, StudyError
+from .stats import mde80, planned, two_way
 
 
 def planned_docs(task: str, study: Study, sizes: dict[str, int], groups: dict[str, list[str]]) -> int | None:
@@ -55,10 +58,10 @@ def plan_from_pilot(study: Study, pilot: Path) -> list[dict]:
             if docs and p["var_resid"] is not None:  # the pilot has per-document records and several seeds
                 se, df = planned({k: p[k] for k in ("var_seed", "var_doc", "var_resid")}, len(study.seeds), docs)
                 entry["mde80"] = mde80(se, df)
-            elif p.get("seeds_only_var") and len(study.seeds) > 1:  # 0: no variation observed, nothing to plan
-                # a seeds-only pilot: the spread of its per-seed differences, as if the documents were fixed. The
-                # document-sampling part is not in it: a lower bound on the planned MDE, and the table says so.
-                entry["mde80"] = mde80((p["seeds_only_var"] / len(study.seeds)) ** 0.5, len(study.seeds) - 1)
+            elif p["var_seed"] and p["var_doc"] is None and len(study.seeds) > 1:  # 0: no variation, no plan
+                # a seeds-only pilot: the spread of its per-seed differences, as if the documents were fixed (one
+                # "document"). The document-sampling part is not in it: a lower bound, and the table says so.
+                entry["mde80"] = mde80(*planned({"var_seed": p["var_seed"]}, len(study.seeds), 1))
                 entry["seeds_only"] = True
             plan.append(entry)
     plan.sort(key=lambda e: not e["primary"])
@@ -68,14 +71,8 @@ def plan_from_pilot(study: Study, pilot: Path) -> list[dict]:
 def _saved_report(path: Path) -> dict:
     """A saved report.json as ``plan_from_pilot`` reads it. One written before per-document records (the first
     SmolLM2 study) has per-seed differences only and the old row names (``emoe`` masked, ``emoe@dense`` dense):
-    its rows are renamed to today's (``emoe@masked``, ``emoe``) and each comparison keeps the variance of its
-    per-seed differences."""
-    import json
-
-    import numpy as np
-
-    from .spec import MASKED_SUFFIX
-
+    its rows are renamed to today's (``emoe@masked``, ``emoe``) and each comparison gets the variance components
+    ``stats.two_way`` reads from its per-seed differences (seeds x one summary)."""
     report = json.loads(path.read_text())
     old_names = any(row.endswith("@dense") for rows in report.get("paired", {}).values() for row in rows)
     paired = {}
@@ -84,15 +81,10 @@ def _saved_report(path: Path) -> dict:
         for row, p in rows.items():
             if old_names:
                 row = row.removesuffix("@dense") if row.endswith("@dense") else row + MASKED_SUFFIX
-            diffs = p.get("diffs") or []
-            entry = {"n_seeds": p.get("n_seeds", len(diffs)), "n_docs": p.get("n_docs"), "mde80": p.get("mde80"),
-                     "share_seed": p.get("share_seed"), "share_doc": p.get("share_doc"),
-                     "var_seed": p.get("var_seed"), "var_doc": p.get("var_doc"), "var_resid": p.get("var_resid")}
-            if entry["var_resid"] is None and len(diffs) > 1:
-                entry["seeds_only_var"] = float(np.var(diffs, ddof=1))
-            paired[metric][row] = entry
-    tasks = report.get("tasks") or {"documents": {}, "groups": {}}
-    return {"paired": paired, "tasks": tasks}
+            if "var_resid" not in p and p.get("diffs"):  # no variance components saved: from the differences
+                p = {**two_way(np.array(p["diffs"], dtype=float)[:, None]), "n_docs": None, "mde80": None}
+            paired[metric][row] = p
+    return {"paired": paired, "tasks": report.get("tasks") or {"documents": {}, "groups": {}}}
 
 
 def format_plan(plan: list[dict], pilot: Path) -> str:
@@ -104,8 +96,8 @@ def format_plan(plan: list[dict], pilot: Path) -> str:
              f"{'planned MDE':>12}  variance: seeds / documents"]
     for e in plan:
         name = e["metric"] + (" *" if e["primary"] else "")
-        share = (f"{100 * e['share_seed']:.0f}% / {100 * e['share_doc']:.0f}%" if e["share_seed"] is not None
-                 else "seeds only: documents not counted, a lower bound" if e.get("seeds_only")
+        share = ("seeds only: documents not counted, a lower bound" if e.get("seeds_only")
+                 else f"{100 * e['share_seed']:.0f}% / {100 * e['share_doc']:.0f}%" if e["share_seed"] is not None
                  else "- (pilot: one seed or no per-document records)")
         lines.append(f"{name:<44} {e['row']:<16} {e['pilot_seeds']:>5} x {str(e['pilot_docs'] or '-'):<5}"
                      f" {num(e['pilot_mde80']):>10} {e['seeds']:>6} x {str(e['docs'] or '-'):<6} "
