@@ -26,17 +26,21 @@ for lr in "${LRS[@]}"; do
     model.path="$MODEL" train.lr="$lr" train.max_steps="$STEPS" train.save_every_steps=0 train.eval_every_steps=0 \
     train.eval_max_batches=100 train.export=false logging.progress_bar=false > "$log" 2>&1 \
     || { echo "lr_sweep: the run at lr $lr failed, see $log" >&2; exit 1; }
-  loss=$(grep -o 'final eval loss [0-9.]*' "$log" | awk '{print $4}')
-  first=$(grep -o 'step 1/[0-9]* loss [0-9.]*' "$log" | awk '{print $4}')
-  last=$(grep -o "step $STEPS/[0-9]* loss [0-9.]*" "$log" | awk '{print $4}')
-  echo "lr $lr: train loss $first -> $last, held-out eval loss $loss"
-  .venv/bin/python - "$RESULT" "$lr" "$first" "$last" "$loss" "$started" "$(nproc) cores, load $load at start" "$STEPS" <<'PY'
+  .venv/bin/python - "$RESULT" "$lr" "$OUT/lr$lr/metrics.jsonl" "$started" "$(nproc) cores, load $load at start" <<'PY'
 import json, os, sys
-path, lr, first, last, loss, started, machine, steps = sys.argv[1:]
+path, lr, metrics, started, machine = sys.argv[1:]
+# the run's own record (metrics.jsonl: one line per step, then the final_eval event), not its log's wording
+events = [json.loads(line) for line in open(metrics)]
+steps = [e for e in events if "loss" in e and "event" not in e]
+final = [e for e in events if e.get("event") == "final_eval"]
+if not steps or not final:
+    sys.exit(f"lr_sweep: {metrics} has no step losses or no final_eval event")
+run = {"lr": float(lr), "steps": steps[-1]["step"], "train_loss_first": round(steps[0]["loss"], 4),
+       "train_loss_last": round(steps[-1]["loss"], 4), "eval_loss": round(final[-1]["eval_loss"], 4),
+       "date": started, "machine": machine}
+print(f"lr {lr}: train loss {run['train_loss_first']} -> {run['train_loss_last']}, held-out eval loss {run['eval_loss']}")
 result = json.load(open(path)) if os.path.exists(path) else {"tokens_per_step": 2048, "runs": []}
 result.setdefault("runs", [])
-run = {"lr": float(lr), "steps": int(steps), "train_loss_first": float(first), "train_loss_last": float(last),
-       "eval_loss": float(loss), "date": started, "machine": machine}
 # older entries carried the sweep-wide date/machine/steps at the top: keep them on their runs
 for old in result["runs"]:
     for key in ("date", "machine", "steps"):
