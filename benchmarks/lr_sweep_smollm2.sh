@@ -40,14 +40,6 @@ run = {"lr": float(lr), "steps": steps[-1]["step"], "train_loss_first": round(st
        "date": started, "machine": machine}
 print(f"lr {lr}: train loss {run['train_loss_first']} -> {run['train_loss_last']}, held-out eval loss {run['eval_loss']}")
 result = json.load(open(path)) if os.path.exists(path) else {"tokens_per_step": 2048, "runs": []}
-result.setdefault("runs", [])
-# older entries carried the sweep-wide date/machine/steps at the top: keep them on their runs
-for old in result["runs"]:
-    for key in ("date", "machine", "steps"):
-        if key in result:
-            old.setdefault(key, result[key])
-for key in ("date", "machine", "steps"):
-    result.pop(key, None)
 result["runs"] = sorted([r for r in result["runs"] if r["lr"] != run["lr"]] + [run], key=lambda r: r["lr"])
 with open(path + ".tmp", "w") as f:
     json.dump(result, f, indent=1)
